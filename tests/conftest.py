@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+# Tolerances against a float64 reference: (atol, rtol) per input dtype. bf16 outputs are rounded to
+# 8 mantissa bits, so their bound is set by that rounding (2^-8 relative), fp32 by accumulation error.
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(1,), (1, 1), (3, 5), (2, 3, 7, 5), (4, 3, 16, 16), (5, 131)]
+
+
+def randn(shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def rand(shape, lo, hi, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
+
+
+def bshape(c, like):
+    """A (B,) coefficient shaped to broadcast over ``like``."""
+    return c.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def pgd_ref(w, g, r, al, norm):
+    w, g = w.double(), g.double()
+    r, al = bshape(torch.as_tensor(r).double(), w), bshape(torch.as_tensor(al).double(), w)
+    if norm == "linf":
+        return torch.clamp(w + al * torch.sign(g), -r, r)
+    gn = bshape(g.reshape(g.shape[0], -1).norm(dim=1), g)
+    w = w + torch.where(gn > 0, al * g / gn, torch.zeros_like(g))
+    wn = bshape(w.reshape(w.shape[0], -1).norm(dim=1), w)
+    return torch.where(wn > r, w * r / wn, w)
+
+
+def at_loss_formula(p, q, e, w, lam, detach_clean=False):
+    p, q, e, w = (x.double() for x in (p, q, e, w))
+    lam = bshape(torch.as_tensor(lam, dtype=torch.float64), p)
+    c = p.detach() if detach_clean else p
+    return ((p - e) ** 2).sum() / p.numel() + (lam * (q - c - w) ** 2).sum() / p.numel()
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,143 @@
+"""fastat.ops (the reference path) against float64 formulas written out here."""
+
+import math
+
+import pytest
+import torch
+from conftest import DTYPES, SHAPES, TOL, at_loss_formula, bshape, pgd_ref, rand, randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastat import ops
+
+
+def assert_close(out, ref, dtype):
+    atol, rtol = TOL[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_q_sample_matches_formula(shape, dtype):
+    x0, eps = randn(shape, dtype, 1), randn(shape, dtype, 2)
+    a, s = rand(shape[0], 0.1, 1.0, 3), rand(shape[0], 0.1, 1.0, 4)
+    out = ops.q_sample(x0, a.float(), s.float(), eps)
+    ref = bshape(a.float().double(), x0) * x0.double() + bshape(s.float().double(), x0) * eps.double()
+    assert_close(out, ref, dtype)
+
+
+def test_q_sample_scalar_coefficients():
+    x0, eps = randn((4, 3), seed=1), randn((4, 3), seed=2)
+    torch.testing.assert_close(ops.q_sample(x0, 0.6, 0.8, eps), 0.6 * x0 + 0.8 * eps)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_step_matches_formula(shape, dtype, norm):
+    B = shape[0]
+    r = rand(B, 0.05, 1.0, 5).float()
+    if norm == "l2":
+        r = r * math.sqrt(math.prod(shape[1:]))
+    w = (randn(shape, seed=6) * bshape(r.double(), randn(shape))).clamp(-1, 1).to(dtype)
+    g = randn(shape, dtype, 7)
+    al = (0.7 * r).float()
+    out = ops.pgd_step(w, g, r, al, norm)
+    assert_close(out, pgd_ref(w, g, r, al, norm), dtype)
+
+
+def test_pgd_step_l2_zero_gradient_does_not_move():
+    w = randn((3, 10), seed=1) * 0.01
+    out = ops.pgd_step(w, torch.zeros_like(w), 10.0, 1.0, "l2")
+    assert torch.equal(out, w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 4),
+    d=st.integers(1, 40),
+    norm=st.sampled_from(["linf", "l2"]),
+    r=st.floats(0.0, 5.0),
+    alpha=st.floats(0.0, 20.0),
+    gscale=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_pgd_step_stays_in_budget(b, d, norm, r, alpha, gscale, seed):
+    w = randn((b, d), seed=seed, scale=3.0).float()  # may start outside the budget
+    g = randn((b, d), seed=seed + 1, scale=1.0).float() * gscale
+    out = ops.pgd_step(w, g, r, alpha, norm)
+    assert torch.isfinite(out).all()
+    if norm == "linf":
+        assert (out.abs() <= r).all()
+    else:
+        assert (out.flatten(1).norm(dim=1) <= r * (1 + 1e-6) + 1e-30).all()
+
+
+def loss_inputs(shape, dtype, seed=10):
+    return [randn(shape, dtype, seed + i) for i in range(4)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_at_loss_matches_formula(shape, dtype, per_sample):
+    p, q, e, w = loss_inputs(shape, dtype)
+    lam = rand(shape[0], 0.1, 2.0, 20).float() if per_sample else 0.3
+    out = ops.at_loss(p, q, e, w, lam)
+    assert out.dim() == 0
+    assert_close(out, at_loss_formula(p, q, e, w, lam), dtype)
+
+
+@pytest.mark.parametrize("detach_clean", [False, True])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 7, 5)])
+def test_at_loss_gradients_match_formula(shape, detach_clean):
+    p, q, e, w = loss_inputs(shape, torch.float32)
+    lam = rand(shape[0], 0.1, 2.0, 21).float()
+    p.requires_grad_(True)
+    q.requires_grad_(True)
+    gp, gq = torch.autograd.grad(ops.at_loss(p, q, e, w, lam, detach_clean=detach_clean), [p, q])
+    p64, q64 = p.detach().double().requires_grad_(True), q.detach().double().requires_grad_(True)
+    rp, rq = torch.autograd.grad(at_loss_formula(p64, q64, e, w, lam, detach_clean), [p64, q64])
+    torch.testing.assert_close(gp.double(), rp, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gq.double(), rq, atol=1e-6, rtol=1e-5)
+    # The closed form, so that the test also pins the meaning of detach_clean.
+    n, lamb = p.numel(), bshape(lam.double(), p64)
+    resid = q64.detach() - p64.detach() - w.double()
+    expect_p = 2 * (p64.detach() - e.double()) / n - (0 if detach_clean else 2 * lamb * resid / n)
+    torch.testing.assert_close(gp.double(), expect_p, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_at_loss_lam_zero_is_ddpm_loss_exactly(dtype):
+    p, q, e, w = loss_inputs((4, 3, 8, 8), dtype)
+    ddpm = ops.ddpm_loss(p, e)
+    assert torch.equal(ops.at_loss(p, q, e, w, 0.0), ddpm)
+    assert torch.equal(ops.at_loss(p, q, e, w, torch.zeros(4)), ddpm)
+    torch.testing.assert_close(ddpm.float(), torch.nn.functional.mse_loss(p.float(), e.float()).to(dtype).float())
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, y = randn((4, 3)), randn((4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        ops.q_sample(x, 1.0, 1.0, randn((4, 2)))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        ops.q_sample(x, torch.ones(3), 1.0, y)
+    with pytest.raises(TypeError, match="floating"):
+        ops.q_sample(x.long(), 1.0, 1.0, y.long())
+    with pytest.raises(TypeError, match="bfloat16"):
+        ops.at_loss(x, y, x.bfloat16(), y, 0.1)
+    with pytest.raises(ValueError, match="on meta but x0 is on cpu"):
+        ops.q_sample(x, 1.0, 1.0, torch.empty((4, 3), device="meta"))
+    with pytest.raises(ValueError, match="unknown norm"):
+        ops.pgd_step(x, y, 1.0, 1.0, norm="l1")
+    with pytest.raises(ValueError, match="finite"):
+        ops.pgd_step(x, y, torch.tensor([1.0, float("inf"), 1.0, 1.0]), 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        ops.pgd_step(x, y, -1.0, 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        ops.at_loss(x, y, x, y, -0.5)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.q_sample([1.0], 1.0, 1.0, y)
+    with pytest.raises(ValueError, match="batch dimension"):
+        ops.q_sample(torch.tensor(1.0), 1.0, 1.0, torch.tensor(2.0))

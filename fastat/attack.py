@@ -4,9 +4,12 @@
     J(w) = || eps_theta(x_t + s_t*w, t) - eps_clean - w ||^2            (target="equivariance")
 
 with ``eps_clean = eps_theta(x_t, t)`` held constant. Each step is one forward and one input-only
-backward (``torch.autograd.grad`` w.r.t. ``w``), then :func:`fastat.ops.pgd_step` (ascent + projection).
-No parameter gradient is accumulated, and the state of batch-norm layers (running statistics) is put
-back as it was, so the attack leaves nothing behind in the model.
+backward (``torch.autograd.grad`` w.r.t. the model input), then :func:`fastat.ops.pgd_step`, which
+projects ``w`` and writes the next model input ``x_t + s_t*w`` in the same pass. Since
+``dJ/dw = s_t * dJ/dx`` with ``s_t > 0``, the gradient w.r.t. the input has the same sign and direction
+as the one w.r.t. ``w`` and is used as it is (the equivariance target adds its direct term in ``w``).
+No parameter gradient is accumulated, and the running statistics of batch-norm layers are put back as
+they were, so the attack leaves nothing behind in the model.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ TARGETS = ("prediction", "equivariance")
 
 
 @contextlib.contextmanager
-def preserved_norm_state(model: nn.Module) -> Iterator[None]:
+def preserved_norm_state(model) -> Iterator[None]:
     """Restore the running statistics of batch-norm layers (updated by forwards in train mode)."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()
     saved = [
         (m, {k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None})
-        for m in model.modules()
+        for m in modules
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
     ]
     try:
@@ -59,28 +63,33 @@ def pgd_attack(
     steps: int,
     norm: str = "linf",
     target: str = "prediction",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``steps`` projected ascent steps from ``w0``; return ``(w, J(w0))``, both detached."""
+    x_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``steps`` projected ascent steps from ``w0``.
+
+    ``x_start`` is the model input ``x_t + s*w0`` when the caller already has it (the noise kernel
+    writes it). Returns ``(w, x_t + s*w, J(w0))``, all detached.
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown attack target {target!r}; choose one of {', '.join(TARGETS)}")
     eps_clean = eps_clean.detach()
     w = w0.detach()
+    x_in = (x_start if x_start is not None else ops.q_sample(x_t, 1.0, s, w)).detach()
     j_start = None
-    if not isinstance(model, nn.Module):
-        ctx = contextlib.nullcontext()
-    else:
-        ctx = preserved_norm_state(model)
-    with ctx, torch.enable_grad():
+    with preserved_norm_state(model), torch.enable_grad():
         for _ in range(steps):
-            w = w.detach().requires_grad_(True)
-            pred = model(ops.q_sample(x_t, 1.0, s, w), t)
-            j = attack_objective(pred, eps_clean, w, target)
-            # A model whose output ignores its input gives J no path to w: its gradient is zero.
-            grad = torch.autograd.grad(j.sum(), [w], allow_unused=True)[0] if j.requires_grad else None
-            grad = torch.zeros_like(w) if grad is None else grad
+            x_in = x_in.detach().requires_grad_(True)
+            w = w.detach().requires_grad_(target == "equivariance")
+            j = attack_objective(model(x_in, t), eps_clean, w, target)
+            inputs = [x_in, w] if target == "equivariance" else [x_in]
+            # A model whose output ignores its input gives J no path to it: the gradient is zero.
+            grads = torch.autograd.grad(j.sum(), inputs, allow_unused=True) if j.requires_grad else [None] * 2
+            grad = torch.zeros_like(x_in) if grads[0] is None else grads[0]
+            if target == "equivariance":  # dJ/dw = s * dJ/dx + the direct term
+                grad = ops.q_sample(grads[1] if grads[1] is not None else torch.zeros_like(w), 1.0, s, grad)
             if j_start is None:
                 j_start = j.detach()
-            w = ops.pgd_step(w.detach(), grad, radius, alpha, norm)
+            w, x_in = ops.pgd_step(w.detach(), grad, radius, alpha, norm, x_t=x_t, s=s)
     if j_start is None:  # steps == 0: nothing evaluated
         j_start = torch.full((x_t.shape[0],), float("nan"), device=x_t.device)
-    return w.detach(), j_start
+    return w.detach(), x_in.detach(), j_start

@@ -114,25 +114,28 @@ class ATObjective:
         dev, B = x0.device, x0.shape[0]
         gdev = generator.device if generator is not None else torch.device("cpu")
         t = self.schedule.sample_t(B, generator, device=dev)
-        eps = torch.randn(x0.shape, generator=generator, device=gdev).to(dev, x0.dtype)
+        # One 63-bit seed per call from the generator (a device tensor: no host sync on CUDA); the
+        # noise kernel draws eps and the random start w0 from it and writes x_t and x_t + s*w0.
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gdev).to(dev)
         a, s = self.schedule.coeffs(t)
-        x_t = ops.q_sample(x0, a, s, eps)
+        numel = math.prod(x0.shape[1:])
+        radius = self.budget.radius(s, numel)
+        x_t, x_adv, eps, w = ops.noise_inject(x0, a, s, radius if self.budget.norm == "linf" else 0.0, seed)
         eps_pred = model(x_t, t).to(eps.dtype)
         if self.mode == "ddpm":
             dm = ops.ddpm_loss(eps_pred, eps)
             return ATOutput(dm, {"loss_dm": dm.detach(), "reg": torch.zeros_like(dm.detach())})
 
-        numel = math.prod(x0.shape[1:])
-        radius = self.budget.radius(s, numel)
-        w0 = self.budget.random_start(radius, tuple(x0.shape), generator).to(dev, x0.dtype)
+        if self.budget.norm == "l2":  # uniform in the ball; the noise kernel draws box starts only
+            w = self.budget.random_start(radius, tuple(x0.shape), generator).to(dev, x0.dtype)
+            x_adv = ops.q_sample(x_t, 1.0, s, w)
+        j_start = None
         if self.attack_steps:
-            w, j_start = pgd_attack(
-                model, x_t, t, s, eps_pred, w0, radius, self.step_multiple * radius,
-                self.attack_steps, self.budget.norm, self.attack_target,
+            w, x_adv, j_start = pgd_attack(
+                model, x_t, t, s, eps_pred, w, radius, self.step_multiple * radius,
+                self.attack_steps, self.budget.norm, self.attack_target, x_start=x_adv,
             )  # fmt: skip
-        else:
-            w, j_start = w0, None
-        eps_adv_pred = model(ops.q_sample(x_t, 1.0, s, w), t).to(eps.dtype)
+        eps_adv_pred = model(x_adv, t).to(eps.dtype)
         target_w = torch.zeros_like(w) if self.mode == "inv" else w
         lam = self.lam_per_sample(radius, numel)
         loss, dm = ops.at_loss_parts(eps_pred, eps_adv_pred, eps, target_w, lam, detach_clean=self.detach_clean)

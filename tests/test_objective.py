@@ -64,11 +64,16 @@ def test_equivariant_model_has_zero_regulariser_invariant_does_not():
     assert abl(Equivariant(torch.zeros(3) + 0.3), data(), torch.Generator().manual_seed(0)).stats["reg"] > 1e-3
 
 
-@pytest.mark.parametrize("mode,target", [("adv", "prediction"), ("pgd", "prediction"), ("pgd", "equivariance")])
-def test_ascent_increases_the_attack_objective(mode, target):
+@pytest.mark.parametrize(
+    "mode,target,norm",
+    [("adv", "prediction", "linf"), ("pgd", "prediction", "linf"), ("pgd", "equivariance", "linf"),
+     ("pgd", "prediction", "l2"), ("pgd", "equivariance", "l2")],
+)  # fmt: skip
+def test_ascent_increases_the_attack_objective(mode, target, norm):
     torch.manual_seed(0)
     net = Net()
-    obj = ATObjective(schedule=SCHED, mode=mode, budget=Budget(r_min=0.1, r_scale=0.3), attack_target=target)
+    budget = Budget(r_min=0.1, r_scale=0.3, norm=norm)
+    obj = ATObjective(schedule=SCHED, mode=mode, budget=budget, attack_target=target)
     gains = [obj(net, data(seed=i), torch.Generator().manual_seed(i)).stats["gain"].item() for i in range(5)]
     assert min(gains) > 1.0, gains
 
@@ -84,7 +89,8 @@ def test_attack_stays_in_budget_and_leaves_no_gradients_or_norm_state(norm):
     w0 = budget.random_start(r, (16, 3), torch.Generator().manual_seed(0))
     clean = net(x, t).detach()  # the training forward: the only one allowed to move the statistics
     running = net.bn.running_mean.clone(), net.bn.running_var.clone(), net.bn.num_batches_tracked.clone()
-    w, j0 = pgd_attack(net, x, t, s, clean, w0, r, 0.5 * r, 3, norm)
+    w, x_adv, j0 = pgd_attack(net, x, t, s, clean, w0, r, 0.5 * r, 3, norm)
+    torch.testing.assert_close(x_adv, x + s[:, None] * w)  # the next input comes with w
     assert all(p.grad is None for p in net.parameters())
     assert torch.equal(net.bn.running_mean, running[0]) and torch.equal(net.bn.running_var, running[1])
     assert torch.equal(net.bn.num_batches_tracked, running[2])
@@ -132,3 +138,23 @@ def test_bad_objective_arguments():
         ATObjective(attack_target="loss")
     with pytest.raises(ValueError, match="x0"):
         ATObjective()(Net(), torch.randn(4), None)
+
+
+@pytest.mark.parametrize("target", ["prediction", "equivariance"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attack_step_equals_ascent_on_w_by_autograd(target, norm):
+    """The attack differentiates w.r.t. the model input; its step must equal one taken with dJ/dw."""
+    from fastat import ops
+    from fastat.attack import attack_objective
+
+    torch.manual_seed(1)
+    net = Net()
+    x, t = data(8), torch.randint(0, 100, (8,))
+    _, s = SCHED.coeffs(t)
+    r = torch.full((8,), 0.4 if norm == "linf" else 0.7)
+    w0 = Budget(norm=norm).random_start(r, (8, 3), torch.Generator().manual_seed(2))
+    clean = net(x, t).detach()
+    w, _, _ = pgd_attack(net, x, t, s, clean, w0, r, 0.3 * r, 1, norm, target)
+    w_leaf = w0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(attack_objective(net(x + s[:, None] * w_leaf, t), clean, w_leaf, target).sum(), [w_leaf])
+    torch.testing.assert_close(w, ops.pgd_step(w0, g, r, 0.3 * r, norm), atol=1e-6, rtol=1e-5)

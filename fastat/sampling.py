@@ -1,0 +1,190 @@
+"""Samplers for ``forward(x, t) -> eps`` models: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021).
+
+    gen = torch.Generator().manual_seed(0)
+    x = ddpm_sample(ema_model, sched, (64, 3, 32, 32), generator=gen, clip_x0=1.0)
+    x = ddim_sample(ema_model, sched, fixed_noise, steps=50, eta=0.0, clip_x0=1.0)
+
+Both run under ``torch.no_grad`` in float32 with the whole batch at once, in eval mode (each module's
+previous train/eval flag is restored afterwards). Every random draw comes from ``generator`` on its own
+device and is then moved to the model's device, so a seed reproduces the samples bit for bit. The
+per-step coefficients are computed once in float64 on the host and used as Python floats: no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from numbers import Real
+
+import torch
+from torch import nn
+
+from fastat.schedule import NoiseSchedule
+
+__all__ = ["ddim_sample", "ddim_timesteps", "ddpm_sample"]
+
+ShapeOrNoise = Sequence[int] | torch.Size | torch.Tensor
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(device)
+
+
+def _initial_noise(shape_or_noise: ShapeOrNoise, generator: torch.Generator | None, device: torch.device):
+    if isinstance(shape_or_noise, torch.Tensor):
+        if not shape_or_noise.dtype.is_floating_point:
+            raise TypeError(f"starting noise must be a floating tensor, got {shape_or_noise.dtype}")
+        if shape_or_noise.dim() < 1 or shape_or_noise.numel() == 0:
+            raise ValueError(
+                f"starting noise must be a non-empty batch, got shape {tuple(shape_or_noise.shape)}"
+            )
+        return shape_or_noise.detach().to(device=device, dtype=torch.float32)
+    shape = tuple(shape_or_noise)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(
+            f"shape must be a non-empty tuple of positive ints (batch first), got {shape_or_noise!r}"
+        )
+    return _randn(shape, generator, device)
+
+
+def _check_common(schedule: NoiseSchedule, clip_x0: float | None) -> None:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fastat NoiseSchedule, got {type(schedule).__name__}")
+    if clip_x0 is not None and not (isinstance(clip_x0, Real) and clip_x0 > 0):
+        raise ValueError(f"clip_x0 must be None or a positive number, got {clip_x0!r}")
+
+
+def _progress(it: Sequence[int], progress: bool, desc: str):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=len(it))
+
+
+def _predict_x0(model, x, t, a_t, s_t, clip_x0):
+    """Model's ``eps`` and implied ``x0 = (x - s_t eps) / a_t``, optionally clamped (eps then re-derived)."""
+    tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    eps = model(x, tb).float()
+    x0 = (x - s_t * eps) / a_t
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x - a_t * x0) / s_t
+    return eps, x0
+
+
+def ddpm_sample(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    shape_or_noise: ShapeOrNoise,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    clip_x0: float | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling over all ``schedule.T`` steps with the posterior variance ``beta_tilde``.
+
+    ``shape_or_noise`` is the full batch shape (noise drawn from ``generator``) or the starting ``x_T``.
+    Each step: ``x0 = (x_t - s_t eps) / a_t`` (clamped to ``[-clip_x0, clip_x0]`` if given), then
+    ``x_{t-1} ~ N(mu_tilde(x_t, x0), beta_tilde_t I)``; no noise is added at ``t = 0``.
+    Returns float32 samples on the model's device (or ``device``).
+    """
+    _check_common(schedule, clip_x0)
+    dev = _model_device(model, device)
+    tab = schedule.tables("cpu", torch.float64)
+    betas, abar = tab["betas"], tab["abar"]
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    c_x0 = (betas * abar_prev.sqrt() / (1 - abar)).tolist()
+    c_xt = ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)).tolist()
+    sd = (betas * (1 - abar_prev) / (1 - abar)).sqrt().tolist()
+    a, s = tab["a"].tolist(), tab["s"].tolist()
+
+    with torch.no_grad(), _eval_mode(model):
+        x = _initial_noise(shape_or_noise, generator, dev)
+        for t in _progress(range(schedule.T - 1, -1, -1), progress, "ddpm"):
+            _, x0 = _predict_x0(model, x, t, a[t], s[t], clip_x0)
+            x = c_x0[t] * x0 + c_xt[t] * x
+            if t > 0:
+                x = x + sd[t] * _randn(tuple(x.shape), generator, dev)
+    return x
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` evenly spaced timesteps in ``[0, T)``, ascending, always ending at ``T - 1``.
+
+    ``t_i = floor((i + 1) T / steps) - 1``: all distinct, ``steps = T`` gives every timestep and
+    ``steps = 1`` a single step from ``T - 1`` straight to ``x0``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be an integer in [1, T={T}], got {steps!r}")
+    return [(i + 1) * T // steps - 1 for i in range(steps)]
+
+
+def ddim_sample(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    shape_or_noise: ShapeOrNoise,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    clip_x0: float | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12) on ``steps`` evenly spaced timesteps (``ddim_timesteps``).
+
+    ``eta = 0`` is the deterministic sampler; ``eta = 1`` with ``steps = T`` is DDPM ancestral sampling with
+    ``beta_tilde`` (same noise draws, so the same samples up to rounding). The last step jumps to ``x0``.
+    """
+    _check_common(schedule, clip_x0)
+    ts = ddim_timesteps(schedule.T, steps)
+    if isinstance(eta, bool) or not isinstance(eta, Real) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be a number in [0, 1], got {eta!r}")
+    dev = _model_device(model, device)
+    abar = schedule.tables("cpu", torch.float64)["abar"].tolist()
+    plan = []  # (t, a_t, s_t, a_prev, direction coefficient, sigma)
+    for i, t in enumerate(ts):
+        ab_t, ab_p = abar[t], (abar[ts[i - 1]] if i > 0 else 1.0)
+        sigma = eta * math.sqrt(max((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p), 0.0))
+        plan.append(
+            (
+                t,
+                math.sqrt(ab_t),
+                math.sqrt(1 - ab_t),
+                math.sqrt(ab_p),
+                math.sqrt(max(1 - ab_p - sigma**2, 0.0)),
+                sigma,
+            )
+        )
+
+    with torch.no_grad(), _eval_mode(model):
+        x = _initial_noise(shape_or_noise, generator, dev)
+        for t, a_t, s_t, a_p, c_dir, sigma in _progress(plan[::-1], progress, "ddim"):
+            eps, x0 = _predict_x0(model, x, t, a_t, s_t, clip_x0)
+            x = a_p * x0 + c_dir * eps
+            if sigma > 0:
+                x = x + sigma * _randn(tuple(x.shape), generator, dev)
+    return x

@@ -111,6 +111,10 @@ class ATObjective:
         """The AT loss of ``model`` on the clean batch ``x0`` (all randomness from ``generator``)."""
         if not isinstance(x0, torch.Tensor) or not x0.dtype.is_floating_point or x0.dim() < 2:
             raise ValueError("x0 must be a floating tensor of shape (B, ...)")
+        with ops.trusted_values():  # radii and weights are built here: no host sync to check them
+            return self._loss(model, x0, generator)
+
+    def _loss(self, model, x0: torch.Tensor, generator: torch.Generator | None) -> ATOutput:
         dev, B = x0.device, x0.shape[0]
         gdev = generator.device if generator is not None else torch.device("cpu")
         t = self.schedule.sample_t(B, generator, device=dev)

@@ -17,15 +17,27 @@ triton is first imported).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections.abc import Iterator
 from numbers import Real
 
 import torch
 
 from fastat import kernels as K
 
-__all__ = ["at_loss", "at_loss_parts", "ddpm_loss", "noise_inject", "pgd_step", "q_sample", "uses_triton"]
+__all__ = [
+    "at_loss",
+    "at_loss_parts",
+    "ddpm_loss",
+    "noise_inject",
+    "pgd_step",
+    "q_sample",
+    "trusted_values",
+    "uses_triton",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -35,7 +47,28 @@ def uses_triton(x: torch.Tensor) -> bool:
     return K.HAS_TRITON and (x.is_cuda or os.environ.get("FASTAT_FORCE_TRITON", "") == "1")
 
 
-def _capturing() -> bool:
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def trusted_values() -> Iterator[None]:
+    """Skip the value checks of coefficient tensors (finite, >= 0) inside this block.
+
+    Those checks read a device tensor back to the host (a sync on CUDA). Callers that build the
+    coefficients themselves, such as :class:`fastat.ATObjective` in the training step, turn them off.
+    Shape, dtype and device checks stay on.
+    """
+    prev = getattr(_state, "trusted", False)
+    _state.trusted = True
+    try:
+        yield
+    finally:
+        _state.trusted = prev
+
+
+def _skip_value_checks() -> bool:
+    if getattr(_state, "trusted", False):
+        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -72,8 +105,8 @@ def _check_coeff(op: str, name: str, c, like: torch.Tensor, nonneg: bool = False
             )
         if c.device != like.device:
             raise ValueError(f"{op}: {name} is on {c.device} but the data is on {like.device}")
-        # Value checks read the tensor back to the host: skip them inside CUDA-graph capture.
-        if (nonneg or finite) and not _capturing():
+        # Value checks read the tensor back to the host: skipped inside capture and trusted blocks.
+        if (nonneg or finite) and not _skip_value_checks():
             if finite and not bool(torch.isfinite(c).all()):
                 raise ValueError(f"{op}: {name} must be finite")
             if nonneg and bool((c < 0).any()):

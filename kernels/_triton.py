@@ -58,9 +58,14 @@ def same_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def per_sample_vec(c, batch: int, device: torch.device) -> torch.Tensor:
-    """A coefficient (float, 0-dim or (B,) tensor) as a contiguous float32 (B,) tensor on ``device``."""
-    c = torch.as_tensor(c, dtype=torch.float32, device=device)
-    return c.expand(batch).contiguous() if c.dim() == 0 else c.to(torch.float32).contiguous()
+    """A coefficient (float, 0-dim or (B,) tensor) as a contiguous float32 (B,) tensor on ``device``.
+
+    A Python number becomes a fill (a kernel argument, not a host-to-device copy: capturable).
+    """
+    if not isinstance(c, torch.Tensor):
+        return torch.full((batch,), float(c), dtype=torch.float32, device=device)
+    c = c.to(torch.float32)
+    return c.expand(batch).contiguous() if c.dim() == 0 else c.contiguous()
 
 
 def launch_grid(x: torch.Tensor) -> tuple[int, int, int]:

@@ -125,22 +125,22 @@ class QSampleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x0, a, s, eps):
-        ctx.save_for_backward(*(c if isinstance(c, torch.Tensor) else torch.tensor(c) for c in (a, s)))
+        ctx.coeffs = (a, s)  # floats or (B,) tensors that do not require grad
         return q_sample_triton(x0, a, s, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        a, s = ctx.saved_tensors
+        a, s = ctx.coeffs
         g = grad.float()
-        gx = (per_sample(a.to(grad.device), grad) * g).to(grad.dtype) if ctx.needs_input_grad[0] else None
-        ge = (per_sample(s.to(grad.device), grad) * g).to(grad.dtype) if ctx.needs_input_grad[3] else None
+        gx = (per_sample(a, grad) * g).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        ge = (per_sample(s, grad) * g).to(grad.dtype) if ctx.needs_input_grad[3] else None
         return gx, None, None, ge
 
 
 def _as_index_tensor(v, device) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.reshape(1).to(device=device, dtype=torch.int64)
-    return torch.tensor([int(v)], dtype=torch.int64, device=device)
+    return torch.full((1,), int(v), dtype=torch.int64, device=device)
 
 
 def noise_inject_triton(x0, a, s, radius, seed, offset, out=None, store_noise=True):

@@ -121,7 +121,7 @@ def pgd_step_ref(w: torch.Tensor, grad: torch.Tensor, radius, alpha, norm: str =
     r, al = per_sample(radius, w), per_sample(alpha, w)
     wf, g = w.float(), grad.float()
     if norm == "linf":
-        out = torch.minimum(torch.maximum(wf + al * torch.sign(g), -r), r)
+        out = torch.clamp(wf + al * torch.sign(g), -r, r)
     elif norm == "l2":
         tiny = torch.finfo(torch.float32).tiny
         gn = _sample_norm(g)

@@ -141,3 +141,16 @@ def test_bad_arguments_raise_clear_errors():
         ops.q_sample([1.0], 1.0, 1.0, y)
     with pytest.raises(ValueError, match="batch dimension"):
         ops.q_sample(torch.tensor(1.0), 1.0, 1.0, torch.tensor(2.0))
+
+
+def test_trusted_values_skips_only_the_tensor_value_checks():
+    x, y = randn((2, 3)), randn((2, 3))
+    bad = torch.tensor([1.0, float("nan")])
+    with pytest.raises(ValueError, match="finite"):
+        ops.pgd_step(x, y, bad, 1.0)
+    with ops.trusted_values():
+        ops.pgd_step(x, y, bad, 1.0)  # no host read of the radius
+        with pytest.raises(ValueError, match="shape"):
+            ops.pgd_step(x, y, torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        ops.pgd_step(x, y, bad, 1.0)

@@ -107,14 +107,20 @@ class ATObjective:
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
+        attack_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> ATOutput:
-        """The AT loss of ``model`` on the clean batch ``x0`` (all randomness from ``generator``)."""
+        """The AT loss of ``model`` on the clean batch ``x0`` (all randomness from ``generator``).
+
+        ``attack_model``: the same function as ``model`` for the attack's forwards (default: ``model``);
+        the fast step passes a compiled copy whose parameters are detached, so that the attack's
+        backward computes the input gradient only.
+        """
         if not isinstance(x0, torch.Tensor) or not x0.dtype.is_floating_point or x0.dim() < 2:
             raise ValueError("x0 must be a floating tensor of shape (B, ...)")
         with ops.trusted_values():  # radii and weights are built here: no host sync to check them
-            return self._loss(model, x0, generator)
+            return self._loss(model, model if attack_model is None else attack_model, x0, generator)
 
-    def _loss(self, model, x0: torch.Tensor, generator: torch.Generator | None) -> ATOutput:
+    def _loss(self, model, attack_model, x0: torch.Tensor, generator: torch.Generator | None) -> ATOutput:
         dev, B = x0.device, x0.shape[0]
         gdev = generator.device if generator is not None else torch.device("cpu")
         t = self.schedule.sample_t(B, generator, device=dev)
@@ -136,7 +142,7 @@ class ATObjective:
         j_start = None
         if self.attack_steps:
             w, x_adv, j_start = pgd_attack(
-                model, x_t, t, s, eps_pred, w, radius, self.step_multiple * radius,
+                attack_model, x_t, t, s, eps_pred, w, radius, self.step_multiple * radius,
                 self.attack_steps, self.budget.norm, self.attack_target, x_start=x_adv,
             )  # fmt: skip
         eps_adv_pred = model(x_adv, t).to(eps.dtype)

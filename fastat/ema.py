@@ -1,0 +1,62 @@
+"""Exponential moving average of a model's weights, the weights that sampling uses.
+
+    ema = EMA(model, decay=0.9999)
+    ...; optimizer.step(); ema.update(model)
+    samples = ddim_sample(ema.module, ...)
+
+After ``n`` updates the decay is ``min(decay, (1 + n) / (10 + n))`` when ``warmup`` is on, so early
+averages are not dominated by the random initial weights. The decay is a Python float computed from a
+host counter and the update is one ``torch._foreach_lerp_`` over all parameters: no host sync, no
+per-parameter Python loop. Buffers (if any) are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    """A frozen copy of ``model`` (``self.module``, eval mode, no gradients) tracking its weights."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+        self._ema_params = list(self.module.parameters())
+        self._ema_buffers = list(self.module.buffers())
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` uses."""
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def lerp_(self, model: nn.Module, weight: float | torch.Tensor) -> None:
+        """``ema <- ema + weight * (model - ema)`` for every parameter; buffers copied. ``weight`` may be
+        a 0-dim device tensor (a captured CUDA graph fills it before each replay). Does not count."""
+        params = [p.detach() for p in model.parameters()]
+        if len(params) != len(self._ema_params):
+            raise ValueError("EMA: the model's parameters do not match the tracked copy")
+        if params:
+            torch._foreach_lerp_(self._ema_params, params, weight)
+        for b_ema, b in zip(self._ema_buffers, model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def update(self, model: nn.Module) -> None:
+        """One EMA step: ``lerp_`` with weight ``1 - current_decay()``, then count it."""
+        self.lerp_(model, 1.0 - self.current_decay())
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        """The counter and settings (the weights are saved apart, from ``self.module``)."""
+        return {"num_updates": self.num_updates, "decay": self.decay, "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])

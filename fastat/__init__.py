@@ -4,26 +4,41 @@
     objective = fastat.ATObjective(mode="adv")
     out = objective(model, x0, generator)   # model(x, t) -> eps
     out.loss.backward()
+
+The public names load on first use (PEP 562), so ``import fastat`` (and ``fastat --help``) does not
+import torch: the command line sets OpenMP's wait policy before torch starts its thread pool.
 """
 
-from fastat import ops
-from fastat.budget import Budget
-from fastat.models import MLP, UNet, build_model
-from fastat.objective import ATObjective, ATOutput
-from fastat.sampling import ddim_sample, ddpm_sample
-from fastat.schedule import NoiseSchedule
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ATObjective",
-    "ATOutput",
-    "Budget",
-    "MLP",
-    "NoiseSchedule",
-    "UNet",
-    "build_model",
-    "ddim_sample",
-    "ddpm_sample",
-    "ops",
-]
+_EXPORTS = {
+    "ATObjective": "fastat.objective",
+    "ATOutput": "fastat.objective",
+    "Budget": "fastat.budget",
+    "MLP": "fastat.models",
+    "NoiseSchedule": "fastat.schedule",
+    "StepEngine": "fastat.engine",
+    "UNet": "fastat.models",
+    "build_model": "fastat.models",
+    "ddim_sample": "fastat.sampling",
+    "ddpm_sample": "fastat.sampling",
+}
+_SUBMODULES = ("ops",)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastat.{name}")
+    raise AttributeError(f"module 'fastat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -240,11 +240,15 @@ def run_from_args(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fastat bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def main(argv=None, prog: str = "python -m fastat.bench") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    return run_from_args(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

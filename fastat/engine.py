@@ -136,6 +136,16 @@ class StepEngine:
         self.ema.num_updates += 1
         return stats
 
+    def load_optimizer_state(self, state: dict) -> None:
+        """Load an optimizer state dict (from either kind of engine) and keep the learning rate a device
+        tensor where a captured graph reads it (``load_state_dict`` replaces the param groups' values)."""
+        self.optimizer.load_state_dict(state)
+        if self._lr is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._lr = torch.tensor(float(lr), device=self.device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr
+
     # -- internals ------------------------------------------------------------------------------------
 
     def _set_lr(self, lr: float) -> None:

@@ -1,0 +1,489 @@
+"""The training configuration: frozen dataclasses, read from YAML, overridden by flags, validated.
+
+    cfg = TrainConfig.from_yaml("exp.yaml").with_overrides({"run.steps": 2000, "objective.mode": "pgd"})
+    cfg = cfg.validate()            # ConfigError (one line) on any bad value
+    cfg.dump("runs/x/config.yaml")  # the resolved config, as the run folder keeps it
+
+A YAML file holds any subset of the sections below (unknown sections and keys are rejected with the
+list of valid ones); whatever it leaves out keeps its default. Layering, lowest first: defaults, the
+saved config of a run being resumed, the ``--config`` file, command-line flags.
+
+Numbers in YAML may be written ``1e-4`` (PyYAML reads that as a string; we convert it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EMAConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "flatten",
+    "load_yaml_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong. The message is one line that says which and why."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on (see :func:`fastat.data.build_dataset`)."""
+
+    dataset: str = "subspace"  # gmm2d | plane3d | subspace | cifar10 | path of an image folder
+    data_root: str = "data"  # torchvision root for cifar10
+    image_size: int | None = None  # resize images (required for folders; subspace: H = W)
+    n: int = 4096  # known distributions: number of training samples
+    max_items: int | None = None  # cifar10 / folders: use the first max_items images
+    download: bool = True  # cifar10: fetch it when missing
+    seed: int = 0  # draws the known samples and the corruption (apart from the run's seed)
+    corrupt_frac: float = 0.9  # fraction p of samples that get fixed Gaussian noise (paper: 0.9)
+    corrupt_sigma: float = 0.2  # its std, in data units ([-1, 1] for images; paper: 0.1, 0.2)
+    outliers: float = 0.0  # fraction of samples replaced by outliers
+    outlier_kind: str = "uniform"  # uniform | gaussian
+    flip: bool | None = None  # random horizontal flips; None: on for real images, off otherwise
+    num_workers: int = 0  # image-folder decoding workers (loading happens once, up front)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser (see :func:`fastat.models.build_model`)."""
+
+    name: str = "auto"  # auto | tiny | cifar10 | celeba64 | lsun256 | mlp
+    kwargs: dict = field(default_factory=dict)  # UNetConfig fields (e.g. dropout) or MLP arguments
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The loss (see :class:`fastat.ATObjective`), its noise schedule and perturbation budget."""
+
+    mode: str = "adv"  # ddpm | rand | adv | pgd | inv
+    lam: float = 0.3  # weight of the equivariance regulariser
+    lam_scale: str = "const"  # const | radius
+    r_min: float = 0.2  # budget r(t) = r_min + r_scale * s_t ** rho, in `space` units
+    r_scale: float = 0.3
+    rho: float = 1.0
+    space: str = "x"  # x | eps: which space the radius is measured in
+    norm: str = "linf"  # linf | l2
+    pgd_steps: int = 3  # ascent steps for mode pgd
+    step_size: float | None = None  # ascent step / radius (default 1.25 for one step, 2.5/k for k)
+    attack_target: str = "prediction"  # prediction | equivariance
+    detach_clean: bool = False  # detach eps_theta(x_t) inside the equivariance target
+    schedule: str = "linear"  # linear | cosine
+    T: int = 1000  # diffusion steps
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to a constant learning rate, and gradient-norm clipping."""
+
+    lr: float = 1e-3  # the quickstart's; DDPM's CIFAR-10 setting is 2e-4 with 5000 warmup steps
+    warmup: int = 20  # steps of linear warmup
+    clip: float = 1.0  # max gradient norm (0 disables clipping)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """Exponential moving average of the weights: decay min(decay, (1 + n) / (10 + n)) with warmup."""
+
+    decay: float = 0.9999
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where, how long, and how often to log, sample and save. The defaults (with the optimiser's) size
+    the no-argument quickstart run; real runs set steps, batch size and learning rate (README recipes)."""
+
+    out: str | None = None  # run folder; None: runs/<date>-<time>-<dataset>-<mode>
+    steps: int = 120  # the quickstart: ~2-3 minutes on a 2-core CPU (see README)
+    batch_size: int = 32
+    seed: int = 0  # model init, dropout, loss noise, batch order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+    fast: bool | None = None  # compiled step (+ CUDA graph on CUDA); None: on for CUDA, off on the CPU
+    log_every: int = 25  # metrics.jsonl / TensorBoard / progress-bar interval (steps)
+    save_every: int = 1000  # checkpoint interval (0: only at the end)
+    sample_every: int = 1000  # sample-grid interval (0: only at the end)
+    keep: int = 3  # checkpoints kept (the last K)
+    sample_n: int = 64  # samples in each grid (fixed noise batch)
+    sampler: str = "ddim"  # ddim | ddpm
+    sample_steps: int = 50  # DDIM steps
+    eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "optim": OptimConfig,
+    "ema": EMAConfig,
+    "run": RunConfig,
+}
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, in six sections. Immutable: derive changed copies with
+    :meth:`with_overrides`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- building --------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, *, base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (defaults if None) with the nested mapping ``d`` applied over it."""
+        return (base or cls()).with_overrides(flatten(d))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, *, base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (defaults if None) with the YAML file at ``path`` applied over it."""
+        return (base or cls()).with_overrides(load_yaml_overrides(path))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted keys (``"run.steps"``, ``"model.kwargs.dropout"``) set to new values.
+
+        Values are converted to the field's type (strings like ``"1e-4"`` become floats); a key that
+        names no field, or a value of the wrong type, raises :class:`ConfigError`.
+        """
+        sections = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        for key, value in overrides.items():
+            parts = key.split(".")
+            section = parts[0]
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"unknown config section {section!r} (in {key!r}); valid: {', '.join(SECTIONS)}"
+                )
+            if len(parts) < 2:
+                raise ConfigError(f"config key {key!r} names a section, not a field; e.g. {section}.<field>")
+            fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+            name = parts[1]
+            if name not in fields:
+                raise ConfigError(
+                    f"unknown config key {section}.{name}; valid keys in {section}: {', '.join(fields)}"
+                )
+            if fields[name].type == "dict":
+                if len(parts) == 2:
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+                    sections[section][name] = dict(value)
+                else:
+                    sections[section][name] = {**sections[section][name], ".".join(parts[2:]): value}
+                continue
+            if len(parts) > 2:
+                raise ConfigError(f"unknown config key {key!r}: {section}.{name} has no sub-keys")
+            sections[section][name] = _coerce(value, fields[name].type, f"{section}.{name}")
+        return TrainConfig(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+
+    # -- checking --------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check every value; return ``self`` or raise :class:`ConfigError` with one line."""
+        from fastat.budget import SPACES
+        from fastat.data import DATASETS, OUTLIER_KINDS
+        from fastat.kernels.pgd import NORMS
+        from fastat.models import MODEL_NAMES
+        from fastat.objective import LAM_SCALES, MODES
+        from fastat.schedule import SCHEDULES
+
+        d, m, o, op, e, r = self.data, self.model, self.objective, self.optim, self.ema, self.run
+        # data
+        _nonempty(d.dataset, "data.dataset")
+        _frac(d.corrupt_frac, "data.corrupt_frac (--corrupt-frac)")
+        _nonneg(d.corrupt_sigma, "data.corrupt_sigma (--corrupt-sigma)")
+        _frac(d.outliers, "data.outliers")
+        if d.corrupt_frac + d.outliers > 1:
+            raise ConfigError(
+                f"data.corrupt_frac + data.outliers must be <= 1, got {d.corrupt_frac} + {d.outliers}"
+            )
+        _one_of(d.outlier_kind, OUTLIER_KINDS, "data.outlier_kind")
+        _positive_int(d.n, "data.n")
+        if d.image_size is not None:
+            _positive_int(d.image_size, "data.image_size (--image-size)")
+        if d.max_items is not None:
+            _positive_int(d.max_items, "data.max_items")
+        _nonneg_int(d.num_workers, "data.num_workers")
+        if d.dataset not in DATASETS:
+            folder = Path(d.dataset).expanduser()
+            if not folder.exists():
+                names = ", ".join(DATASETS)
+                raise ConfigError(
+                    f"unknown dataset {d.dataset!r}: not one of {names} and not an existing folder"
+                )
+            if not folder.is_dir():
+                raise ConfigError(f"data.dataset {d.dataset!r} is a file, not a folder of images")
+            if d.image_size is None:
+                raise ConfigError(
+                    f"data.image_size (--image-size) is required for the image folder {d.dataset!r}"
+                )
+        # model
+        _one_of(m.name, ("auto", *MODEL_NAMES), "model.name (--model)")
+        # objective
+        _one_of(o.mode, MODES, "objective.mode (--mode)")
+        _nonneg(o.lam, "objective.lam (--lam)")
+        _one_of(o.lam_scale, LAM_SCALES, "objective.lam_scale")
+        _nonneg(o.r_min, "objective.r_min (budget radius)")
+        _nonneg(o.r_scale, "objective.r_scale (budget radius)")
+        _positive(o.rho, "objective.rho")
+        if o.mode != "ddpm" and o.r_min == 0 and o.r_scale == 0:
+            raise ConfigError(
+                "the budget is empty (objective.r_min = r_scale = 0); use --mode ddpm for no attack"
+            )
+        _one_of(o.space, SPACES, "objective.space")
+        _one_of(o.norm, NORMS, "objective.norm")
+        _positive_int(o.pgd_steps, "objective.pgd_steps")
+        if o.step_size is not None:
+            _positive(o.step_size, "objective.step_size")
+        _one_of(o.attack_target, ("prediction", "equivariance"), "objective.attack_target")
+        _one_of(o.schedule, SCHEDULES, "objective.schedule")
+        _positive_int(o.T, "objective.T")
+        # optim
+        _positive(op.lr, "optim.lr (--lr)")
+        _nonneg_int(op.warmup, "optim.warmup")
+        _nonneg(op.clip, "optim.clip")
+        _nonneg(op.weight_decay, "optim.weight_decay")
+        if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(op.betas)}")
+        _positive(op.eps, "optim.eps")
+        # ema
+        if not (math.isfinite(e.decay) and 0 <= e.decay < 1):
+            raise ConfigError(f"ema.decay must be in [0, 1), got {e.decay}")
+        # run
+        if r.out is not None:
+            _nonempty(r.out, "run.out (--out)")
+        _positive_int(r.steps, "run.steps (--steps)")
+        _positive_int(r.batch_size, "run.batch_size (--batch-size)")
+        if d.dataset in ("gmm2d", "plane3d", "subspace") and r.batch_size > d.n:
+            raise ConfigError(
+                f"run.batch_size (--batch-size) {r.batch_size} is larger than the dataset "
+                f"({d.n} samples, data.n)"
+            )
+        _nonneg_int(r.seed, "run.seed (--seed)")
+        if not (r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
+            raise ConfigError(f"run.device (--device) must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+        _one_of(r.precision, PRECISIONS, "run.precision (--precision)")
+        _positive_int(r.log_every, "run.log_every")
+        _nonneg_int(r.save_every, "run.save_every (--save-every)")
+        _nonneg_int(r.sample_every, "run.sample_every (--sample-every)")
+        _positive_int(r.keep, "run.keep")
+        _positive_int(r.sample_n, "run.sample_n")
+        _one_of(r.sampler, SAMPLERS, "run.sampler")
+        _positive_int(r.sample_steps, "run.sample_steps")
+        if r.sample_steps > o.T:
+            raise ConfigError(f"run.sample_steps must be <= objective.T = {o.T}, got {r.sample_steps}")
+        _nonneg_int(r.eval_n, "run.eval_n")
+        # the objects themselves (catches anything the checks above missed)
+        try:
+            self.build_objective()
+        except ValueError as err:
+            raise ConfigError(f"objective: {err}") from None
+        return self
+
+    # -- using ---------------------------------------------------------------------------------------
+    def build_objective(self):
+        """The :class:`fastat.ATObjective` this config describes."""
+        from fastat.budget import Budget
+        from fastat.objective import ATObjective
+        from fastat.schedule import NoiseSchedule
+
+        o = self.objective
+        budget = Budget(o.r_min, o.r_scale, o.rho, o.space, o.norm) if o.mode != "ddpm" else Budget()
+        return ATObjective(
+            schedule=NoiseSchedule(o.schedule, T=o.T),
+            mode=o.mode,
+            lam=o.lam,
+            lam_scale=o.lam_scale,
+            budget=budget,
+            pgd_steps=o.pgd_steps,
+            step_size=o.step_size,
+            attack_target=o.attack_target,
+            detach_clean=o.detach_clean,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists, not tuples): what ``config.yaml`` holds."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def dump(self, path: str | os.PathLike) -> Path:
+        """Write the YAML atomically to ``path``."""
+        from fastat.checkpoint import atomic_write_text
+
+        return atomic_write_text(path, self.to_yaml())
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def flatten(d: dict) -> dict[str, Any]:
+    """``{"run": {"steps": 5}}`` -> ``{"run.steps": 5}`` (one level: sections, then their keys)."""
+    out: dict[str, Any] = {}
+    for section, value in d.items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[str(section)] = value
+    return out
+
+
+def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
+    """The dotted overrides held by the YAML file at ``path`` (ConfigError if unreadable or malformed)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"bad YAML in {p}{where}: {problem}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"config file {p} must hold a mapping of sections ({', '.join(SECTIONS)}), got {type(d).__name__}"
+        )
+    for section, value in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {p}; valid: {', '.join(SECTIONS)}")
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"section {section!r} in {p} must be a mapping of keys, got {value!r}")
+    return flatten({k: v for k, v in d.items() if v is not None})
+
+
+def _plain(x):
+    """Tuples -> lists, recursively: what YAML and JSON give back (so saved and new values compare equal)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, typ: str, key: str) -> Any:
+    """Convert ``value`` to the annotated type ``typ`` (a string, e.g. ``"float | None"``)."""
+    optional = typ.endswith("| None")
+    base = typ.replace("| None", "").strip()
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "~")
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be empty (expected {base})")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if base == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = math.nan
+            if math.isfinite(f) and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if base == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if base == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if base.startswith("tuple[float"):
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
+        return tuple(_coerce(v, "float", key) for v in value)
+    raise AssertionError(f"no conversion for type {typ} of {key}")  # pragma: no cover
+
+
+def _fail(key: str, what: str, value: Any) -> None:
+    raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _nonneg(x, key):
+    if not (_finite(x) and x >= 0):
+        _fail(key, "a finite number >= 0", x)
+
+
+def _positive(x, key):
+    if not (_finite(x) and x > 0):
+        _fail(key, "a finite number > 0", x)
+
+
+def _frac(x, key):
+    if not (_finite(x) and 0 <= x <= 1):
+        _fail(key, "a fraction in [0, 1]", x)
+
+
+def _positive_int(x, key):
+    if not (isinstance(x, int) and not isinstance(x, bool) and x >= 1):
+        _fail(key, "an integer >= 1", x)
+
+
+def _nonneg_int(x, key):
+    if not (isinstance(x, int) and not isinstance(x, bool) and x >= 0):
+        _fail(key, "an integer >= 0", x)
+
+
+def _one_of(x, choices, key):
+    if x not in choices:
+        raise ConfigError(f"unknown {key} {x!r}; choose one of {', '.join(choices)}")
+
+
+def _nonempty(x, key):
+    if not (isinstance(x, str) and x.strip()):
+        _fail(key, "a non-empty string", x)

@@ -1,0 +1,125 @@
+"""Training statistics: device-side accumulators read once per interval, and where they are written.
+
+    acc = StatsAccumulator()
+    acc.add(out.stats)               # every step: device tensors added on the device, no host sync
+    means = acc.pop_means()          # every log interval: one transfer for all statistics
+    log = MetricsLog(run_dir)        # RUN/metrics.jsonl (+ TensorBoard when installed)
+    log.write(step, means)
+
+``metrics.jsonl`` holds one JSON object per line: ``{"step": ..., "time": <unix seconds>, ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["METRICS_FILE", "MetricsLog", "StatsAccumulator", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class StatsAccumulator:
+    """Sums of 0-dim tensors per name, kept on their device until :meth:`pop_means`."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            v = v.detach().float()
+            if k in self._sums:
+                self._sums[k] += v
+                self._counts[k] += 1
+            else:
+                self._sums[k] = v.clone()
+                self._counts[k] = 1
+
+    def __len__(self) -> int:
+        return max(self._counts.values(), default=0)
+
+    def pop_means(self) -> dict[str, float]:
+        """Means since the last call as Python floats (one device-to-host copy), then reset."""
+        if not self._sums:
+            return {}
+        keys = list(self._sums)
+        values = torch.stack([self._sums[k] for k in keys]).cpu().tolist()
+        out = {k: v / self._counts[k] for k, v in zip(keys, values, strict=True)}
+        self._sums.clear()
+        self._counts.clear()
+        return out
+
+
+class MetricsLog:
+    """Appends records to ``run_dir/metrics.jsonl`` and, if ``tensorboard`` and it is installed, to
+    TensorBoard event files in ``run_dir/tb``."""
+
+    def __init__(
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None
+    ):
+        self.path = Path(run_dir) / METRICS_FILE
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: jsonl only
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records written after ``step`` by a run that died before its next checkpoint."""
+        if not self.path.exists():
+            return
+        from fastat.checkpoint import atomic_write_text
+
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, step: int, values: dict[str, float], *, kind: str = "train") -> dict:
+        record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
+        record.update(
+            {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in values.items()}
+        )
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            self._tb.flush()
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All records of a ``metrics.jsonl`` file (or of ``RUN/metrics.jsonl`` given the run folder)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -1,0 +1,154 @@
+"""Drawing samples from a trained model and writing them where people (and programs) can look.
+
+    x = generate(ema_model, schedule, noise, sampler="ddim", steps=50, clip_x0=1.0)
+    write_samples(x, "grid.png", kind="image")     # a grid of images (torchvision.utils.save_image)
+    write_samples(x, "samples.npy", kind="image")  # float32 N x C x H x W in [0, 1]
+    write_samples(p, "points.npy", kind="points")  # float32 N x D in data units
+    write_samples(p, "points.png", kind="points")  # scatter plot (needs matplotlib)
+
+Images are held in ``[-1, 1]`` during training and written in ``[0, 1]``; points are written as they are.
+Every file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastat.checkpoint import atomic_write
+from fastat.sampling import ddim_sample, ddpm_sample
+from fastat.schedule import NoiseSchedule
+
+__all__ = [
+    "SAMPLE_SUFFIXES",
+    "generate",
+    "save_grid",
+    "save_npy",
+    "save_scatter",
+    "to_output",
+    "write_samples",
+]
+
+SAMPLE_SUFFIXES = (".png", ".npy")
+
+
+def generate(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    clip_x0: float | None = None,
+    generator: torch.Generator | None = None,
+    batch: int = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Samples (float32, on the CPU) from the starting noise ``noise`` ``(N, ...)``, ``batch`` at a time.
+
+    ``sampler``: ``ddim`` (``steps`` steps, ``eta``) or ``ddpm`` (all ``schedule.T`` steps; its per-step
+    noise comes from ``generator``). The model is run in eval mode and left as it was.
+    """
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+    out = []
+    for chunk in noise.split(batch):
+        if sampler == "ddim":
+            x = ddim_sample(
+                model,
+                schedule,
+                chunk,
+                steps=steps,
+                eta=eta,
+                generator=generator,
+                device=device,
+                clip_x0=clip_x0,
+            )
+        else:
+            x = ddpm_sample(model, schedule, chunk, generator=generator, device=device, clip_x0=clip_x0)
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def to_output(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """What files hold: images mapped from ``[-1, 1]`` to ``[0, 1]`` (clamped); points unchanged."""
+    x = x.detach().float().cpu()
+    return ((x + 1) / 2).clamp(0, 1) if kind == "image" else x
+
+
+def save_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """A PNG grid of ``(N, C, H, W)`` images in ``[0, 1]``, ``nrow`` per row (default ~sqrt(N))."""
+    from torchvision.utils import save_image
+
+    nrow = nrow or max(1, math.ceil(math.sqrt(images01.shape[0])))
+    return atomic_write(path, lambda p: save_image(images01, p, nrow=nrow, padding=1, format="png"))
+
+
+def save_npy(x: torch.Tensor, path: str | os.PathLike) -> Path:
+    """``x`` as a float32 ``.npy`` file."""
+    arr = x.detach().cpu().numpy().astype(np.float32)
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, arr)
+
+    return atomic_write(path, write)
+
+
+def save_scatter(
+    points: torch.Tensor, path: str | os.PathLike, reference: torch.Tensor | None = None, title: str = ""
+) -> Path | None:
+    """A scatter plot of 2-D or 3-D points (and, faint, ``reference`` points); ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    pts = points.detach().cpu().numpy()
+    ref = reference.detach().cpu().numpy() if reference is not None else None
+    fig = plt.figure(figsize=(5, 5))
+    if pts.shape[1] == 3:
+        ax = fig.add_subplot(projection="3d")
+        if ref is not None:
+            ax.scatter(*ref.T, s=2, c="0.75", label="training data")
+        ax.scatter(*pts.T, s=3, c="C0", label="samples")
+    else:
+        ax = fig.add_subplot()
+        if ref is not None:
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", label="training data")
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, c="C0", label="samples")
+        ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="small")
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def write_samples(
+    x: torch.Tensor, path: str | os.PathLike, kind: str, reference: torch.Tensor | None = None
+) -> Path | None:
+    """Write samples ``x`` (data units) to ``path`` by its suffix: ``.png`` (grid for images, scatter for
+    points) or ``.npy`` (raw, see :func:`to_output`). Returns the path (None: a scatter without
+    matplotlib)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAMPLE_SUFFIXES:
+        raise ValueError(f"sample file {path} must end in {' or '.join(SAMPLE_SUFFIXES)}")
+    y = to_output(x, kind)
+    if suffix == ".npy":
+        return save_npy(y, path)
+    if kind == "image":
+        return save_grid(y, path)
+    if y.dim() != 2 or y.shape[1] not in (2, 3):
+        raise ValueError(f"a .png of points needs 2-D or 3-D points, got shape {tuple(y.shape)}; use .npy")
+    return save_scatter(y, path, reference)

@@ -1,0 +1,167 @@
+"""fastat.checkpoint: atomic writes, keep-last-K, the latest pointer, loading that never unpickles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastat.checkpoint as ck
+from fastat.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+
+
+def net(seed: int = 0, hidden: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, hidden), nn.SiLU(), nn.Linear(hidden, 3))
+
+
+def save(root, step, model, keep=3, **state):
+    return save_checkpoint(root, step, model=model, ema=model, state={"step": step, **state}, keep=keep)
+
+
+def leftovers(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-"))
+
+
+def test_roundtrip_weights_and_state(tmp_path):
+    model, ema = net(0), net(1)
+    state = {"step": 7, "rng": torch.get_rng_state(), "nested": {"a": [1, 2.5, None, "x"], "b": (3, 4)}}
+    path = save_checkpoint(
+        tmp_path / "checkpoints", 7, model=model, ema=ema, state=state, files={"config.yaml": "a: 1\n"}
+    )
+    assert path.name == "ckpt-000007" and (path / "config.yaml").read_text() == "a: 1\n"
+    ckpt = load_checkpoint(tmp_path)  # the run folder finds checkpoints/latest
+    assert ckpt.path == path and ckpt.step == 7 and ckpt.run_dir == tmp_path
+    for k, v in model.state_dict().items():
+        assert torch.equal(ckpt.model[k], v)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(ckpt.ema[k], v)
+    assert not torch.equal(ckpt.model["0.weight"], ckpt.ema["0.weight"])
+    assert torch.equal(ckpt.state["rng"], state["rng"])
+    assert ckpt.state["nested"] == {"a": [1, 2.5, None, "x"], "b": (3, 4)}
+    fresh = net(5)
+    load_weights(fresh, ckpt.ema)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ema.parameters(), strict=True))
+
+
+def test_keep_last_k_and_latest_pointer(tmp_path):
+    root, model = tmp_path / "checkpoints", net()
+    for step in (10, 20, 30, 40, 50):
+        save(root, step, model, keep=2)
+    assert [p.name for p in list_checkpoints(root)] == ["ckpt-000040", "ckpt-000050"]
+    assert (root / "latest").read_text().strip() == "ckpt-000050"
+    assert latest_checkpoint(tmp_path).name == "ckpt-000050"
+    assert leftovers(root) == []
+    # keep=1 still keeps the newest
+    save(root, 60, model, keep=1)
+    assert [p.name for p in list_checkpoints(root)] == ["ckpt-000060"]
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    root, model = tmp_path / "checkpoints", net()
+    save(root, 10, model)
+    before = sorted(p.name for p in root.iterdir())
+
+    def broken_save(obj, f, *a, **k):  # writes half a file, then the disk "fails"
+        with open(f, "wb") as fh:
+            fh.write(b"\x80\x02partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space"):
+        save(root, 20, model)
+    assert sorted(p.name for p in root.iterdir()) == before  # no ckpt-000020, no temp folder
+    assert latest_checkpoint(tmp_path).name == "ckpt-000010"
+    assert load_checkpoint(tmp_path).step == 10
+
+
+def test_failed_atomic_text_write_keeps_old_content(tmp_path):
+    target = tmp_path / "latest"
+    atomic_write_text(target, "old\n")
+
+    def writer(p):
+        p.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        ck.atomic_write(target, writer)
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_stale_temp_folder_of_a_crashed_writer_is_ignored_and_cleaned(tmp_path):
+    root, model = tmp_path / "checkpoints", net()
+    save(root, 10, model)
+    crashed = root / ".tmp-ckpt-000020-99999"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(tmp_path).name == "ckpt-000010"
+    save(root, 30, model)
+    assert not crashed.exists()
+
+
+def test_resave_same_step_replaces_it(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 10, net(0))
+    save(root, 10, net(1))
+    assert [p.name for p in list_checkpoints(root)] == ["ckpt-000010"]
+    assert torch.equal(load_checkpoint(root).model["0.weight"], net(1).state_dict()["0.weight"])
+    assert leftovers(root) == []
+
+
+def test_latest_pointer_missing_or_stale_falls_back_to_highest_step(tmp_path):
+    root, model = tmp_path / "checkpoints", net()
+    save(root, 10, model, keep=5)
+    save(root, 20, model, keep=5)
+    (root / "latest").write_text("ckpt-000099\n")  # points nowhere
+    assert latest_checkpoint(tmp_path).name == "ckpt-000020"
+    (root / "latest").unlink()
+    assert find_checkpoint(tmp_path).name == "ckpt-000020"
+    assert find_checkpoint(root).name == "ckpt-000020"  # the checkpoints folder itself
+    assert find_checkpoint(root / "ckpt-000010").name == "ckpt-000010"  # a checkpoint folder
+
+
+def test_find_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        find_checkpoint(tmp_path)
+
+
+class Evil:
+    def __reduce__(self):  # would run code when unpickled
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_loading_never_unpickles_objects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "checkpoints"
+    path = save(root, 10, net())
+    torch.save({"step": 10, "evil": Evil()}, path / "state.pt")
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_checkpoint(root)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_corrupt_weights_file_is_a_clear_error(tmp_path):
+    path = save(tmp_path / "checkpoints", 10, net())
+    (path / "ema.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_load_weights_mismatch_names_the_problem(tmp_path):
+    small, big = net(0, hidden=5), net(0, hidden=7)
+    with pytest.raises(CheckpointError, match="another shape"):
+        load_weights(big, small.state_dict())
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(small, {k: v for k, v in small.state_dict().items() if k != "2.bias"})

@@ -1,0 +1,327 @@
+"""The training loop: exact resume, EMA, metrics, samples, Ctrl-C, every mode, bf16 autocast path."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from train_helpers import IMAGES, POINTS, run_cli, weights
+
+import fastat.train as train_mod
+from fastat.checkpoint import load_checkpoint
+from fastat.config import TrainConfig
+from fastat.ema import EMA
+from fastat.metrics import StatsAccumulator, read_metrics
+from fastat.train import lr_at, resolve_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and a shared CPU makes OpenMP spin-waiting of a
+    second thread cost 100x: keep the tests' time independent of the machine's load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- exact resume ------------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_identical(tmp_path, capsys):
+    """N steps, then resume to 2N == 2N straight: every tensor of the model, the EMA and the optimizer.
+
+    Exercises every random stream: dropout (global RNG), the objective's generator (t, eps, attack
+    start), batch order across an epoch boundary (48 samples / batch 8 = 6 batches) and flips."""
+    common = [
+        *IMAGES,
+        "--set",
+        "model.kwargs={ch: 8, groups: 4, dropout: 0.2}",
+        "--set",
+        "data.flip=true",
+        "--save-every",
+        "3",
+        "--sample-every",
+        "0",
+        "--set",
+        "run.eval_n=0",
+    ]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(capsys, "train", *common, "--steps", "8", "--out", straight)[0] == 0
+    assert run_cli(capsys, "train", *common, "--steps", "4", "--out", split)[0] == 0
+    code, out, _ = run_cli(
+        capsys, "train", "--out", split, "--resume", "auto", "--steps", "8", "--no-progress"
+    )
+    assert code == 0 and "ckpt-000008" in out
+
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert a.step == b.step == 8
+    for which in ("model", "ema"):
+        wa, wb = getattr(a, which), getattr(b, which)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (which, k)
+    sa, sb = a.state["optimizer"]["state"], b.state["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[i][k], sb[i][k])
+    assert torch.equal(a.state["rng"]["objective"], b.state["rng"]["objective"])
+    assert a.state["loader"]["epoch"] == b.state["loader"]["epoch"] == 1
+
+    # the comparison can fail: a different seed gives different weights
+    other = tmp_path / "other"
+    assert run_cli(capsys, "train", *common, "--steps", "8", "--seed", "1", "--out", other)[0] == 0
+    assert not torch.equal(weights(other)["conv_out.weight"], a.model["conv_out.weight"])
+
+
+def test_resume_continues_metrics_without_duplicates(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", run)[0] == 0
+    assert run_cli(capsys, "train", "--out", run, "--resume", run, "--steps", "8", "--no-progress")[0] == 0
+    steps = [r["step"] for r in read_metrics(run) if r["kind"] == "train"]
+    assert steps == [2, 4, 6, 8]
+    # resuming a finished run trains nothing, keeps its checkpoint, and samples again
+    code, out, _ = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--no-progress")
+    assert code == 0 and "ckpt-000008" in out and "trained 8 steps" in out
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [2, 4, 6, 8]
+
+
+# -- EMA -----------------------------------------------------------------------------------------------
+
+
+def test_ema_update_matches_the_formula():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    ema = EMA(model, decay=0.99, warmup=True)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    for n in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        d = min(0.99, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            ref[k] = d * ref[k] + (1 - d) * v
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-6, atol=1e-6)
+    assert ema.num_updates == 5
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    no_warm = EMA(model, decay=0.9, warmup=False)
+    assert no_warm.current_decay() == 0.9
+
+
+def test_ema_accepts_a_tensor_weight():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.lerp_(model, torch.tensor(0.25))
+    torch.testing.assert_close(ema.module.weight, model.weight - 0.75)
+
+
+# -- loop pieces -----------------------------------------------------------------------------------------
+
+
+def test_lr_warmup():
+    assert lr_at(0, 1e-3, 4) == pytest.approx(2.5e-4)
+    assert lr_at(3, 1e-3, 4) == pytest.approx(1e-3)
+    assert lr_at(100, 1e-3, 4) == 1e-3
+    assert lr_at(0, 1e-3, 0) == 1e-3
+
+
+def test_stats_accumulator_means_and_reset():
+    acc = StatsAccumulator()
+    acc.add({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    acc.add({"a": torch.tensor(3.0)})
+    assert acc.pop_means() == {"a": 2.0, "b": 2.0}
+    assert acc.pop_means() == {}
+
+
+# -- what a run writes ---------------------------------------------------------------------------------
+
+
+def test_metrics_samples_and_eval_of_a_points_run(tmp_path, capsys):
+    run = tmp_path / "pts"
+    code, out, _ = run_cli(capsys, "train", *POINTS, "--steps", "6", "--sample-every", "4", "--out", run)
+    assert code == 0
+    records = read_metrics(run)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for r in train:
+        for key in ("loss", "loss_dm", "reg", "gain", "j", "radius", "grad_norm", "lr", "img_per_s", "epoch"):
+            assert key in r and math.isfinite(r[key]), key
+        assert r["loss"] == pytest.approx(r["loss_dm"] + r["reg"], rel=1e-4)
+        assert r["gain"] > 0
+    assert train[0]["lr"] < train[-1]["lr"]  # warmup
+    (ev,) = [r for r in records if r["kind"] == "eval"]
+    assert ev["n"] == 16 and ev["dist_data"] > 0 and ev["dist_samples"] > 0
+    # points: raw samples in data units; the sample grid at step 4 and the final one at step 6
+    for step in (4, 6):
+        arr = np.load(run / "samples" / f"step-{step:06d}.npy")
+        assert arr.shape == (8, 2) and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert "distance to the clean support" in out
+    assert (run / "config.yaml").is_file()
+    saved = TrainConfig.from_yaml(run / "config.yaml")
+    assert saved.run.steps == 6 and saved.model.name == "mlp" and saved.model.kwargs["dim"] == 2
+
+
+@pytest.mark.parametrize("mode", ["ddpm", "rand", "pgd", "inv"])
+def test_every_mode_trains(tmp_path, capsys, mode):
+    run = tmp_path / mode
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        *POINTS,
+        "--steps",
+        "2",
+        "--mode",
+        mode,
+        "--set",
+        "run.eval_n=0",
+        "--set",
+        "objective.pgd_steps=2",
+        "--out",
+        run,
+    )
+    assert code == 0, err
+    (r,) = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert math.isfinite(r["loss"])
+    assert ("gain" in r) == (mode in ("pgd", "inv"))
+    if mode == "ddpm":
+        assert r["reg"] == 0.0
+    else:
+        assert r["reg"] > 0
+
+
+def test_bf16_autocast_path_on_cpu(tmp_path, capsys):
+    run = tmp_path / "bf16"
+    code, _, err = run_cli(capsys, "train", *IMAGES, "--steps", "2", "--precision", "bf16", "--out", run)
+    assert code == 0, err
+    (r,) = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert math.isfinite(r["loss"]) and r["loss"] > 0
+    assert all(v.dtype == torch.float32 for v in weights(run).values())  # master weights stay fp32
+
+
+def test_image_run_writes_a_grid(tmp_path, capsys):
+    from PIL import Image
+
+    run = tmp_path / "img"
+    code, out, _ = run_cli(capsys, "train", *IMAGES, "--steps", "2", "--out", run)
+    assert code == 0
+    grid = run / "samples" / "step-000002.png"
+    assert f"samples:    {grid}" in out
+    with Image.open(grid) as im:
+        assert im.size == (2 * 8 + 3, 2 * 8 + 3)  # 4 samples, 2 per row, padding 1
+    assert np.asarray(Image.open(grid)).std() > 0
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------------------
+
+
+def _interrupt_at(monkeypatch, call: int, how: str):
+    real = train_mod.train_step
+    calls = {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if how == "before" and calls["n"] == call:
+            raise KeyboardInterrupt  # cut inside the step: nothing applied, state not consistent
+        out = real(*a, **k)
+        if how == "signal" and calls["n"] == call:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C during the step
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "int"
+    _interrupt_at(monkeypatch, 3, "signal")
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "10", "--out", run)
+    assert code == 130
+    assert "interrupted at step 3" in err and "checkpoint saved" in err and "Traceback" not in err
+    assert load_checkpoint(run).step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    code, out, _ = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--no-progress")
+    assert code == 0 and load_checkpoint(run).step == 10
+
+
+def test_interrupt_inside_a_step_keeps_the_last_complete_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "int2"
+    _interrupt_at(monkeypatch, 4, "before")
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "10", "--save-every", "2", "--out", run)
+    assert code == 130 and "last complete checkpoint" in err
+    assert load_checkpoint(run).step == 2
+
+
+def test_nan_loss_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: {"loss": torch.tensor(float("nan"))})
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", tmp_path / "nan")
+    assert code == 1 and "loss is nan at step 2" in err and "Traceback" not in err
+
+
+# -- config layering on resume ----------------------------------------------------------------------------
+
+
+def test_resume_uses_the_saved_config_under_new_flags(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", *POINTS, "--steps", "2", "--lr", "0.003", "--out", run)[0] == 0
+    cfg, ckpt = resolve_config({"run.out": str(run), "run.steps": 5}, resume="auto")
+    assert ckpt is not None and ckpt.name == "ckpt-000002"
+    assert cfg.optim.lr == 0.003 and cfg.run.steps == 5 and cfg.data.dataset == "gmm2d"
+    # resume auto in a fresh folder starts a new run
+    cfg, ckpt = resolve_config({"run.out": str(tmp_path / "fresh")}, resume="auto")
+    assert ckpt is None and cfg.model.name == "tiny"
+    # the run folder keeps the weights the EMA produced, distinct from the raw ones
+    ema, raw = load_file(run / "checkpoints" / "ckpt-000002" / "ema.safetensors"), weights(run)
+    assert not torch.equal(ema["out.weight"], raw["out.weight"])
+
+
+def test_tensorboard_gets_the_same_scalars_when_installed(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close", None))
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter)
+    )
+    run = tmp_path / "tb"
+    assert run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", run)[0] == 0
+    assert calls[0] == ("init", str(run / "tb")) and calls[-1] == ("close", None)
+    assert ("train/loss", 2) in calls and ("train/lr", 2) in calls and ("eval/dist_samples", 2) in calls
+
+
+@pytest.mark.slow
+def test_fast_flag_trains_the_same_function_as_the_eager_step(tmp_path, capsys):
+    """``--fast`` on the CPU: the compiled engine; its weights after a few steps match the eager run."""
+    eager, fast = tmp_path / "eager", tmp_path / "fast"
+    common = [*POINTS, "--steps", "4", "--sample-every", "0", "--set", "run.eval_n=0"]
+    assert run_cli(capsys, "train", *common, "--out", eager)[0] == 0
+    code, _, err = run_cli(capsys, "train", *common, "--fast", "--out", fast)
+    assert code == 0 and "falling back" not in err, err
+    w_e, w_f = weights(eager), weights(fast)
+    assert w_e.keys() == w_f.keys()
+    for k in w_e:
+        torch.testing.assert_close(w_f[k], w_e[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert "fast: true" in (fast / "config.yaml").read_text()

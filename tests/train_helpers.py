@@ -1,0 +1,81 @@
+"""Shared by test_train.py and test_cli.py: the CLI run in-process, and tiny, fast run settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fastat.cli import main
+
+# Points: gmm2d with a small MLP; a few steps take well under a second.
+POINTS = [
+    "--dataset",
+    "gmm2d",
+    "--model",
+    "mlp",
+    "--set",
+    "model.kwargs={hidden: 32, depth: 1, time_dim: 16}",
+    "--set",
+    "data.n=64",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "2",
+    "--no-progress",
+    "--set",
+    "run.sample_n=8",
+    "--set",
+    "run.sample_steps=4",
+    "--set",
+    "run.eval_n=16",
+]
+
+# Images: the known 8x8 subspace with a very small UNet (the tiny preset narrowed).
+IMAGES = [
+    "--dataset",
+    "subspace",
+    "--image-size",
+    "8",
+    "--set",
+    "model.kwargs={ch: 8, groups: 4}",
+    "--set",
+    "data.n=48",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "2",
+    "--no-progress",
+    "--set",
+    "run.sample_n=4",
+    "--set",
+    "run.sample_steps=3",
+    "--set",
+    "run.eval_n=8",
+]
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``fastat ARGS`` in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def weights(run_dir: Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """The weights of the newest checkpoint of a run."""
+    root = Path(run_dir) / "checkpoints"
+    name = (root / "latest").read_text().strip()
+    return load_file(root / name / f"{which}.safetensors")
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("fastat"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -212,14 +212,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")
     print(f"metrics:    {result.metrics}")
-    if result.eval:
-        e = result.eval
-        unit = "RMS per pixel" if cfg.data.dataset == "subspace" else "Euclidean"
-        print(
-            f"distance to the clean support (mean, {unit}): EMA samples {e['dist_samples']:.4f} "
-            f"(n={e['n']}, {cfg.run.sampler} {cfg.run.sample_steps} steps) "
-            f"| training data {e['dist_data']:.4f} | clean data {e['dist_clean']:.4f}"
-        )
+    if result.eval:  # built-in known distribution: the full report of fastat eval, and RUN/eval.json
+        from fastat.eval.cli import report_after_training
+
+        report_after_training(result, cfg)
     print(f"trained {result.step} steps on {result.device} in {result.seconds:.0f} s")
     return 0
 

@@ -1,0 +1,245 @@
+"""``fastat eval``: the command-line side of :mod:`fastat.eval` (hooked into :mod:`fastat.cli`).
+
+fastat eval --run runs/exp                       # metrics of the newest checkpoint -> RUN/eval.json
+fastat eval --run runs/exp --attack --n 2000     # + the trajectory attack
+fastat eval --run runs/cifar --fid --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
+fastat eval compare                              # DDPM vs AT on corrupted known sets (<= 15 min, CPU)
+fastat eval compare --quick --out /tmp/cmp       # smoke run (< 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_eval_parser", "cmd_eval", "report_after_training"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.replace(",", " ").split()]
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """Add ``eval`` (and ``eval compare``) to the ``fastat`` subcommands ``sub``."""
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a run, or run the DDPM vs AT comparison",
+        description=(
+            "With --run: sample the EMA model of a run's newest checkpoint and measure it. Known sets: exact "
+            "distance to the clean support, sliced W2 to fresh clean samples, x0_hat PSNR (subspace), "
+            "memorisation (images). Real images: memorisation, FID/IS with --fid. Writes RUN/eval.json. "
+            "'fastat eval compare' trains ddpm/rand/adv/pgd on corrupted known sets and tabulates them."
+        ),
+    )
+    e.add_argument("--run", metavar="DIR", help="run folder (or one of its checkpoint folders)")
+    e.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    e.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
+    e.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample_steps)")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    e.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling noise and the fresh clean samples"
+    )
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    e.add_argument(
+        "--attack", action="store_true", help="also run the trajectory attack (PGD on x_t while sampling)"
+    )
+    e.add_argument("--attack-n", type=int, default=256, help="samples for the attack (default 256)")
+    e.add_argument(
+        "--attack-at",
+        type=_ints,
+        default=[200, 500, 800],
+        metavar="T,T,...",
+        help="timesteps to attack (moved to the nearest the sampler visits; default 200,500,800)",
+    )
+    e.add_argument(
+        "--attack-radius", type=float, default=0.05, help="L-inf bound on the perturbation, data units"
+    )
+    e.add_argument(
+        "--attack-steps", type=int, default=10, help="PGD steps per attacked timestep (default 10)"
+    )
+    e.add_argument(
+        "--attack-target",
+        choices=("eps", "x0"),
+        default="eps",
+        help="what PGD maximises: the change of eps (default) or of x0_hat",
+    )
+    e.add_argument(
+        "--fid", action="store_true", help="FID/IS against the clean training images (needs torch-fidelity)"
+    )
+    e.add_argument("--inception-weights", metavar="PATH", help="Inception weights file for offline FID")
+    e.add_argument(
+        "--fid-cache", metavar="DIR", help="cache of reference statistics (default ~/.cache/fastat/fid)"
+    )
+    e.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits small models)"
+    )
+    e.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    e.set_defaults(func=cmd_eval, eval_command=None)
+
+    esub = e.add_subparsers(dest="eval_command", metavar="{compare}")
+    c = esub.add_parser(
+        "compare",
+        help="train ddpm/rand/adv/pgd on corrupted known sets and compare",
+        description=(
+            "For each setting x variant x seed: train a small MLP with the trainer, evaluate its EMA model, "
+            "then "
+            "write OUT/compare.json, OUT/compare.md (mean ± std over seeds, paired verdict vs ddpm) "
+            "and plots. "
+            "Finished runs are reused. A variant is MODE or MODE[key=value,...] with objective keys, e.g. "
+            "'adv[lam=0.5,r_min=0.1]'."
+        ),
+    )
+    c.add_argument("--quick", action="store_true", help="tiny preset for smoke tests (< 1 min)")
+    c.add_argument("--out", default=None, help="output folder (default runs/compare or runs/compare-quick)")
+    c.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="settings (default: plane3d-s0.1 plane3d-s0.2 plane3d-out)",
+    )
+    c.add_argument("--modes", nargs="+", default=None, help="variants (default: ddpm rand adv pgd)")
+    c.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...", help="seeds (default 0,1,2)")
+    c.add_argument("--steps", type=int, default=None, help="training steps per run")
+    c.add_argument("--eval-n", type=int, default=None, help="samples per evaluation")
+    c.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="objective override for every run, e.g. --set lam=0.5 --set r_min=0.1",
+    )
+    c.add_argument("--no-attack", action="store_true", help="skip the trajectory attack")
+    c.add_argument("--no-plots", action="store_true", help="no plots")
+    c.add_argument("--workers", type=int, default=1, help="runs trained at once (processes; default 1)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    c.add_argument("--list", action="store_true", help="list the known settings and exit")
+    return e
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastat.config import ConfigError
+
+    if args.eval_command == "compare":
+        return _cmd_compare(args)
+    if not args.run:
+        raise ConfigError("fastat eval needs --run DIR (or the subcommand 'compare')")
+    for name in ("n", "attack_n", "attack_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
+    if not args.attack_radius > 0:
+        raise ConfigError(f"--attack-radius must be > 0, got {args.attack_radius}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
+    from fastat.eval.fid import FIDUnavailable
+
+    try:
+        report = evaluate_run(
+            args.run,
+            n=args.n,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            device=args.device,
+            ema=not args.no_ema,
+            attack=args.attack,
+            attack_n=args.attack_n,
+            attack_at=tuple(args.attack_at),
+            attack_radius=args.attack_radius,
+            attack_steps=args.attack_steps,
+            attack_target=args.attack_target,
+            fid=args.fid,
+            inception_weights=args.inception_weights,
+            fid_cache=args.fid_cache,
+        )
+    except FIDUnavailable as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        from fastat.eval.evaluate import _finite
+
+        print(json.dumps(_finite(report), indent=2))
+    else:
+        print(format_report(report))
+        print(f"wrote {Path(report['run']) / EVAL_FILE} ({report['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fastat.config import ConfigError
+    from fastat.eval.compare import PRESETS, SETTINGS, run_compare, spec_with
+
+    if args.list:
+        for s in SETTINGS.values():
+            print(f"{s.name:<16} {s.describe()}")
+        return 0
+    base = PRESETS["quick" if args.quick else "default"]
+    objective = dict(base.objective)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("objective.")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        objective[key] = yaml.safe_load(value)
+    for name in ("steps", "eval_n", "workers", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    spec = spec_with(
+        base,
+        settings=args.settings,
+        modes=args.modes,
+        seeds=args.seeds,
+        steps=args.steps,
+        eval_n=args.eval_n,
+        objective=objective,
+        attack=False if args.no_attack else None,
+    )
+    if not spec.seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    out = Path(args.out or ("runs/compare-quick" if args.quick else "runs/compare"))
+    try:
+        result = run_compare(
+            spec,
+            out,
+            workers=args.workers,
+            threads=args.threads,
+            plots=not args.no_plots,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(result["table"], end="")
+    print(
+        f"wrote {out / 'compare.json'}, {out / 'compare.md'}"
+        + ("" if args.no_plots else f", {out / 'plots'}/")
+    )
+    return 0
+
+
+def report_after_training(result, cfg) -> dict | None:
+    """What ``fastat train`` prints at the end of a run on a built-in (known) set: the report of
+    :func:`fastat.eval.evaluate_run` with ``run.eval_n`` samples and the run's sampler; also writes
+    ``RUN/eval.json``. Returns the report (None when the run has no known distribution or eval_n < 2)."""
+    from fastat.data import KNOWN
+    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
+
+    if cfg.data.dataset not in KNOWN or cfg.run.eval_n < 2:
+        return None
+    report = evaluate_run(result.run_dir, n=cfg.run.eval_n, seed=cfg.run.seed, device=result.device)
+    print(format_report(report))
+    print(f"wrote {Path(report['run']) / EVAL_FILE}")
+    return report

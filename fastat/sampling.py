@@ -13,7 +13,7 @@ per-step coefficients are computed once in float64 on the host and used as Pytho
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Real
 
@@ -94,6 +94,67 @@ def _predict_x0(model, x, t, a_t, s_t, clip_x0):
     return eps, x0
 
 
+def sampling_plan(schedule: NoiseSchedule, sampler: str = "ddim", steps: int = 50, eta: float = 0.0) -> list[tuple]:
+    """Per step, newest timestep first: ``(t, a_t, s_t, c0, c1, sigma, kind)`` as float64-derived floats.
+
+    One step is ``x <- c0 * x0_hat + c1 * (eps if kind == "ddim" else x) + sigma * z``:
+    DDIM (Song et al. 2021, eq. 12) on ``ddim_timesteps(T, steps)`` with ``c0 = sqrt(abar_prev)``,
+    ``c1`` the direction coefficient; DDPM ancestral over all T steps with the posterior mean
+    coefficients and ``sigma = sqrt(beta_tilde_t)`` (0 at ``t = 0``).
+    """
+    tab = schedule.tables("cpu", torch.float64)
+    if sampler == "ddim":
+        ts = ddim_timesteps(schedule.T, steps)
+        if isinstance(eta, bool) or not isinstance(eta, Real) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"DDIM eta must be a number in [0, 1], got {eta!r}")
+        abar = tab["abar"].tolist()
+        plan = []
+        for i, t in enumerate(ts):
+            ab_t, ab_p = abar[t], (abar[ts[i - 1]] if i > 0 else 1.0)
+            sigma = eta * math.sqrt(max((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p), 0.0))
+            c_dir = math.sqrt(max(1 - ab_p - sigma**2, 0.0))
+            plan.append((t, math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(ab_p), c_dir, sigma, "ddim"))
+        return plan[::-1]
+    if sampler == "ddpm":
+        betas, abar = tab["betas"], tab["abar"]
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        c_x0 = (betas * abar_prev.sqrt() / (1 - abar)).tolist()
+        c_xt = ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)).tolist()
+        sd = (betas * (1 - abar_prev) / (1 - abar)).sqrt().tolist()
+        a, s = tab["a"].tolist(), tab["s"].tolist()
+        return [
+            (t, a[t], s[t], c_x0[t], c_xt[t], sd[t] if t > 0 else 0.0, "ddpm")
+            for t in range(schedule.T - 1, -1, -1)
+        ]
+    raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+
+
+def run_plan(
+    model: nn.Module,
+    plan: list[tuple],
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator | None,
+    clip_x0: float | None = None,
+    before_step: Callable[[torch.Tensor, tuple], torch.Tensor] | None = None,
+    progress: bool = False,
+    desc: str = "sample",
+) -> torch.Tensor:
+    """Run a :func:`sampling_plan` from ``x`` (``x_T``) in eval mode. ``before_step(x, step)`` may replace
+    ``x`` before a step (the trajectory attack); it runs outside ``no_grad``."""
+    with _eval_mode(model):
+        for step in _progress(plan, progress, desc):
+            t, a_t, s_t, c0, c1, sigma, kind = step
+            if before_step is not None:
+                x = before_step(x, step)
+            with torch.no_grad():
+                eps, x0 = _predict_x0(model, x, t, a_t, s_t, clip_x0)
+                x = c0 * x0 + c1 * (eps if kind == "ddim" else x)
+                if sigma > 0:
+                    x = x + sigma * _randn(tuple(x.shape), generator, x.device)
+    return x
+
+
 def ddpm_sample(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -113,22 +174,9 @@ def ddpm_sample(
     """
     _check_common(schedule, clip_x0)
     dev = _model_device(model, device)
-    tab = schedule.tables("cpu", torch.float64)
-    betas, abar = tab["betas"], tab["abar"]
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    c_x0 = (betas * abar_prev.sqrt() / (1 - abar)).tolist()
-    c_xt = ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)).tolist()
-    sd = (betas * (1 - abar_prev) / (1 - abar)).sqrt().tolist()
-    a, s = tab["a"].tolist(), tab["s"].tolist()
-
-    with torch.no_grad(), _eval_mode(model):
-        x = _initial_noise(shape_or_noise, generator, dev)
-        for t in _progress(range(schedule.T - 1, -1, -1), progress, "ddpm"):
-            _, x0 = _predict_x0(model, x, t, a[t], s[t], clip_x0)
-            x = c_x0[t] * x0 + c_xt[t] * x
-            if t > 0:
-                x = x + sd[t] * _randn(tuple(x.shape), generator, dev)
-    return x
+    plan = sampling_plan(schedule, "ddpm")
+    x = _initial_noise(shape_or_noise, generator, dev)
+    return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddpm")
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
@@ -160,31 +208,7 @@ def ddim_sample(
     ``beta_tilde`` (same noise draws, so the same samples up to rounding). The last step jumps to ``x0``.
     """
     _check_common(schedule, clip_x0)
-    ts = ddim_timesteps(schedule.T, steps)
-    if isinstance(eta, bool) or not isinstance(eta, Real) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"DDIM eta must be a number in [0, 1], got {eta!r}")
+    plan = sampling_plan(schedule, "ddim", steps, eta)
     dev = _model_device(model, device)
-    abar = schedule.tables("cpu", torch.float64)["abar"].tolist()
-    plan = []  # (t, a_t, s_t, a_prev, direction coefficient, sigma)
-    for i, t in enumerate(ts):
-        ab_t, ab_p = abar[t], (abar[ts[i - 1]] if i > 0 else 1.0)
-        sigma = eta * math.sqrt(max((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p), 0.0))
-        plan.append(
-            (
-                t,
-                math.sqrt(ab_t),
-                math.sqrt(1 - ab_t),
-                math.sqrt(ab_p),
-                math.sqrt(max(1 - ab_p - sigma**2, 0.0)),
-                sigma,
-            )
-        )
-
-    with torch.no_grad(), _eval_mode(model):
-        x = _initial_noise(shape_or_noise, generator, dev)
-        for t, a_t, s_t, a_p, c_dir, sigma in _progress(plan[::-1], progress, "ddim"):
-            eps, x0 = _predict_x0(model, x, t, a_t, s_t, clip_x0)
-            x = a_p * x0 + c_dir * eps
-            if sigma > 0:
-                x = x + sigma * _randn(tuple(x.shape), generator, dev)
-    return x
+    x = _initial_noise(shape_or_noise, generator, dev)
+    return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddim")

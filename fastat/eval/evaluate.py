@@ -71,6 +71,7 @@ def known_metrics(
     eta: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    clip_x0: float | None = None,
     psnr_ts: Sequence[int] | None = None,
     psnr_n: int = 512,
     attack: bool = False,
@@ -103,7 +104,7 @@ def known_metrics(
         sampler=sampler,
         steps=steps,
         eta=eta,
-        clip_x0=None,
+        clip_x0=clip_x0,
         seed=seed,
         device=device,
     )
@@ -143,6 +144,7 @@ def known_metrics(
             sampler=sampler,
             steps=steps,
             eta=eta,
+            clip_x0=clip_x0,
             seed=seed * 1000 + _SEEDS["attack"],
             device=device,
         )
@@ -233,6 +235,7 @@ def evaluate_run(
             model,
             schedule,
             td.known,
+            clip_x0=clip_for(td.kind, True),  # as the run's own sample grids: images clamp x0_hat to [-1, 1]
             train_data=td.data,
             n=n,
             sampler=sampler,

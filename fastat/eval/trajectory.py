@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from fastat.attack import pgd_attack
-from fastat.sampling import _eval_mode, _initial_noise, _model_device, _predict_x0, _randn, ddim_timesteps
+from fastat.sampling import _initial_noise, _model_device, run_plan, sampling_plan
 from fastat.schedule import NoiseSchedule
 
 __all__ = [
@@ -51,38 +51,6 @@ __all__ = [
 ]
 
 PERTURBATIONS = ("none", "random", "pgd")
-
-
-def _plan(schedule: NoiseSchedule, sampler: str, steps: int, eta: float) -> list[tuple]:
-    """Per step, newest timestep first: ``(t, a_t, s_t, c_x0, c_xt_or_eps, sigma, kind)`` as floats.
-
-    DDIM: ``x <- a_prev x0 + c_dir eps (+ sigma z)``; DDPM: ``x <- c_x0 x0 + c_xt x (+ sd z)``. The same
-    float64 coefficients as :mod:`fastat.sampling`, so with no perturbation the samples agree with
-    :func:`fastat.ddim_sample` / :func:`fastat.ddpm_sample`.
-    """
-    tab = schedule.tables("cpu", torch.float64)
-    if sampler == "ddim":
-        ts = ddim_timesteps(schedule.T, steps)
-        abar = tab["abar"].tolist()
-        plan = []
-        for i, t in enumerate(ts):
-            ab_t, ab_p = abar[t], (abar[ts[i - 1]] if i > 0 else 1.0)
-            sigma = eta * math.sqrt(max((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p), 0.0))
-            c_dir = math.sqrt(max(1 - ab_p - sigma**2, 0.0))
-            plan.append((t, math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(ab_p), c_dir, sigma, "ddim"))
-        return plan[::-1]
-    if sampler == "ddpm":
-        betas, abar = tab["betas"], tab["abar"]
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        c_x0 = (betas * abar_prev.sqrt() / (1 - abar)).tolist()
-        c_xt = ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)).tolist()
-        sd = (betas * (1 - abar_prev) / (1 - abar)).sqrt().tolist()
-        a, s = tab["a"].tolist(), tab["s"].tolist()
-        return [
-            (t, a[t], s[t], c_x0[t], c_xt[t], sd[t] if t > 0 else 0.0, "ddpm")
-            for t in range(schedule.T - 1, -1, -1)
-        ]
-    raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
 
 
 def _snap(attack_at: Sequence[int], plan: list[tuple], T: int) -> list[int]:
@@ -174,25 +142,23 @@ def sample_with_perturbation(
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     if target not in TARGETS:
         raise ValueError(f"unknown attack target {target!r}; choose one of {', '.join(TARGETS)}")
-    step = step_size if step_size is not None else 2.5 / pgd_steps
-    plan = _plan(schedule, sampler, steps, eta)
+    step_size_ = step_size if step_size is not None else 2.5 / pgd_steps
+    plan = sampling_plan(schedule, sampler, steps, eta)
     targets = set(_snap(list(attack_at), plan, schedule.T)) if perturbation != "none" else set()
     dev = _model_device(model, device)
     gen = torch.Generator().manual_seed(int(attack_seed))
     changes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with _eval_mode(model):
-        x = _initial_noise(noise, generator, dev)
-        for t, a_t, s_t, c0, c1, sigma, kind in plan:
-            if t in targets:
-                x, j_eps, j_x0 = _perturb(
-                    model, x, t, a_t, s_t, perturbation, radius, pgd_steps, step, target, gen
-                )
-                changes[t] = (j_eps.cpu(), j_x0.cpu())
-            with torch.no_grad():
-                eps, x0 = _predict_x0(model, x, t, a_t, s_t, clip_x0)
-                x = c0 * x0 + c1 * (eps if kind == "ddim" else x)
-                if sigma > 0:
-                    x = x + sigma * _randn(tuple(x.shape), generator, dev)
+
+    def before_step(x: torch.Tensor, step: tuple) -> torch.Tensor:
+        t, a_t, s_t = step[:3]
+        if t not in targets:
+            return x
+        x, j_eps, j_x0 = _perturb(model, x, t, a_t, s_t, perturbation, radius, pgd_steps, step_size_, target, gen)
+        changes[t] = (j_eps.cpu(), j_x0.cpu())
+        return x
+
+    x = _initial_noise(noise, generator, dev)
+    x = run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, before_step=before_step)
     return x, changes
 
 

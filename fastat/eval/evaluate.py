@@ -59,6 +59,16 @@ def _generate(model, schedule, noise, *, sampler, steps, eta, clip_x0, seed, dev
     )
 
 
+def _attack(model, schedule, shape, sampler, steps, eta, clip_x0, seed, device,
+            attack_n, attack_at, attack_radius, attack_steps, attack_target):  # fmt: skip
+    """The trajectory attack from the report's own seeded noise (shared by points and images)."""
+    return trajectory_attack(
+        model, schedule, _seeded_noise(attack_n, shape, seed, "attack"), attack_at=attack_at,
+        radius=attack_radius, pgd_steps=attack_steps, target=attack_target, sampler=sampler, steps=steps,
+        eta=eta, clip_x0=clip_x0, seed=seed * 1000 + _SEEDS["attack"], device=device,
+    )  # fmt: skip
+
+
 def known_metrics(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -133,21 +143,8 @@ def known_metrics(
         if train_data is not None:
             out.update(memorization(x[finite], train_data, reference=fresh2, device=device))
     if attack:
-        res = trajectory_attack(
-            model,
-            schedule,
-            _seeded_noise(attack_n, shape, seed, "attack"),
-            attack_at=attack_at,
-            radius=attack_radius,
-            pgd_steps=attack_steps,
-            target=attack_target,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            clip_x0=clip_x0,
-            seed=seed * 1000 + _SEEDS["attack"],
-            device=device,
-        )
+        res = _attack(model, schedule, shape, sampler, steps, eta, clip_x0, seed, device,
+                      attack_n, attack_at, attack_radius, attack_steps, attack_target)  # fmt: skip
         for name, xs in (("none", res.clean), ("random", res.random), ("pgd", res.attacked)):
             out.update(distance_summary(support_distance(known, xs), f"attack_dist_{name}"))
         out.update({k: v for k, v in res.summary().items()})
@@ -338,21 +335,8 @@ def _image_metrics(
 
         out.update(fid_is(x, ref, extractor))
     if attack:
-        res = trajectory_attack(
-            model,
-            schedule,
-            _seeded_noise(attack_n, shape, seed, "attack"),
-            attack_at=attack_at,
-            radius=attack_radius,
-            pgd_steps=attack_steps,
-            target=attack_target,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            clip_x0=clip_x0,
-            seed=seed * 1000 + _SEEDS["attack"],
-            device=device,
-        )
+        res = _attack(model, schedule, shape, sampler, steps, eta, clip_x0, seed, device,
+                      attack_n, attack_at, attack_radius, attack_steps, attack_target)  # fmt: skip
         out.update(res.summary())
         if extractor is not None:
             from fastat.eval.fid import fid_is

@@ -20,7 +20,7 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log
 
 echo "== tests (CUDA) ==" | tee -a "$OUT/summary.txt"
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_ops.py \
-  tests/test_objective.py 2>&1 | tee "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
+  tests/test_objective.py tests/test_engine.py 2>&1 | tee "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernels ==" | tee -a "$OUT/summary.txt"

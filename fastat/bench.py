@@ -240,8 +240,8 @@ def run_from_args(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
-def main(argv=None, prog: str = "python -m fastat.bench") -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str = "python -m fastat.bench", parser_class=argparse.ArgumentParser) -> int:
+    ap = parser_class(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(argv)
     try:

@@ -133,27 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     s.set_defaults(func=cmd_sample)
 
-    b = sub.add_parser(
-        "bench",
-        help="time naive eager AT, fastat's AT step and its DDPM step (see fastat bench --help)",
-        add_help=False,
-    )
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    # listed for --help; main() hands "fastat bench ..." to fastat.bench's own parser
+    sub.add_parser("bench", help="time naive eager AT, fastat's AT step and its DDPM step (fastat bench --help)")
 
     from fastat.eval.cli import add_eval_parser  # argparse only: no torch at import
 
     add_eval_parser(sub)
     return p
-
-
-# -- bench ---------------------------------------------------------------------------------------------
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fastat.bench import main as bench_main  # its own parser: fastat bench --help
-
-    return bench_main(args.bench_args, prog="fastat bench")
 
 
 # -- train ---------------------------------------------------------------------------------------------
@@ -311,8 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     from fastat.checkpoint import CheckpointError
     from fastat.data import DatasetError
 
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser and options (argparse cannot forward leading options)
+        from fastat.bench import main as bench_main
+
+        try:
+            return bench_main(argv[1:], prog="fastat bench", parser_class=_Parser)
+        except UsageError as e:
+            print(e, file=sys.stderr)
+            return EXIT_USAGE
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except UsageError as e:

@@ -332,3 +332,10 @@ def test_points_png_without_matplotlib_is_a_clear_error(points_run, tmp_path, ca
     code, _, err = run_cli(capsys, "sample", "--run", points_run, "--out", tmp_path / "p.png")
     assert_one_line_error(code, err, "needs matplotlib", ".npy")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_bench_subcommand_has_its_own_options(capsys):
+    code, out, _ = run_cli(capsys, "bench", "--help")
+    assert code == 0 and "--batch-size" in out and "naive" in out
+    code, _, err = run_cli(capsys, "bench", "--model", "huge", "--device", "cpu")
+    assert_one_line_error(code, err, "unknown model preset 'huge'")

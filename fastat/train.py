@@ -88,7 +88,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``eval`` holds the final known-distribution distances (empty for images)."""
+    """What a run produced. ``eval`` holds the final known-distribution distances (empty for images),
+    ``eval_metrics`` the full :func:`fastat.eval.known_metrics` they come from (``fastat eval``'s report)."""
 
     run_dir: Path
     step: int
@@ -99,6 +100,8 @@ class TrainResult:
     interrupted: bool = False
     device: str = "cpu"
     seconds: float = 0.0
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    data_kind: str = ""
 
 
 # -- configuration -> things -------------------------------------------------------------------------
@@ -521,8 +524,9 @@ def training_loop(
         last_ckpt = save(step)
     last_samples = write_grid(step)
     result_eval: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
     if known is not None and eval_n > 0:
-        result_eval = evaluate_known(
+        result_eval, eval_metrics = evaluate_known(
             ema.module,
             schedule,
             known,
@@ -546,6 +550,8 @@ def training_loop(
         result_eval,
         device=str(device),
         seconds=time.perf_counter() - t_start,
+        eval_metrics=eval_metrics,
+        data_kind=data_kind,
     )
 
 
@@ -562,27 +568,23 @@ def evaluate_known(
     clip_x0: float | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Mean exact distance to the clean support of ``n`` samples of ``model`` (seeded noise), beside
-    that of the training data and of its clean copy: the honest metric of the known distributions."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "eval-noise"))
-    noise = torch.randn((n, *known.sample_shape), generator=g)
-    x = generate(
-        model,
-        schedule,
-        noise,
-        sampler=sampler,
-        steps=steps,
-        clip_x0=clip_x0,
-        device=device,
-        generator=torch.Generator(device).manual_seed(derive_seed(seed, "eval-ddpm")),
-    )
-    return {
-        "dist_samples": known.distance_to_support(x).mean().item(),
-        "dist_data": known.distance_to_support(data.cpu()).mean().item(),
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The final evaluation on a known distribution: :func:`fastat.eval.known_metrics` of ``n`` samples
+    (what ``fastat eval --run`` reports, from the same seeded noise), and its summary for metrics.jsonl:
+    the mean exact distance to the clean support of the samples, the training data and its clean copy."""
+    from fastat.eval.evaluate import known_metrics
+
+    t0 = time.perf_counter()
+    m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=sampler, steps=steps, eta=0.0,
+                      seed=seed, device=device, clip_x0=clip_x0)  # fmt: skip
+    summary = {
+        "dist_samples": m["dist_mean"],
+        "dist_data": m["data_dist_mean"],
         "dist_clean": known.distance_to_support(clean.cpu()).mean().item(),
         "n": n,
+        "seconds": time.perf_counter() - t0,
     }
+    return summary, m
 
 
 # -- config -> run -------------------------------------------------------------------------------------

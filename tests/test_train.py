@@ -325,3 +325,20 @@ def test_fast_flag_trains_the_same_function_as_the_eager_step(tmp_path, capsys):
     for k in w_e:
         torch.testing.assert_close(w_f[k], w_e[k], atol=1e-5, rtol=1e-4, msg=k)
     assert "fast: true" in (fast / "config.yaml").read_text()
+
+
+def test_final_report_is_the_loops_evaluation_and_matches_fastat_eval(tmp_path, capsys):
+    """`fastat train` prints its final report from the loop's own evaluation (no second sampling), and it
+    equals what `fastat eval --run` measures on the same checkpoint."""
+    import json
+
+    from fastat.eval import evaluate_run
+
+    run = tmp_path / "rep"
+    assert run_cli(capsys, "train", *POINTS, "--steps", "4", "--sample-every", "0", "--out", run)[0] == 0
+    saved = json.loads((run / "eval.json").read_text())
+    (ev,) = [r for r in read_metrics(run) if r["kind"] == "eval"]
+    assert saved["metrics"]["dist_mean"] == pytest.approx(ev["dist_samples"], rel=1e-6)
+    again = evaluate_run(run, n=16, write=False)
+    assert again["metrics"]["dist_mean"] == pytest.approx(saved["metrics"]["dist_mean"], rel=1e-5)
+    assert again["metrics"]["sw"] == pytest.approx(saved["metrics"]["sw"], rel=1e-5)

@@ -233,13 +233,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def report_after_training(result, cfg) -> dict | None:
     """What ``fastat train`` prints at the end of a run on a built-in (known) set: the report of
     :func:`fastat.eval.evaluate_run` with ``run.eval_n`` samples and the run's sampler; also writes
-    ``RUN/eval.json``. Returns the report (None when the run has no known distribution or eval_n < 2)."""
+    ``RUN/eval.json``. Returns the report (None when the run has no known distribution or eval_n < 2).
+    The training loop has already measured the final EMA weights (``result.eval_metrics``): the report
+    is made from those, not by sampling again."""
     from fastat.data import KNOWN
-    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
+    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report, make_report
 
     if cfg.data.dataset not in KNOWN or cfg.run.eval_n < 2:
         return None
-    report = evaluate_run(result.run_dir, n=cfg.run.eval_n, seed=cfg.run.seed, device=result.device)
+    metrics = getattr(result, "eval_metrics", None)
+    if metrics:
+        r = cfg.run
+        settings = {"n": r.eval_n, "sampler": r.sampler, "steps": r.sample_steps if r.sampler == "ddim" else cfg.objective.T,
+                    "eta": 0.0, "seed": r.seed, "weights": "ema", "device": result.device}  # fmt: skip
+        report = make_report(result.run_dir, result.checkpoint, result.step, cfg.data.dataset, result.data_kind,
+                             cfg, settings, metrics, seconds=result.eval["seconds"])  # fmt: skip
+    else:
+        report = evaluate_run(result.run_dir, n=cfg.run.eval_n, seed=cfg.run.seed, device=result.device)
     print(format_report(report))
     print(f"wrote {Path(report['run']) / EVAL_FILE}")
     return report

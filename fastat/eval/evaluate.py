@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from fastat.eval.metrics import (
 from fastat.eval.trajectory import trajectory_attack
 from fastat.schedule import NoiseSchedule
 
-__all__ = ["EVAL_FILE", "PSNR_TIMESTEPS", "evaluate_run", "format_report", "known_metrics", "load_run"]
+__all__ = ["EVAL_FILE", "PSNR_TIMESTEPS", "evaluate_run", "format_report", "known_metrics", "load_run", "make_report"]
 
 EVAL_FILE = "eval.json"
 PSNR_TIMESTEPS = (10, 50, 100, 250, 500)
@@ -269,21 +270,28 @@ def evaluate_run(
             attack_steps=attack_steps,
             attack_target=attack_target,
         )
+    return make_report(ckpt.run_dir, ckpt.path, ckpt.step, td.name, td.kind, cfg, settings, metrics,
+                       time.perf_counter() - t0, write=write)  # fmt: skip
+
+
+def make_report(run_dir, checkpoint, step, dataset, kind, cfg, settings, metrics, seconds, write=True) -> dict:
+    """The report dict of :func:`evaluate_run` (and of ``fastat train``'s final evaluation); ``write``
+    saves it as ``RUN/eval.json``."""
     report = {
-        "run": str(ckpt.run_dir),
-        "checkpoint": str(ckpt.path),
-        "step": ckpt.step,
-        "dataset": td.name,
-        "kind": td.kind,
+        "run": str(run_dir),
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "dataset": dataset,
+        "kind": kind,
         "objective": {"mode": cfg.objective.mode, "lam": cfg.objective.lam},
         "settings": settings,
         "metrics": metrics,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(seconds, 2),
     }
     if write:
         from fastat.checkpoint import atomic_write_text
 
-        atomic_write_text(ckpt.run_dir / EVAL_FILE, json.dumps(_finite(report), indent=2) + "\n")
+        atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(_finite(report), indent=2) + "\n")
     return report
 
 

@@ -98,14 +98,6 @@ def naive_at_step(model, opt, ema_params, x0, tables, objective: ATObjective, cl
     return loss
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def _objective(setting: BenchSetting, mode: str) -> ATObjective:
     return ATObjective(schedule=NoiseSchedule(), mode=mode, pgd_steps=setting.pgd_steps, budget=Budget())
 
@@ -127,7 +119,9 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print) -> dict:
         raise ValueError(f"unknown precision {setting.precision!r}; choose fp32 or bf16")
     if setting.batch_size < 1 or setting.steps < 1 or setting.warmup < 0:
         raise ValueError("batch size and steps must be >= 1, warmup >= 0")
-    device = _resolve_device(setting.device)
+    from fastat.train import resolve_device  # ConfigError (a ValueError) for an unusable device
+
+    device = resolve_device(setting.device)
     kw = {"image_size": setting.image_size} if setting.image_size else {}
     torch.manual_seed(0)
     model0 = build_model(setting.model, **kw)

@@ -233,8 +233,7 @@ def at_loss_parts(
     lam = _check_coeff("at_loss", "lam", lam, eps_pred, nonneg=True, finite=True)
     if uses_triton(eps_pred):
         return K.ATLossFunction.apply(eps_pred, eps_adv_pred, eps, w, lam, detach_clean)
-    loss = K.at_loss_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean=detach_clean)
-    return loss, K.ddpm_loss_ref(eps_pred.detach(), eps).to(eps_pred.dtype)
+    return K.at_loss_parts_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean=detach_clean)
 
 
 def at_loss(

@@ -10,7 +10,7 @@ Launchers take already-validated arguments; the public, validating, dispatching 
 """
 
 from ._triton import HAS_TRITON
-from .loss import ATLossFunction, at_loss_ref, at_loss_triton, ddpm_loss_ref
+from .loss import ATLossFunction, at_loss_parts_ref, at_loss_ref, at_loss_triton, ddpm_loss_ref
 from .noise import QSampleFunction, noise_inject_ref, noise_inject_triton, q_sample_ref, q_sample_triton
 from .pgd import NORMS, pgd_step_ref, pgd_step_triton
 
@@ -19,6 +19,7 @@ __all__ = [
     "NORMS",
     "ATLossFunction",
     "QSampleFunction",
+    "at_loss_parts_ref",
     "at_loss_ref",
     "at_loss_triton",
     "ddpm_loss_ref",

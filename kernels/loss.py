@@ -86,20 +86,26 @@ def ddpm_loss_ref(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return (d * d).sum() / d.numel()
 
 
-def at_loss_ref(
+def at_loss_parts_ref(
     eps_pred: torch.Tensor,
     eps_adv_pred: torch.Tensor,
     eps: torch.Tensor,
     w: torch.Tensor,
     lam,
     detach_clean: bool = False,
-) -> torch.Tensor:
-    """Reference AT loss in float32 (differentiable by autograd), returned in ``eps_pred``'s dtype."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference ``(loss, ddpm_term)``: the AT loss (differentiable by autograd) and its detached DDPM
+    term, both in ``eps_pred``'s dtype (float32 arithmetic)."""
     dm = ddpm_loss_ref(eps_pred, eps)
     clean = eps_pred.detach() if detach_clean else eps_pred
     r = eps_adv_pred.float() - clean.float() - w.float()
     reg = (per_sample(lam, r) * r * r).sum() / r.numel()
-    return (dm + reg).to(eps_pred.dtype)
+    return (dm + reg).to(eps_pred.dtype), dm.detach().to(eps_pred.dtype)
+
+
+def at_loss_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean: bool = False) -> torch.Tensor:
+    """Reference AT loss in float32 (differentiable by autograd), returned in ``eps_pred``'s dtype."""
+    return at_loss_parts_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean)[0]
 
 
 # --------------------------------------------------------------------------------------------------

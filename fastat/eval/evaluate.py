@@ -108,17 +108,8 @@ def known_metrics(
       and the prediction changes (see :mod:`fastat.eval.trajectory`).
     """
     shape = tuple(known.sample_shape)
-    x = _generate(
-        model,
-        schedule,
-        _seeded_noise(n, shape, seed, "noise"),
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        clip_x0=clip_x0,
-        seed=seed,
-        device=device,
-    )
+    x = _generate(model, schedule, _seeded_noise(n, shape, seed, "noise"), sampler=sampler, steps=steps,
+                  eta=eta, clip_x0=clip_x0, seed=seed, device=device)  # fmt: skip
     out: dict[str, float] = {"n": n}
     out.update(distance_summary(support_distance(known, x), "dist"))
     out["nonfinite"] = int((~torch.isfinite(x.reshape(n, -1))).any(dim=1).sum().item())
@@ -318,17 +309,8 @@ def _image_metrics(
     fid_cache,
 ) -> dict:
     shape = tuple(td.sample_shape)
-    x = _generate(
-        model,
-        schedule,
-        _seeded_noise(n, shape, seed, "noise"),
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        clip_x0=clip_x0,
-        seed=seed,
-        device=device,
-    )
+    x = _generate(model, schedule, _seeded_noise(n, shape, seed, "noise"), sampler=sampler, steps=steps,
+                  eta=eta, clip_x0=clip_x0, seed=seed, device=device)  # fmt: skip
     out: dict = {"n": n}
     held_out = None  # real images have no fresh clean samples; the training set's clean copies are the data
     out.update(memorization(x, td.data, reference=held_out, device=device))

@@ -7,10 +7,16 @@ A run folder holds its checkpoints as one folder per step, plus a pointer to the
                                 state.pt            # optimizer, step, RNG states, data position, config
     RUN/checkpoints/latest                          # "ckpt-002000"
 
-A checkpoint is written into a hidden temporary folder next to its final place, flushed to disk, then
-renamed into place (one atomic ``os.replace``); only then is ``latest`` rewritten (temp file + rename)
-and the oldest folders beyond ``keep`` deleted. A crash at any moment leaves either the old or the new
-checkpoint complete, never a partial one under a ``ckpt-*`` name.
+A checkpoint is written into a hidden temporary folder next to its final place
+(``.tmp-ckpt-002000-<pid>@<host>``), flushed to disk, then renamed into place (one atomic
+``os.replace``); only then is ``latest`` rewritten (temp file + rename) and the oldest folders beyond
+``keep`` pruned: each is first renamed to a trash name (``.trash-...``), then deleted. A crash at any
+moment leaves either the old or the new checkpoint complete, never a partial one under a ``ckpt-*``
+name; leftover temporary and trash folders are ignored by readers and removed by the next save (a
+temporary folder only once the process that was writing it is gone).
+
+Files are written from bytes in memory with plain ``write`` calls, so a full disk or a read-only folder
+raises an ``OSError`` that names the file and the cause (and the previous checkpoint stays intact).
 
 ``state.pt`` holds only tensors and plain Python values (dicts, lists, numbers, strings) and is read
 with ``torch.load(weights_only=True)``; the weights are safetensors. Nothing is unpickled.
@@ -18,17 +24,20 @@ with ``torch.load(weights_only=True)``; the weights are safetensors. Nothing is 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 __all__ = [
@@ -41,6 +50,9 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_weights",
+    "process_ended",
+    "prune_checkpoints",
+    "read_step",
     "save_checkpoint",
 ]
 
@@ -48,7 +60,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MODEL_FILE, EMA_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "state.pt"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX, _TRASH_PREFIX = ".tmp-", ".trash-"
+_OWNER_RE = re.compile(r"-(\d+)(?:@([^/]*))?$")  # "<name>-<pid>@<host>": who wrote a temporary name
 
 
 class CheckpointError(ValueError):
@@ -77,7 +90,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     Readers see the old file or the complete new one; on any error the temporary file is removed.
     """
     path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{_owner()}")
     try:
         write(tmp)
         _fsync_path(tmp)
@@ -90,7 +103,44 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+    return atomic_write(path, lambda p: write_bytes(p, text.encode()))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk; any failure is an ``OSError`` naming ``path``
+    (a failed ``write`` alone would not say which file the full disk hit)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def _owner() -> str:
+    """``<pid>@<host>``: the suffix of this process's temporary names (see :func:`_owner_gone`)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the process that named a temporary folder ``...-<pid>@<host>`` has ended."""
+    m = _OWNER_RE.search(name)
+    return m is not None and process_ended(int(m.group(1)), m.group(2))
+
+
+def process_ended(pid: int, host: str | None = None) -> bool:
+    """Whether process ``pid`` on ``host`` (None: this host) has ended. A process on another host cannot
+    be checked and counts as running; so does this process."""
+    if host not in (None, socket.gethostname()) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. EPERM: it exists
+        return False
+    return False
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -125,26 +175,23 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
-    final, tmp = root / name, root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    final, tmp = root / name, root / f"{_TMP_PREFIX}{name}-{_owner()}"
     shutil.rmtree(tmp, ignore_errors=True)
     meta = {"format": "pt", "step": str(step), **(metadata or {})}
     try:
         tmp.mkdir()
-        save_file(_tensors(model), tmp / MODEL_FILE, metadata=meta)
-        save_file(_tensors(ema), tmp / EMA_FILE, metadata=meta)
-        torch.save(state, tmp / STATE_FILE)
+        write_bytes(tmp / MODEL_FILE, safetensors_bytes(_tensors(model), metadata=meta))
+        write_bytes(tmp / EMA_FILE, safetensors_bytes(_tensors(ema), metadata=meta))
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_bytes(tmp / STATE_FILE, buf.getbuffer())
+        del buf
         for fname, text in (files or {}).items():
-            (tmp / fname).write_text(text)
-        for f in (MODEL_FILE, EMA_FILE, STATE_FILE, *(files or {})):
-            _fsync_path(tmp / f)
+            write_bytes(tmp / fname, text.encode())
         _fsync_path(tmp, directory=True)
         if final.exists():  # re-saving a step (e.g. interrupted right after a periodic save)
-            old = root / f"{_TMP_PREFIX}old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+            _trash(final)
+        os.replace(tmp, final)
         _fsync_path(root, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,16 +211,34 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names) and leftover
-    temporary folders of crashed writers. Returns what was deleted."""
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names), leftover trash,
+    and the temporary folders of writers that have ended (never one another process is still writing).
+    Each checkpoint is renamed to a trash name before it is deleted, so a crash half-way through leaves
+    no partial folder under a ``ckpt-*`` name. Returns the checkpoints deleted."""
     root = Path(root)
     ckpts = list_checkpoints(root)
     latest = _read_latest(root)
     doomed = [p for p in ckpts[: max(len(ckpts) - max(keep, 1), 0)] if p.name != latest]
-    doomed += [p for p in root.iterdir() if p.name.startswith(_TMP_PREFIX) and p.is_dir()]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        _trash(p)
+    for p in root.iterdir():
+        mine = p.name.endswith(f"-{_owner()}")
+        if (p.name.startswith(_TRASH_PREFIX) and (mine or _owner_gone(p.name))) or (
+            p.name.startswith(_TMP_PREFIX) and _owner_gone(p.name)
+        ):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     return doomed
+
+
+def _trash(path: Path) -> None:
+    """Delete a folder by first renaming it (atomic) to a name no reader looks at."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{_owner()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- finding and reading -----------------------------------------------------------------------------
@@ -211,6 +276,16 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             f"{p} {what} (expected a run folder with {CHECKPOINTS}/ckpt-*/ or a ckpt-* folder)"
         )
     return found
+
+
+def read_step(ckpt: str | os.PathLike) -> int:
+    """The step of a checkpoint folder, from its EMA weights' header (cheap: reads no tensor)."""
+    f = Path(ckpt) / EMA_FILE
+    try:
+        with safe_open(f, "pt") as h:
+            return int((h.metadata() or {})["step"])
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot read the step of checkpoint {ckpt}: {e}") from None
 
 
 @dataclass

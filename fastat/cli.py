@@ -168,11 +168,13 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastat.run_folder import RunFolder
     from fastat.train import TrainingInterrupted, resolve_config, resolve_device, resolve_precision, train
 
     cfg, ckpt = resolve_config(train_overrides(args), args.resume)
     if args.dry_run:
         device = resolve_device(cfg.run.device)
+        RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take this run
         print(cfg.to_yaml(), end="")
         what = f"resume from {ckpt}" if ckpt is not None else f"start {cfg.run.out}"
         print(

@@ -1,29 +1,33 @@
-"""The training loop: one function with a flat signature, and the small step it repeats.
+"""Training: the config turned into a run, and the loop that steps it.
 
     cfg, ckpt = resolve_config(overrides, resume="auto")   # layering, resume, model "auto", run folder
     result = train(cfg, resume=ckpt)                       # builds data/model/objective, runs the loop
 
-Each step (:func:`train_step`, run by :class:`fastat.engine.StepEngine`): next batch (an index on the
-device) -> ``ATObjective`` under autocast (noise, attack, loss) -> backward -> clip -> AdamW -> EMA;
-with ``run.fast`` (the default on CUDA) the model is compiled and, on CUDA, the step is a CUDA graph. Statistics stay on the device and are read
-once per ``log_every`` steps; no ``.item()`` in the step. All randomness comes from seeded generators
-(the objective's own ``torch.Generator`` on the device, the loader's generators, the global generator
-for initialisation and dropout), and all of their states go into every checkpoint, so a resumed run
-continues exactly (bit for bit on the CPU).
+:func:`train` opens the run folder (:class:`fastat.run_folder.RunFolder`: lock, checks), builds the
+data, the :class:`TrainState` (model, step engine, batches, generator) and restores it from the
+checkpoint, writes the config, and hands over to :func:`training_loop`, which reads top to bottom::
 
-Run folder::
+    while step < steps:
+        x0 = batches.next_batch()                    # a batch on the device
+        stats = train_step(engine, x0, lr=...)       # device statistics, no host sync
+        interval.add(stats)                          # device sums
+        if log step:    run.log(interval.pop())      # the interval's one host sync
+        if sample step: write_grid(...)
+        if save step:   save(run, state, step)
 
-    RUN/config.yaml           resolved config
-    RUN/metrics.jsonl         one JSON record per log interval (and the final evaluation)
-    RUN/samples/step-*.png    EMA sample grids (points: .npy + scatter .png)
-    RUN/checkpoints/...       see fastat.checkpoint
+Each step (:func:`train_step`, run by :class:`fastat.engine.StepEngine`): ``ATObjective`` under
+autocast (noise, attack, loss) -> backward -> clip -> AdamW -> EMA; with ``run.fast`` (the default on
+CUDA) the model is compiled and, on CUDA, the step is a CUDA graph. All randomness comes from seeded
+generators (the objective's own ``torch.Generator`` on the device, the loader's generators, the global
+generator for initialisation and dropout), and all of their states go into every checkpoint, so a
+resumed run continues exactly (bit for bit on the CPU). What a run folder holds: see
+:mod:`fastat.run_folder` and :mod:`fastat.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -40,26 +44,26 @@ from fastat import __version__
 from fastat.checkpoint import (
     Checkpoint,
     CheckpointError,
-    atomic_write_text,
-    checkpoint_root,
     find_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
-    save_checkpoint,
 )
 from fastat.config import ConfigError, TrainConfig, _plain
 from fastat.data import DATASETS, KNOWN, DatasetError, TensorLoader, TrainingData, build_dataset, derive_seed
 from fastat.engine import StepEngine
-from fastat.metrics import MetricsLog, StatsAccumulator
+from fastat.metrics import StatsAccumulator
 from fastat.models import build_model
-from fastat.objective import ATObjective
+from fastat.run_folder import CONFIG_FILE, RunFolder
 from fastat.samples import generate, write_samples
 
 __all__ = [
     "TrainResult",
+    "TrainState",
     "TrainingError",
     "TrainingInterrupted",
+    "build_batches",
+    "build_state",
     "build_training_data",
     "model_spec",
     "resolve_config",
@@ -68,9 +72,6 @@ __all__ = [
     "train_step",
     "training_loop",
 ]
-
-CONFIG_FILE = "config.yaml"
-SAMPLES_DIR = "samples"
 
 
 class TrainingError(RuntimeError):
@@ -233,24 +234,6 @@ def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainCon
     return finalize(cfg), ckpt
 
 
-def prepare_run_dir(out: str, *, resuming: bool) -> Path:
-    """Create the run folder and check that it is writable; refuse to start over an existing run."""
-    run_dir = Path(out).expanduser()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {e.strerror or e}") from None
-    if not resuming and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(
-            f"the run folder {run_dir} already holds checkpoints; continue it with --resume auto "
-            f"or choose another --out"
-        )
-    return run_dir
-
-
 def build_training_data(cfg: TrainConfig) -> TrainingData:
     d = cfg.data
     td = build_dataset(
@@ -280,7 +263,7 @@ def clip_for(kind: str, known: bool) -> float | None:
     return 1.0 if kind == "image" else None
 
 
-# -- the step ------------------------------------------------------------------------------------------
+# -- the state a run steps and saves ------------------------------------------------------------------
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -291,6 +274,89 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
 def train_step(engine: StepEngine, x0: torch.Tensor, *, lr: float) -> dict[str, torch.Tensor]:
     """One optimisation step (see :class:`fastat.engine.StepEngine`); detached device statistics."""
     return engine.step(x0, lr)
+
+
+@dataclass
+class TrainState:
+    """What the loop steps and every checkpoint holds: the model, its step engine (optimizer, EMA), the
+    batch source, the objective's generator, and plain values saved alongside (config, model, data)."""
+
+    model: nn.Module
+    engine: StepEngine
+    batches: TensorLoader
+    generator: torch.Generator
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ema(self) -> nn.Module:
+        """The EMA weights (what sampling uses)."""
+        return self.engine.ema.module
+
+    def state_dict(self, step: int) -> dict:
+        """Everything but the weights, for ``state.pt`` (tensors and plain values only)."""
+        cuda = self.device.type == "cuda"
+        return {
+            "step": step,
+            "optimizer": self.engine.optimizer.state_dict(),
+            "ema": self.engine.ema.state_dict(),
+            "loader": self.batches.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+                "objective": self.generator.get_state(),
+            },
+            "fastat_version": __version__,
+            **self.extra,
+        }
+
+    def restore(self, ckpt: Checkpoint) -> int:
+        """Load a checkpoint's weights and state (CheckpointError if they do not fit); returns its step."""
+        load_weights(self.model, ckpt.model, f"{ckpt.path}/model.safetensors")
+        load_weights(self.ema, ckpt.ema, f"{ckpt.path}/ema.safetensors")
+        st = ckpt.state
+        try:
+            self.engine.load_optimizer_state(st["optimizer"])
+            self.batches.load_state_dict(st["loader"])
+            self.engine.ema.load_state_dict(st["ema"])
+            torch.set_rng_state(st["rng"]["torch"])
+            if self.device.type == "cuda" and st["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+            self.generator.set_state(st["rng"]["objective"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
+        return ckpt.step
+
+
+def build_batches(cfg: TrainConfig, td: TrainingData, device: torch.device) -> TensorLoader:
+    """The loop's batch source: ``next_batch()`` on the device, ``state_dict()`` for exact resume."""
+    flip = cfg.data.flip if cfg.data.flip is not None else (td.kind == "image" and td.known is None)
+    return TensorLoader(td.data, cfg.run.batch_size, generator_seed=cfg.run.seed, device=device, flip=flip)
+
+
+def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra: dict) -> TrainState:
+    """The model (initialised from ``run.seed``), its engine, the batches and the objective's generator."""
+    r, op = cfg.run, cfg.optim
+    spec = extra["model"]
+    torch.manual_seed(r.seed)  # model initialisation and dropout
+    try:
+        model = build_model(spec["name"], **spec["kwargs"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
+    model = model.to(device)
+    batches = build_batches(cfg, td, device)
+    generator = torch.Generator(device=device).manual_seed(derive_seed(r.seed, "objective"))
+    engine = StepEngine(
+        model, cfg.build_objective(), generator=generator, lr=op.lr, betas=tuple(op.betas), eps=op.eps,
+        weight_decay=op.weight_decay, clip=op.clip, ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup,
+        precision=resolve_precision(r.precision, device),
+        fast=device.type == "cuda" if r.fast is None else r.fast,
+        log=lambda msg: tqdm.write(msg, file=sys.stderr),
+    )  # fmt: skip
+    return TrainState(model, engine, batches, generator, device, extra)
+
+
+# -- what the loop does between steps ------------------------------------------------------------------
 
 
 class _StopFlag:
@@ -321,238 +387,146 @@ def _sigint(flag: _StopFlag):
         signal.signal(signal.SIGINT, old)
 
 
+class Interval:
+    """Statistics of one log interval: device sums (no host sync), read once by :meth:`pop`."""
+
+    def __init__(self, step: int, batch_size: int) -> None:
+        self.acc, self.batch_size = StatsAccumulator(), batch_size
+        self.t0, self.step0 = time.perf_counter(), step
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.acc.add(stats)
+
+    def pop(self, step: int, **extra: float) -> dict[str, float]:
+        """Means since the last pop (the one host sync of the interval), throughput, and ``extra``."""
+        means = self.acc.pop_means()
+        now = time.perf_counter()
+        dt, n = max(now - self.t0, 1e-9), max(step - self.step0, 1)
+        means.update(extra, img_per_s=n * self.batch_size / dt, sec_per_step=dt / n)
+        self.t0, self.step0 = now, step
+        return means
+
+
+def due(step: int, every: int, steps: int) -> bool:
+    """A periodic action (sample, save) at ``step``: every ``every`` steps (0: never), not at the end
+    (the end has its own)."""
+    return every > 0 and step % every == 0 and step < steps
+
+
+def save(run: RunFolder, state: TrainState, step: int) -> Path:
+    """Checkpoint ``step`` into the run folder."""
+    return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step),
+                    metadata={"fastat_version": __version__})  # fmt: skip
+
+
+def write_grid(
+    run: RunFolder, state: TrainState, cfg: TrainConfig, td: TrainingData, step: int
+) -> Path | None:
+    """EMA samples from the run's fixed noise batch: ``samples/step-N.png`` (points: ``.npy`` and, for
+    2-D/3-D points with matplotlib, a scatter ``.png``)."""
+    if not run.writer:
+        return None
+    r = cfg.run
+    noise_gen = torch.Generator().manual_seed(derive_seed(r.seed, "sample-noise"))
+    noise = torch.randn((r.sample_n, *td.sample_shape), generator=noise_gen)
+    ddpm_gen = torch.Generator(state.device).manual_seed(derive_seed(r.seed, "sample-ddpm"))
+    x = generate(state.ema, state.engine.objective.schedule, noise, sampler=r.sampler, steps=r.sample_steps,
+                 clip_x0=clip_for(td.kind, td.known is not None), device=state.device,
+                 generator=ddpm_gen)  # fmt: skip
+    if td.kind == "image":
+        return write_samples(x, run.samples_file(step, ".png"), td.kind)
+    npy = write_samples(x, run.samples_file(step, ".npy"), td.kind)
+    if x.shape[1] not in (2, 3):
+        return npy
+    png = write_samples(x, run.samples_file(step, ".png"), td.kind, reference=td.data[: 4 * r.sample_n])
+    return png or npy
+
+
+def progress_bar(cfg: TrainConfig, start: int, enabled: bool) -> tqdm:
+    return tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", disable=not enabled,
+                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+
+
 # -- the loop ------------------------------------------------------------------------------------------
 
 
 def training_loop(
-    run_dir: Path,  # run folder (exists, writable): checkpoints/, samples/, metrics.jsonl
+    run: RunFolder,  # the run folder, started (config written, metrics open)
+    state: TrainState,  # model, engine (optimizer, EMA), batches, generator: restored when resuming
+    cfg: TrainConfig,  # steps, intervals, learning rate, sampling settings
+    td: TrainingData,  # the training set (sample shape, kind, final evaluation)
     *,
-    # data
-    data: torch.Tensor,  # training set (N, ...) float32, as corrupted; moved to `device` whole
-    clean: torch.Tensor,  # its clean copy (evaluation only)
-    data_kind: str,  # "image" (N, C, H, W) in [-1, 1] | "points" (N, D)
-    known,  # KnownDistribution with exact distance_to_support, or None for real images
-    flip: bool,  # random horizontal flips of the batches
-    # network and loss
-    model: nn.Module,  # eps-model forward(x, t), initialised, on `device`
-    objective: ATObjective,  # noise sampling, attack and loss (SPEC section 1)
-    # optimisation
-    steps: int,  # total steps; a resumed run continues up to this
-    batch_size: int,
-    lr: float,  # AdamW learning rate after warmup
-    warmup: int,  # linear warmup steps
-    clip: float,  # gradient-norm clipping (0: off)
-    weight_decay: float,
-    betas: tuple[float, float],
-    adam_eps: float,
-    ema_decay: float,  # EMA decay (with the (1 + n) / (10 + n) warmup if ema_warmup)
-    ema_warmup: bool,
-    # run
-    seed: int,  # loss noise and batch order (init and dropout: the caller's torch.manual_seed)
-    device: torch.device,
-    precision: str,  # "fp32" | "bf16" (autocast)
-    fast: bool | None,  # compiled step (+ CUDA graph on CUDA); None: on for CUDA, off on the CPU
-    log_every: int,  # statistics interval
-    save_every: int,  # checkpoint interval (0: only at the end)
-    sample_every: int,  # sample interval (0: only at the end)
-    keep: int,  # checkpoints kept
-    sample_n: int,  # fixed noise batch for the sample grids
-    sampler: str,  # "ddim" | "ddpm"
-    sample_steps: int,  # DDIM steps
-    clip_x0: float | None,  # clamp of predicted x0 while sampling
-    eval_n: int,  # known distributions: samples for the final distance to the clean support
-    resume: Checkpoint | None = None,  # continue from this checkpoint
-    state_extra: dict | None = None,  # plain values saved in every checkpoint (config, model spec, data)
-    config_yaml: str = "",  # written beside each checkpoint
+    start: int = 0,  # the step the state is at
     progress: bool = True,  # tqdm progress bar
-    tensorboard: bool = True,  # also log to TensorBoard when installed
 ) -> TrainResult:
+    """Train from ``start`` to ``cfg.run.steps``: log, sample and save on their intervals, save and
+    evaluate at the end. Ctrl-C finishes the step, saves, and raises :class:`TrainingInterrupted`."""
     t_start = time.perf_counter()
-    schedule = objective.schedule
-    sample_shape = tuple(data.shape[1:])
-    ckpt_root = checkpoint_root(run_dir)
-    samples_dir = run_dir / SAMPLES_DIR
-
-    loader = TensorLoader(data, batch_size, generator_seed=seed, device=device, flip=flip)
-    generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "objective"))
-    engine = StepEngine(
-        model, objective, generator=generator, lr=lr, betas=tuple(betas), eps=adam_eps,
-        weight_decay=weight_decay, clip=clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
-        precision=precision, fast=device.type == "cuda" if fast is None else fast,
-        log=lambda msg: tqdm.write(msg, file=sys.stderr),
-    )  # fmt: skip
-    optimizer, ema = engine.optimizer, engine.ema
-    sample_noise = torch.randn(
-        (sample_n, *sample_shape), generator=torch.Generator().manual_seed(derive_seed(seed, "sample-noise"))
-    )
-
-    start = 0
-    if resume is not None:
-        load_weights(model, resume.model, f"{resume.path}/model.safetensors")
-        load_weights(ema.module, resume.ema, f"{resume.path}/ema.safetensors")
-        st = resume.state
-        try:
-            engine.load_optimizer_state(st["optimizer"])
-            loader.load_state_dict(st["loader"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {resume.path} does not fit this run: {e}") from None
-        ema.load_state_dict(st["ema"])
-        torch.set_rng_state(st["rng"]["torch"])
-        if device.type == "cuda" and st["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-        generator.set_state(st["rng"]["objective"])
-        start = resume.step
-
-    def state(step: int) -> dict:
-        return {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict(),
-            "loader": loader.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                "objective": generator.get_state(),
-            },
-            "fastat_version": __version__,
-            **(state_extra or {}),
-        }
-
-    def save(step: int) -> Path:
-        return save_checkpoint(
-            ckpt_root,
-            step,
-            model=model,
-            ema=ema.module,
-            state=state(step),
-            keep=keep,
-            metadata={"fastat_version": __version__},
-            files={CONFIG_FILE: config_yaml} if config_yaml else None,
-        )
-
-    def write_grid(step: int) -> Path | None:
-        x = generate(
-            ema.module,
-            schedule,
-            sample_noise,
-            sampler=sampler,
-            steps=sample_steps,
-            clip_x0=clip_x0,
-            device=device,
-            generator=torch.Generator(device).manual_seed(derive_seed(seed, "sample-ddpm")),
-        )
-        samples_dir.mkdir(exist_ok=True)
-        if data_kind == "image":
-            return write_samples(x, samples_dir / f"step-{step:06d}.png", data_kind)
-        npy = write_samples(x, samples_dir / f"step-{step:06d}.npy", data_kind)
-        if x.shape[1] not in (2, 3):
-            return npy
-        png = write_samples(
-            x, samples_dir / f"step-{step:06d}.png", data_kind, reference=data[: 4 * sample_n]
-        )
-        return png or npy
-
-    log = MetricsLog(run_dir, tensorboard=tensorboard, resume_step=start if resume is not None else None)
-    acc = StatsAccumulator()
-    stop = _StopFlag()
-    step, in_step, interrupted = start, False, False
-    last_ckpt: Path | None = resume.path if resume is not None else None
-    last_samples: Path | None = None
-    bar = tqdm(
-        total=steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    t_log, step_log = time.perf_counter(), start
-    model.train()
+    r, op = cfg.run, cfg.optim
+    interval, stop, bar = Interval(start, r.batch_size), _StopFlag(), progress_bar(cfg, start, progress)
+    step, in_step = start, False
+    state.model.train()
     try:
         with _sigint(stop):
-            while step < steps:
+            while step < r.steps:
                 in_step = True
-                x0 = loader.next_batch()
-                stats = train_step(engine, x0, lr=lr_at(step, lr, warmup))
-                acc.add(stats)
-                step += 1
-                in_step = False
+                x0 = state.batches.next_batch()
+                stats = train_step(state.engine, x0, lr=lr_at(step, op.lr, op.warmup))
+                step, in_step = step + 1, False
+                interval.add(stats)
                 bar.update(1)
-                if step % log_every == 0 or step == steps:
-                    means = acc.pop_means()  # the one host sync of the interval
-                    now = time.perf_counter()
-                    dt = max(now - t_log, 1e-9)
-                    means.update(
-                        lr=lr_at(step - 1, lr, warmup),
-                        epoch=loader.epoch,
-                        img_per_s=(step - step_log) * batch_size / dt,
-                        sec_per_step=dt / (step - step_log),
-                    )
-                    t_log, step_log = now, step
-                    log.write(step, means)
-                    bar.set_postfix(
-                        loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False
-                    )
-                    if not math.isfinite(means["loss"]):
-                        raise TrainingError(
-                            f"the loss is {means['loss']} at step {step}; lower --lr or check the data "
-                            f"(last checkpoint: {last_ckpt or 'none'})"
-                        )
+                if step % r.log_every == 0 or step == r.steps:
+                    log_interval(run, interval, bar, state, cfg, step)
                 if stop.requested:
-                    interrupted = True
                     break
-                if sample_every and step % sample_every == 0 and step < steps:
-                    last_samples = write_grid(step)
-                if save_every and step % save_every == 0 and step < steps:
-                    last_ckpt = save(step)
-    except KeyboardInterrupt:
-        interrupted = True
+                if due(step, r.sample_every, r.steps):
+                    write_grid(run, state, cfg, td, step)
+                if due(step, r.save_every, r.steps):
+                    save(run, state, step)
+    except KeyboardInterrupt:  # the second Ctrl-C
         if in_step:  # the step was cut in half: its state is not consistent, keep the last checkpoint
-            bar.close()
-            log.close()
-            raise TrainingInterrupted(step, last_ckpt, saved=False) from None
+            raise TrainingInterrupted(step, run.last_checkpoint, saved=False) from None
+        stop.requested = True
     finally:
         bar.close()
 
-    if interrupted:
-        ckpt = save(step) if step > start or last_ckpt is None else last_ckpt
-        log.close()
+    if stop.requested:
+        ckpt = run.last_checkpoint if run.holds(step) else save(run, state, step)
         raise TrainingInterrupted(step, ckpt, saved=True)
+    if not run.holds(step):
+        save(run, state, step)
+    samples = write_grid(run, state, cfg, td, step)
+    summary, eval_metrics = final_evaluation(state, cfg, td)
+    if summary:
+        run.log(step, summary, kind="eval")
+    return TrainResult(run.path, step, run.last_checkpoint, samples, run.metrics_path, summary,
+                       device=str(state.device), seconds=time.perf_counter() - t_start,
+                       eval_metrics=eval_metrics, data_kind=td.kind)  # fmt: skip
 
-    if last_ckpt is None or step > start or last_ckpt.name != f"ckpt-{step:06d}":
-        last_ckpt = save(step)
-    last_samples = write_grid(step)
-    result_eval: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    if known is not None and eval_n > 0:
-        result_eval, eval_metrics = evaluate_known(
-            ema.module,
-            schedule,
-            known,
-            data,
-            clean,
-            n=eval_n,
-            sampler=sampler,
-            steps=sample_steps,
-            clip_x0=clip_x0,
-            seed=seed,
-            device=device,
+
+def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainState, cfg: TrainConfig,
+                 step: int) -> None:  # fmt: skip
+    """Read the interval's statistics (its one host sync), write them, and stop (TrainingError) when the
+    loss is not finite."""
+    op = cfg.optim
+    means = interval.pop(step, lr=lr_at(step - 1, op.lr, op.warmup), epoch=state.batches.epoch)
+    run.log(step, means)
+    bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
+    if not math.isfinite(means["loss"]):
+        raise TrainingError(
+            f"the loss is {means['loss']} at step {step}; lower --lr or check the data "
+            f"(last checkpoint: {run.last_checkpoint or 'none'})"
         )
-        log.write(step, result_eval, kind="eval")
-    log.close()
-    return TrainResult(
-        run_dir,
-        step,
-        last_ckpt,
-        last_samples,
-        log.path,
-        result_eval,
-        device=str(device),
-        seconds=time.perf_counter() - t_start,
-        eval_metrics=eval_metrics,
-        data_kind=data_kind,
-    )
+
+
+def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData) -> tuple[dict, dict]:
+    """Known distributions: :func:`evaluate_known` of the EMA model; ``({}, {})`` for real images."""
+    r = cfg.run
+    if td.known is None or r.eval_n <= 0:
+        return {}, {}
+    return evaluate_known(state.ema, state.engine.objective.schedule, td.known, td.data, td.clean, n=r.eval_n,
+                          sampler=r.sampler, steps=r.sample_steps, clip_x0=clip_for(td.kind, True),
+                          seed=r.seed, device=state.device)  # fmt: skip
 
 
 def evaluate_known(
@@ -593,18 +567,31 @@ def evaluate_known(
 def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress: bool = True) -> TrainResult:
     """Build everything ``cfg`` describes and run :func:`training_loop` (from ``resume`` if given).
 
-    ``cfg`` should come from :func:`resolve_config` (or :func:`finalize`); it is written to
-    ``RUN/config.yaml``. Raises ConfigError / DatasetError / CheckpointError on bad input,
-    :class:`TrainingInterrupted` on Ctrl-C (after saving).
+    ``cfg`` should come from :func:`resolve_config` (or :func:`finalize`). The run folder is locked
+    for the whole run, and nothing in it changes before every check has passed (folder ownership, data,
+    model, checkpoint contents); then ``RUN/config.yaml`` is written. Raises ConfigError / DatasetError /
+    CheckpointError on bad input, :class:`TrainingInterrupted` on Ctrl-C (after saving).
     """
     cfg = finalize(cfg)
     device = resolve_device(cfg.run.device)
-    precision = resolve_precision(cfg.run.precision, device)
     ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
-    run_dir = prepare_run_dir(cfg.run.out, resuming=ckpt is not None)
-    td = build_training_data(cfg)
-    spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
-    data_info = {
+    r = cfg.run
+    with RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps, keep=r.keep,
+                        tensorboard=r.tensorboard) as run:  # fmt: skip
+        td = build_training_data(cfg)
+        spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+        info = data_info(td)
+        if ckpt is not None:
+            _check_compatible(ckpt, spec, info)
+        state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info})
+        start = state.restore(ckpt) if ckpt is not None else 0
+        run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
+        return training_loop(run, state, cfg, td, start=start, progress=progress)
+
+
+def data_info(td: TrainingData) -> dict:
+    """What a checkpoint records about its training data (``fastat sample``/``eval`` read it)."""
+    return {
         "name": td.name,
         "kind": td.kind,
         "sample_shape": list(td.sample_shape),
@@ -613,57 +600,6 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         "clip_x0": clip_for(td.kind, td.known is not None),
         "source": td.source,
     }
-    if ckpt is not None:
-        _check_compatible(ckpt, spec, data_info)
-
-    torch.manual_seed(cfg.run.seed)  # model initialisation and dropout
-    try:
-        model = build_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
-    model = model.to(device)
-    flip = cfg.data.flip if cfg.data.flip is not None else (td.kind == "image" and td.known is None)
-    config_yaml = cfg.to_yaml()
-    atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
-    r, op = cfg.run, cfg.optim
-    return training_loop(
-        run_dir,
-        data=td.data,
-        clean=td.clean,
-        data_kind=td.kind,
-        known=td.known,
-        flip=flip,
-        model=model,
-        objective=cfg.build_objective(),
-        steps=r.steps,
-        batch_size=r.batch_size,
-        lr=op.lr,
-        warmup=op.warmup,
-        clip=op.clip,
-        weight_decay=op.weight_decay,
-        betas=op.betas,
-        adam_eps=op.eps,
-        ema_decay=cfg.ema.decay,
-        ema_warmup=cfg.ema.warmup,
-        seed=r.seed,
-        device=device,
-        precision=precision,
-        fast=r.fast,
-        log_every=r.log_every,
-        save_every=r.save_every,
-        sample_every=r.sample_every,
-        keep=r.keep,
-        sample_n=r.sample_n,
-        sampler=r.sampler,
-        sample_steps=r.sample_steps,
-        clip_x0=data_info["clip_x0"],
-        eval_n=r.eval_n,
-        resume=ckpt,
-        state_extra={"config": cfg.to_dict(), "model": spec, "data": data_info},
-        config_yaml=config_yaml,
-        progress=progress,
-        tensorboard=r.tensorboard,
-    )
 
 
 def _check_compatible(ckpt: Checkpoint, spec: dict, data_info: dict) -> None:

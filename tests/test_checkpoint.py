@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -26,6 +30,13 @@ def net(seed: int = 0, hidden: int = 5) -> nn.Module:
 
 def save(root, step, model, keep=3, **state):
     return save_checkpoint(root, step, model=model, ema=model, state={"step": step, **state}, keep=keep)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def leftovers(root):
@@ -71,14 +82,18 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     save(root, 10, model)
     before = sorted(p.name for p in root.iterdir())
 
-    def broken_save(obj, f, *a, **k):  # writes half a file, then the disk "fails"
-        with open(f, "wb") as fh:
-            fh.write(b"\x80\x02partial")
-        raise OSError(28, "No space left on device")
+    real = ck.write_bytes
 
-    monkeypatch.setattr(ck.torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space"):
+    def broken_write(path, data):  # state.pt: half a file, then the disk "fails"
+        if path.name == "state.pt":
+            real(path, bytes(data)[: len(data) // 2])
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ck, "write_bytes", broken_write)
+    with pytest.raises(OSError, match="No space") as err:
         save(root, 20, model)
+    assert err.value.filename.endswith("state.pt")
     assert sorted(p.name for p in root.iterdir()) == before  # no ckpt-000020, no temp folder
     assert latest_checkpoint(tmp_path).name == "ckpt-000010"
     assert load_checkpoint(tmp_path).step == 10
@@ -101,7 +116,7 @@ def test_failed_atomic_text_write_keeps_old_content(tmp_path):
 def test_stale_temp_folder_of_a_crashed_writer_is_ignored_and_cleaned(tmp_path):
     root, model = tmp_path / "checkpoints", net()
     save(root, 10, model)
-    crashed = root / ".tmp-ckpt-000020-99999"
+    crashed = root / f".tmp-ckpt-000020-{dead_pid()}@{socket.gethostname()}"
     crashed.mkdir()
     (crashed / "model.safetensors").write_bytes(b"garbage")
     assert latest_checkpoint(tmp_path).name == "ckpt-000010"

@@ -79,3 +79,12 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert lines[0].startswith("fastat"), lines[0]
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> content): compare before and after to show that a
+    refused command changed nothing."""
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,360 @@
+"""A run folder, owned by one trainer: its lock, the checks before anything is written, and what the
+run writes there (config, checkpoints, metrics, sample grids).
+
+    RunFolder.check("runs/exp", resume=ckpt, steps=2000)   # read-only: what --dry-run checks
+    with RunFolder.open("runs/exp", resume=ckpt, steps=2000) as run:   # checks, then takes the lock
+        ...                                                 # build data and model, restore the state
+        run.start(cfg.to_yaml(), step=start)                # the first write: config.yaml, metrics
+        run.save(step, model=model, ema=ema, state=state)   # atomic checkpoint, pruned to run.keep
+        run.log(step, {"loss": 0.1})
+        run.write_samples(step, x, "image")
+    # the lock is released on any exit; a folder created by a start that failed is removed again
+
+Rules (a folder belongs to one run):
+
+- one trainer at a time: ``RUN/.lock`` is held (``flock``) for the trainer's life; a second trainer
+  exits at once naming the holder. The kernel drops the lock when its process dies however it dies, so
+  a lock file left by a killed trainer is stale and taken over. On filesystems without ``flock`` the
+  pid in the file is checked instead (a dead process on this host: stale).
+- a fresh run refuses a folder that holds checkpoints (``--resume auto`` continues it);
+- a resume continues its own run's newest checkpoint, or branches a checkpoint into a folder that holds
+  no checkpoints; anything else (another run's folder, an older checkpoint of this one, whose newer
+  checkpoints would be overwritten) is refused, and so is ``--steps`` below the checkpoint's step;
+- nothing in the folder changes until :meth:`RunFolder.start`, which the trainer calls once every other
+  check (data, model, checkpoint contents) has passed.
+
+``writer=False`` makes a RunFolder that checks nothing and writes nothing (the seam for ranks other
+than 0 of a distributed run: one run folder, one writer).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from torch import nn
+
+from fastat.checkpoint import (
+    CHECKPOINTS,
+    atomic_write_text,
+    checkpoint_root,
+    latest_checkpoint,
+    list_checkpoints,
+    process_ended,
+    read_step,
+    save_checkpoint,
+)
+from fastat.config import ConfigError
+from fastat.metrics import METRICS_FILE, MetricsLog
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system: the pid check alone
+    fcntl = None
+
+__all__ = ["CONFIG_FILE", "LOCK_FILE", "SAMPLES_DIR", "RunFolder", "RunFolderBusy"]
+
+CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+SAMPLES_DIR = "samples"
+
+
+class RunFolderBusy(ConfigError):
+    """Another live trainer holds the run folder's lock."""
+
+
+class RunFolder:
+    """The run folder ``path`` while a trainer uses it. Build it with :meth:`open`."""
+
+    def __init__(
+        self, path: str | os.PathLike, *, keep: int = 3, writer: bool = True, tensorboard: bool = True
+    ) -> None:
+        self.path = Path(path).expanduser()
+        self.keep, self.writer, self.tensorboard = keep, writer, tensorboard
+        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (written or resumed)
+        self.config_yaml = ""
+        self._lock: _Lock | None = None
+        self._log: MetricsLog | None = None
+        self._created: list[Path] = []  # folders made by open(), removed again if start() never came
+        self._started = False
+
+    # -- opening ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def check(path: str | os.PathLike, *, resume: Path | None = None, steps: int | None = None) -> Path:
+        """Every check :meth:`open` makes, writing nothing: the folder can be created and written, no live
+        trainer holds it, and it may take this run (see the module's rules). Returns the folder."""
+        run_dir = Path(path).expanduser()
+        _check_writable(run_dir)
+        if (run_dir / LOCK_FILE).exists():
+            _Lock(run_dir / LOCK_FILE).probe()
+        _check_owner(run_dir, resume, steps)
+        return run_dir
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        resume: Path | None = None,  # the checkpoint folder this run continues
+        steps: int | None = None,  # the run's total steps (must not be below the checkpoint's)
+        keep: int = 3,  # checkpoints kept
+        writer: bool = True,
+        tensorboard: bool = True,
+    ) -> RunFolder:
+        """Check the folder, create it if needed and take its lock; nothing else is written yet.
+        Raises ConfigError (or :class:`RunFolderBusy`) with one line on any failed check."""
+        run = cls(path, keep=keep, writer=writer, tensorboard=tensorboard)
+        if not writer:
+            return run
+        run_dir = cls.check(run.path, resume=resume, steps=steps)
+        try:
+            run._created = _mkdirs(run_dir)
+            run._lock = _Lock(run_dir / LOCK_FILE)
+            run._lock.acquire()
+            _check_owner(run_dir, resume, steps)  # again, under the lock
+        except BaseException:
+            run.close()
+            raise
+        run.last_checkpoint = resume
+        return run
+
+    def start(self, config_yaml: str, *, step: int) -> None:
+        """The first write: ``config.yaml``, and the metrics log (records after ``step`` are dropped: a
+        run that died after its last checkpoint wrote them; a run that starts fresh or branches here
+        starts an empty log)."""
+        self.config_yaml = config_yaml
+        self._started = True
+        if not self.writer:
+            return
+        atomic_write_text(self.path / CONFIG_FILE, config_yaml)
+        own = self.last_checkpoint is not None and _same(self.last_checkpoint, self.path)
+        self._log = MetricsLog(self.path, tensorboard=self.tensorboard, resume_step=step if own else 0)
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def log(self, step: int, values: dict, *, kind: str = "train") -> None:
+        if self._log is not None:
+            self._log.write(step, values, kind=kind)
+
+    def save(self, step: int, *, model: nn.Module, ema: nn.Module, state: dict, metadata: dict) -> Path:
+        """Write checkpoint ``step`` atomically (with the config beside it), point ``latest`` at it and
+        prune to ``keep``. Returns its folder (on a non-writer: the folder the writer writes)."""
+        path = checkpoint_root(self.path) / f"ckpt-{step:06d}"
+        if self.writer:
+            files = {CONFIG_FILE: self.config_yaml} if self.config_yaml else None
+            path = save_checkpoint(checkpoint_root(self.path), step, model=model, ema=ema, state=state,
+                                   keep=self.keep, metadata=metadata, files=files)  # fmt: skip
+        self.last_checkpoint = path
+        return path
+
+    def holds(self, step: int) -> bool:
+        """Whether this folder's newest checkpoint is the one of ``step`` (nothing to save again)."""
+        last = self.last_checkpoint
+        return last is not None and _same(last, self.path) and last.name == f"ckpt-{step:06d}"
+
+    def samples_file(self, step: int, suffix: str) -> Path:
+        """``RUN/samples/step-NNNNNN<suffix>`` (its folder created)."""
+        folder = self.path / SAMPLES_DIR
+        if self.writer:
+            folder.mkdir(exist_ok=True)
+        return folder / f"step-{step:06d}{suffix}"
+
+    # -- closing ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the log and release the lock; a folder this run created and never started is removed."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if not self._started:
+            for d in reversed(self._created):
+                try:
+                    d.rmdir()  # only if still empty
+                except OSError:
+                    break
+        self._created = []
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- the checks --------------------------------------------------------------------------------------
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
+    p = run_dir
+    while not p.exists():
+        if p.is_symlink():  # a dangling link
+            raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is a broken link")
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is not writable")
+
+
+def _same(ckpt: Path, run_dir: Path) -> bool:
+    """Whether the checkpoint folder ``ckpt`` belongs to the run folder ``run_dir``."""
+    return ckpt.parent.name == CHECKPOINTS and ckpt.parent.parent.resolve() == run_dir.resolve()
+
+
+def _check_owner(run_dir: Path, resume: Path | None, steps: int | None) -> None:
+    has = list_checkpoints(checkpoint_root(run_dir))
+    if resume is None:
+        if has:
+            raise ConfigError(
+                f"the run folder {run_dir} already holds checkpoints; continue it with --resume auto "
+                f"or choose another --out"
+            )
+        return
+    if steps is not None:
+        at = read_step(resume)
+        if steps < at:
+            raise ConfigError(
+                f"--steps {steps} is below the step of the checkpoint it resumes ({resume}: step {at}); "
+                f"--steps is the total, not the steps to add"
+            )
+    if _same(resume, run_dir):
+        newest = latest_checkpoint(run_dir)
+        if newest is not None and newest.resolve() != resume.resolve():
+            raise ConfigError(
+                f"{resume} is older than the run's newest checkpoint {newest.name}, which resuming it would "
+                f"overwrite; resume the newest, or branch from it with --out NEW_FOLDER"
+            )
+    elif has:
+        raise ConfigError(
+            f"the run folder {run_dir} (--out) holds another run's checkpoints; to branch from {resume}, "
+            f"choose a new --out"
+        )
+
+
+def _mkdirs(run_dir: Path) -> list[Path]:
+    """Create ``run_dir`` and its missing parents; returns the folders created, outermost first."""
+    missing = []
+    p = run_dir
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {e.strerror or e}") from None
+    return list(reversed(missing))
+
+
+# -- the lock ----------------------------------------------------------------------------------------
+
+
+class _Lock:
+    """An exclusive ``flock`` on a file holding ``<pid>@<host>`` of its holder; the file is removed on
+    release (and the acquirer checks it still locked the file at the path, not a removed one)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write to the run folder {self.path.parent} (--out): {e.strerror or e}"
+                ) from None
+            try:
+                locked = self._flock(fd)
+                if not locked:
+                    self._busy(fd)
+                if not self._same_file(fd):  # the previous holder removed it between our open and flock
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            return
+        raise RunFolderBusy(f"the run folder {self.path.parent} is locked and unlocked by other trainers")
+
+    def probe(self) -> None:
+        """Raise :class:`RunFolderBusy` if a live trainer holds the lock (takes and drops it otherwise)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            if not self._flock(fd, probe=True):
+                self._busy(fd)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it: the next trainer makes a new one
+        finally:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    # -- internals
+
+    def _flock(self, fd: int, probe: bool = False) -> bool:
+        """True if the lock was taken (probe: and dropped again), False if another process holds it."""
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+            else:
+                if probe:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return True
+        # no flock here: the holder written in the file decides
+        holder = self._holder(fd)
+        return holder is None or _gone(holder)
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _holder(fd: int) -> str | None:
+        try:
+            text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            return None
+        return text or None
+
+    def _busy(self, fd: int):
+        holder = self._holder(fd) or "another process"
+        raise RunFolderBusy(
+            f"the run folder {self.path.parent} is in use by another trainer ({holder}); wait for it to "
+            f"finish or choose another --out"
+        )
+
+
+def _gone(holder: str) -> bool:
+    """Whether the ``<pid>@<host>`` holder of a lock file (read where ``flock`` is missing) has ended."""
+    pid, _, host = holder.partition("@")
+    return pid.isdigit() and process_ended(int(pid), host or None)

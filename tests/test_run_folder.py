@@ -1,0 +1,235 @@
+"""fastat.run_folder: one trainer per folder (lock, stale locks), ownership checks before any write,
+atomic pruning that leaves other writers' temporary folders alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import POINTS, assert_one_line_error, run_cli, snapshot
+
+import fastat.checkpoint as ck
+import fastat.run_folder as rf
+from fastat.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fastat.config import ConfigError
+from fastat.metrics import read_metrics
+from fastat.run_folder import LOCK_FILE, RunFolder, RunFolderBusy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 4-step points run with checkpoints at 2 and 4 (copied by the tests that change it)."""
+    from fastat.cli import main
+
+    run = tmp_path_factory.mktemp("src") / "run"
+    assert main(["train", *POINTS, "--steps", "4", "--save-every", "2", "--set", "run.eval_n=0",
+                 "--sample-every", "0", "--out", str(run)]) == 0  # fmt: skip
+    return run
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- the lock --------------------------------------------------------------------------------------------
+
+
+def test_second_open_is_refused_until_the_first_closes(tmp_path):
+    run = RunFolder.open(tmp_path / "r")
+    assert (tmp_path / "r" / LOCK_FILE).read_text().strip() == f"{os.getpid()}@{socket.gethostname()}"
+    with pytest.raises(RunFolderBusy, match=f"in use by another trainer \\({os.getpid()}@"):
+        RunFolder.open(tmp_path / "r")
+    with pytest.raises(RunFolderBusy):
+        RunFolder.check(tmp_path / "r")  # what --dry-run sees
+    run.close()
+    assert not (tmp_path / "r" / LOCK_FILE).exists()
+    RunFolder.open(tmp_path / "r").close()
+
+
+def test_lock_of_a_killed_trainer_is_stale(tmp_path):
+    """A trainer killed with SIGKILL leaves its lock file; the kernel dropped its flock, so it is taken."""
+    code = (
+        "import sys, time; from fastat.run_folder import RunFolder; "
+        f"r = RunFolder.open({str(tmp_path / 'r')!r}); print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderBusy, match=f"\\({proc.pid}@"):
+            RunFolder.open(tmp_path / "r")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / "r" / LOCK_FILE).exists()  # left behind ...
+    RunFolder.open(tmp_path / "r").close()  # ... and stale
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    monkeypatch.setattr(rf, "fcntl", None)
+    (tmp_path / "r").mkdir()
+    lock = tmp_path / "r" / LOCK_FILE
+    lock.write_text(f"{os.getppid()}@{socket.gethostname()}\n")  # a live process
+    with pytest.raises(RunFolderBusy, match=str(os.getppid())):
+        RunFolder.open(tmp_path / "r")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    lock.write_text(f"{proc.pid}@{socket.gethostname()}\n")  # a dead one
+    RunFolder.open(tmp_path / "r").close()
+
+
+def test_a_second_trainer_on_the_folder_exits_2_and_changes_nothing(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "r")
+    before = snapshot(run)
+    with RunFolder.open(run, resume=load_checkpoint(run).path):  # the first trainer
+        t0 = time.perf_counter()
+        code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "6")
+        assert time.perf_counter() - t0 < 10
+        assert_one_line_error(code, err, "is in use by another trainer", str(os.getpid()))
+        code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "6", "--dry-run")
+        assert_one_line_error(code, err, "is in use by another trainer")
+    assert snapshot(run) == before
+
+
+# -- ownership: nothing changes before every check has passed -----------------------------------------------
+
+
+def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys):
+    a, b = copy_run(trained, tmp_path / "a"), copy_run(trained, tmp_path / "b")
+    before = snapshot(b)
+    code, _, err = run_cli(
+        capsys, "train", "--resume", a / "checkpoints" / "ckpt-000002", "--out", b, "--steps", "6"
+    )
+    assert_one_line_error(code, err, "holds another run's checkpoints", "new --out")
+    assert snapshot(b) == before
+
+
+def test_resuming_an_older_checkpoint_of_the_run_is_refused(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "r")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run / "checkpoints" / "ckpt-000002", "--steps", "6")
+    assert_one_line_error(code, err, "older than the run's newest checkpoint ckpt-000004")
+    assert snapshot(run) == before
+
+
+def test_steps_below_the_checkpoint_is_an_error(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "r")
+    before = snapshot(run)
+    for extra in ([], ["--dry-run"]):
+        code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", "3", *extra)
+        assert_one_line_error(code, err, "--steps 3 is below the step of the checkpoint", "step 4")
+    assert snapshot(run) == before
+
+
+def test_a_resume_that_fails_late_changes_nothing(trained, tmp_path, capsys):
+    """The checkpoint's optimizer state does not fit: found after data and model are built, before any
+    write (the config used to be rewritten first)."""
+    run = copy_run(trained, tmp_path / "r")
+    ckpt = load_checkpoint(run)
+    state = dict(ckpt.state, optimizer={"state": {}, "param_groups": []})
+    torch.save(state, ckpt.path / "state.pt")
+    (run / "config.yaml").write_text(ckpt.path.joinpath("config.yaml").read_text())
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", "6", "--lr", "0.5")
+    assert_one_line_error(code, err, "does not fit this run")
+    assert snapshot(run) == before
+
+
+def test_a_refused_fresh_start_leaves_no_folder_behind(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *POINTS, "--batch-size", "128", "--out", tmp_path / "new" / "r")
+    assert_one_line_error(code, err, "larger than the dataset")
+    assert not (tmp_path / "new").exists()
+
+
+def test_branching_a_checkpoint_into_a_new_folder(trained, tmp_path, capsys):
+    src = trained / "checkpoints" / "ckpt-000002"
+    before = snapshot(trained)
+    code, out, err = run_cli(capsys, "train", "--resume", src, "--out", tmp_path / "b", "--steps", "4")
+    assert code == 0, err
+    assert snapshot(trained) == before  # the source run is only read
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["ckpt-000004"]
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"] == [4]
+    # branching at the checkpoint's own step still writes a checkpoint into the new folder
+    code, _, err = run_cli(capsys, "train", "--resume", src, "--out", tmp_path / "c", "--steps", "2")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "c").step == 2
+
+
+def test_a_run_that_died_before_its_first_checkpoint_restarts_cleanly(tmp_path, capsys):
+    """Its metrics records are dropped, not duplicated (what an early kill used to leave)."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 2, "kind": "train", "loss": 1.0}\n')
+    assert run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", run, "--resume", "auto")[0] == 0
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [2, 4]
+
+
+def test_check_reports_a_path_under_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        RunFolder.check(tmp_path / "f" / "run")
+
+
+# -- pruning ------------------------------------------------------------------------------------------------
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+def test_pruning_keeps_a_live_writers_temp_folder_and_removes_dead_ones(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 1, model=net(), ema=net(), state={"step": 1})
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = socket.gethostname()
+    live = root / f".tmp-ckpt-000009-{os.getppid()}@{host}"  # another trainer, writing right now
+    dead = root / f".tmp-ckpt-000008-{proc.pid}@{host}"
+    remote = root / f".tmp-ckpt-000007-{proc.pid}@another-host"  # cannot be checked: left alone
+    trash = root / f".trash-ckpt-000000-{proc.pid}@{host}"  # a pruning that was killed half-way
+    for d in (live, dead, remote, trash):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    save_checkpoint(root, 2, model=net(), ema=net(), state={"step": 2}, keep=1)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == sorted(["ckpt-000002", "latest", live.name, remote.name])
+
+
+def test_a_crash_during_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        save_checkpoint(root, step, model=net(), ema=net(), state={"step": step}, keep=5)
+    real = shutil.rmtree
+
+    def killed_half_way(path, ignore_errors=False):
+        if not os.path.exists(path):
+            return
+        first = sorted(os.listdir(path))[0]
+        os.unlink(os.path.join(path, first))
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ck.prune_checkpoints(root, keep=1)
+    monkeypatch.setattr(ck.shutil, "rmtree", real)
+    assert [p.name for p in list_checkpoints(root)] == ["ckpt-000002"]  # ckpt-000001 is gone whole
+    assert load_checkpoint(root).step == 2
+    assert any(p.name.startswith(".trash-ckpt-000001") for p in root.iterdir())
+    save_checkpoint(root, 3, model=net(), ema=net(), state={"step": 3}, keep=5)  # cleans it
+    assert not any(p.name.startswith(".trash-") for p in root.iterdir())

@@ -6,8 +6,11 @@
 
 After ``n`` updates the decay is ``min(decay, (1 + n) / (10 + n))`` when ``warmup`` is on, so early
 averages are not dominated by the random initial weights. The decay is a Python float computed from a
-host counter and the update is one ``torch._foreach_lerp_`` over all parameters: no host sync, no
-per-parameter Python loop. Buffers (if any) are copied, not averaged.
+host counter; the update ``ema += w * (model - ema)`` is three ``torch._foreach_*`` ops over all
+parameters (sub, mul, add), so ``w`` may be a 0-dim device tensor that a captured CUDA graph reads at
+replay: no host sync, no per-parameter Python loop. (``torch._foreach_lerp_`` has no Tensor-weight
+overload: given a 0-dim tensor it reads it back to the host, which a CUDA graph cannot capture.)
+Buffers (if any) are copied, not averaged; a weight of 0 leaves the average and its buffers untouched.
 """
 
 from __future__ import annotations
@@ -39,15 +42,21 @@ class EMA:
 
     @torch.no_grad()
     def lerp_(self, model: nn.Module, weight: float | torch.Tensor) -> None:
-        """``ema <- ema + weight * (model - ema)`` for every parameter; buffers copied. ``weight`` may be
-        a 0-dim device tensor (a captured CUDA graph fills it before each replay). Does not count."""
+        """``ema <- ema + weight * (model - ema)`` for every parameter; buffers copied where ``weight > 0``.
+        ``weight`` may be a 0-dim device tensor (a captured CUDA graph fills it before each replay; the
+        step engine multiplies it by 0 to skip a non-finite step). Does not count."""
         params = [p.detach() for p in model.parameters()]
         if len(params) != len(self._ema_params):
             raise ValueError("EMA: the model's parameters do not match the tracked copy")
         if params:
-            torch._foreach_lerp_(self._ema_params, params, weight)
+            delta = torch._foreach_sub(params, self._ema_params)
+            torch._foreach_mul_(delta, weight)  # the Tensor overload reads no scalar on the host
+            torch._foreach_add_(self._ema_params, delta)
         for b_ema, b in zip(self._ema_buffers, model.buffers(), strict=True):
-            b_ema.copy_(b)
+            if isinstance(weight, torch.Tensor):
+                b_ema.copy_(torch.where(weight > 0, b, b_ema))
+            elif weight > 0:
+                b_ema.copy_(b)
 
     def update(self, model: nn.Module) -> None:
         """One EMA step: ``lerp_`` with weight ``1 - current_decay()``, then count it."""

@@ -4,21 +4,38 @@
     stats = engine.step(x0, lr)          # device tensors; engine.optimizer / engine.ema for checkpoints
 
 A step is: ATObjective (noise kernel -> model -> attack gradient -> PGD kernel -> model -> fused loss)
--> backward -> gradient clipping -> AdamW -> EMA (``torch._foreach_lerp_``).
+-> backward -> gradient norm (and clipping) -> fused AdamW -> EMA update. Every mode runs the same step
+body, the one a CUDA graph captures: the learning rate and the EMA weight are 0-dim device tensors filled
+before each step, and nothing in it reads a device value on the host (``tests/host_read_cases.py``
+checks this op by op on the CPU, kernels included).
 
-``fast=False`` runs it eagerly: the reference. ``fast=True`` computes the same function faster:
+**Non-finite steps are skipped on the device, without a host sync.** If the loss or the total gradient
+norm is not finite, the step changes nothing: fused AdamW gets a 0-dim ``found_inf`` = 1 (the mechanism
+``torch.amp.GradScaler`` uses) and leaves parameters, moments and step counts as they were, and the EMA
+weight is multiplied by 0. The random generators still advance, and the EMA's host counter (its warm-up
+schedule) still counts the step. ``stats["skipped"]`` is 1.0 for a skipped step (0-dim float32 device
+tensor, like every statistic; ``stats["loss"]`` is then the non-finite loss itself), and
+``engine.skip_streak`` (0-dim int64 device tensor, updated inside the step) counts the consecutive
+skipped steps up to the last one. Reading either is the caller's host sync.
 
-- the model is ``torch.compile``d; the attack's forwards go through a second compiled copy whose
-  parameters are detached, so its backward computes the input gradient only (one compiled backward
-  would otherwise compute, and drop, every weight gradient too);
-- on CUDA the whole step is captured once in a CUDA graph and replayed: the batch is copied into a
-  static input buffer, the learning rate and the EMA weight live in device tensors (filled before each
-  replay: no recompile, no re-capture), AdamW is fused and capturable, and the random generators are
-  registered with the graph so that every replay draws new numbers. The first ``warmup_steps`` steps
-  run eagerly on a side stream (compilation, autotuning, lazy allocations), then the step is captured.
-  If compilation or capture fails, the engine falls back to the eager step and says why.
+``fast=False`` runs the step eagerly: the reference. ``fast=True`` computes the same function faster:
 
-On CPU ``fast=True`` means compiled, without graphs.
+- the model is ``torch.compile``d (static shapes: a new batch size is a fresh compile, not a dynamic-shape
+  one); the attack's forwards go through a second compiled copy whose parameters are detached, so its
+  backward computes the input gradient only (one compiled backward would otherwise compute, and drop,
+  every weight gradient too);
+- on CUDA (``graph=None``: whenever fast on CUDA) the whole step is captured once in a CUDA graph and
+  replayed: the batch is copied into a static input buffer, the learning rate and EMA weight tensors are
+  filled (no recompile, no re-capture), AdamW is fused and capturable, and the random generators are
+  registered with the graph so that every replay draws new numbers. The first ``warmup_steps`` steps run
+  uncaptured on a side stream (compilation, autotuning, lazy allocations); the last of them runs with
+  CUDA's sync debug mode on, and a step that synchronises is not captured.
+
+If compilation fails, the engine says why and falls back to the eager step. If capture fails, every
+random generator the capture touched is put back (:func:`fastat.capture.capture_safely`) and the step
+runs uncaptured; if they cannot be put back, :class:`fastat.capture.CaptureError` stops the run with one
+line. A capture records kernels without running them, so a failed one leaves the weights untouched. On
+the CPU ``fast=True`` means compiled, without graphs.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fastat.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.ema import EMA
 from fastat.objective import ATObjective
 
@@ -49,6 +67,17 @@ class DetachedParams(nn.Module):
         return torch.func.functional_call(self.model, params, (x, t))
 
 
+def grad_norm_(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    """Total L2 norm of the gradients (a 0-dim device tensor); with ``clip > 0`` the gradients are also
+    scaled down to at most that norm. No host sync, even for a non-finite norm."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
 class StepEngine:
     """Owns the optimizer, the EMA and (fast path) the compiled model and the captured graph."""
 
@@ -66,9 +95,10 @@ class StepEngine:
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         precision: str = "fp32",  # "fp32" | "bf16" (autocast)
-        fast: bool = False,
+        fast: bool = False,  # torch.compile the model
+        graph: bool | None = None,  # capture the step in a CUDA graph (None: when fast on CUDA)
         compile_mode: str | None = None,  # torch.compile mode (None: the default)
-        warmup_steps: int = 3,  # eager steps before the CUDA graph is captured
+        warmup_steps: int = 3,  # uncaptured steps before the CUDA graph is captured (>= 1)
         log: Callable[[str], None] = print,
     ) -> None:
         self.model, self.objective, self.generator = model, objective, generator
@@ -76,84 +106,81 @@ class StepEngine:
         self.clip, self.precision, self.fast = clip, precision, fast
         self.log = log
         cuda = self.device.type == "cuda"
-        self.use_graph = fast and cuda
+        self.use_graph = (fast and cuda) if graph is None else bool(graph)
+        if self.use_graph and warmup_steps < 1:
+            raise ValueError("warmup_steps must be >= 1 before a CUDA graph is captured")
         self.warmup_steps = warmup_steps
-        # A tensor learning rate can change between replays of a captured step.
-        self._lr = torch.tensor(float(lr), device=self.device) if self.use_graph else None
+        self._graphs = CudaGraphs(self.device) if self.use_graph else None
+        # Step inputs that live on the device, filled before each step (a captured graph reads them).
+        self._lr = torch.full((), float(lr), device=self.device)
+        self._ema_w = torch.zeros((), device=self.device)
+        self.skip_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        # fused: one kernel, and the found_inf argument that skips a non-finite step on the device
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=self._lr if self._lr is not None else lr, betas=tuple(betas), eps=eps,
-            weight_decay=weight_decay, fused=cuda, capturable=self.use_graph,
+            model.parameters(), lr=self._lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            fused=True, capturable=self.use_graph and cuda,
         )  # fmt: skip
         self.ema = EMA(model, ema_decay, ema_warmup)
-        self._ema_w = torch.zeros((), device=self.device) if self.use_graph else None
         self.forward, self.attack_forward = model, model
         if fast:
             try:
-                self.forward = torch.compile(model, mode=compile_mode)
-                self.attack_forward = torch.compile(DetachedParams(model), mode=compile_mode)
+                self.forward = torch.compile(model, mode=compile_mode, dynamic=False)
+                self.attack_forward = torch.compile(DetachedParams(model), mode=compile_mode, dynamic=False)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 self._fallback(f"torch.compile failed ({type(e).__name__}: {e})")
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph = None
         self._static_x0: torch.Tensor | None = None
         self._static_stats: dict[str, torch.Tensor] | None = None
-        self._side = torch.cuda.Stream(self.device) if self.use_graph else None
+        self._odd_batch_logged = False
         self.steps_done = 0
+        self.compile_seconds: float | None = None  # the first compiled step, compilation included
         self.capture_seconds: float | None = None
 
     # -- public ---------------------------------------------------------------------------------------
 
     @property
     def mode(self) -> str:
-        """``eager``, ``compiled`` or ``compiled+graph`` (what the next steps run)."""
-        if not self.fast:
-            return "eager"
-        return "compiled+graph" if self.use_graph else "compiled"
+        """``eager``, ``compiled``, ``compiled+graph`` or ``eager+graph`` (what the next steps run)."""
+        base = "compiled" if self.fast else "eager"
+        return base + "+graph" if self.use_graph else base
 
     def step(self, x0: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-        """One optimisation step on the batch ``x0`` at learning rate ``lr``: detached device stats."""
+        """One optimisation step on the batch ``x0`` at learning rate ``lr``: detached device stats
+        (``loss``, ``grad_norm``, ``skipped`` and the objective's)."""
         self.steps_done += 1
+        self._lr.fill_(lr)
+        self._ema_w.fill_(1.0 - self.ema.current_decay())
         if self.use_graph and self._graph is None and self.steps_done > self.warmup_steps:
             self._capture(x0)
-        if self._graph is not None:
+        if self._graph is not None and self._fits_graph(x0):
             self._static_x0.copy_(x0)
-            self._lr.fill_(lr)
-            self._ema_w.fill_(1.0 - self.ema.current_decay())
             self._graph.replay()
             self.ema.num_updates += 1
             return self._static_stats
-        self._set_lr(lr)
-        ctx = torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
-        if self._side is not None:
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with ctx:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.fast and self.steps_done == 1:
-                stats = self._first_compiled_step(x0)
-            else:
-                stats = self._body(x0, 1.0 - self.ema.current_decay())
-        if self._side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
+        side = self._graphs is not None and self._graph is None  # warm-up before capture
+        precheck = side and self.steps_done == self.warmup_steps
+        with self._graphs.side_stream() if side else contextlib.nullcontext():
+            with self._graphs.sync_check() if precheck else contextlib.nullcontext([]) as syncs:
+                if self.fast and self.compile_seconds is None:
+                    stats = self._first_compiled_step(x0)
+                else:
+                    stats = self._body(x0)
+        if precheck and syncs:
+            self._fallback(
+                f"the step synchronises with the host ({syncs[0]}); not capturing it", keep_compiled=True
+            )
         self.ema.num_updates += 1
         return stats
 
     def load_optimizer_state(self, state: dict) -> None:
-        """Load an optimizer state dict (from either kind of engine) and keep the learning rate a device
-        tensor where a captured graph reads it (``load_state_dict`` replaces the param groups' values)."""
+        """Load an optimizer state dict (from either kind of engine), keeping the learning rate in the
+        engine's device tensor (``load_state_dict`` replaces the param groups' values)."""
         self.optimizer.load_state_dict(state)
-        if self._lr is not None:
-            lr = self.optimizer.param_groups[0]["lr"]
-            self._lr = torch.tensor(float(lr), device=self.device)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr
+        self._lr.fill_(float(self.optimizer.param_groups[0]["lr"]))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr
 
     # -- internals ------------------------------------------------------------------------------------
-
-    def _set_lr(self, lr: float) -> None:
-        if self._lr is not None:
-            self._lr.fill_(lr)
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
 
     def _autocast(self):
         if self.precision != "bf16":
@@ -161,54 +188,68 @@ class StepEngine:
         # A captured graph must not use autocast's weight cache (it would hold stale casts).
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
 
-    def _body(self, x0: torch.Tensor, ema_weight: float | torch.Tensor) -> dict[str, torch.Tensor]:
-        """The step itself (gradients must be None on entry); what a CUDA graph captures."""
+    def _body(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step itself; what a CUDA graph captures (the backward then allocates the gradients in the
+        graph's memory pool)."""
+        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward)
         out.loss.backward()
-        stats = {"loss": out.loss.detach(), **out.stats}
-        if self.clip > 0:
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+        loss = out.loss.detach()
+        norm = grad_norm_(list(self.model.parameters()), self.clip)
+        found_inf = torch.logical_not(torch.isfinite(loss) & torch.isfinite(norm)).float()
+        self.optimizer.found_inf = found_inf  # read by fused AdamW: 1.0 skips the whole update
         self.optimizer.step()
-        self.ema.lerp_(self.model, ema_weight)
-        return stats
+        self.ema.lerp_(self.model, self._ema_w * (1.0 - found_inf))
+        self.skip_streak.add_(1).mul_(found_inf.to(torch.int64))
+        return {"loss": loss, **out.stats, "grad_norm": norm, "skipped": found_inf}
 
     def _first_compiled_step(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compilation happens on the first call: if it fails, say why and redo the step eagerly
         (weights are only touched by the optimizer step at the end, so nothing was half-applied)."""
         snapshot = self.generator.get_state()
+        t0 = time.perf_counter()
         try:
-            return self._body(x0, 1.0 - self.ema.current_decay())
+            stats = self._body(x0)
         except Exception as e:  # noqa: BLE001 - the eager retry raises again if the step itself is wrong
             self._fallback(f"the compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            self.optimizer.zero_grad(set_to_none=True)
             self.generator.set_state(snapshot)
-            return self._body(x0, 1.0 - self.ema.current_decay())
+            return self._body(x0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - t0
+        return stats
+
+    def _fits_graph(self, x0: torch.Tensor) -> bool:
+        s = self._static_x0
+        if x0.shape == s.shape and x0.dtype == s.dtype and x0.device == s.device:
+            return True
+        if not self._odd_batch_logged:
+            self._odd_batch_logged = True
+            self.log(f"fastat: a batch of shape {tuple(x0.shape)} does not fit the captured step "
+                     f"({tuple(s.shape)}); such batches run uncaptured")  # fmt: skip
+        return False
 
     def _capture(self, x0: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        torch.cuda.synchronize(self.device)
+        self._graphs.synchronize()
         self._static_x0 = x0.detach().clone()
-        self.optimizer.zero_grad(set_to_none=True)  # backward allocates .grad inside the graph's pool
-        graph = torch.cuda.CUDAGraph()
         try:
-            if self.generator.device.type == "cuda":
-                graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph):
-                self._static_stats = self._body(self._static_x0, self._ema_w)
-        except Exception as e:  # noqa: BLE001 - capture can fail in many ways; the eager step still works
+            self._graph, self._static_stats = capture_safely(
+                self._graphs, lambda: self._body(self._static_x0), [self.generator]
+            )
+        except CaptureFailed as e:  # generators restored; CaptureError (they could not be) propagates
             self.optimizer.zero_grad(set_to_none=True)
             self._static_stats = self._static_x0 = None
-            self._fallback(f"CUDA-graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]})",
-                           keep_compiled=True)  # fmt: skip
+            self._fallback(f"CUDA-graph capture failed ({e})", keep_compiled=True)
             return
-        self._graph = graph
         self.capture_seconds = time.perf_counter() - t0
 
     def _fallback(self, why: str, keep_compiled: bool = False) -> None:
-        self.log(f"fastat: {why}; falling back to the {'compiled' if keep_compiled else 'eager'} step")
+        kind = "compiled" if keep_compiled and self.fast else "eager"
+        self.log(f"fastat: {why}; falling back to the {kind} step")
         self.use_graph = False
-        self._side = None
+        self._graphs = None
         if not keep_compiled:
             self.fast = False
             self.forward = self.attack_forward = self.model

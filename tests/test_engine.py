@@ -1,5 +1,7 @@
 """The step engine: the fast (compiled) step computes the same function as the eager reference step."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -12,43 +14,55 @@ from fastat.objective import ATObjective
 from fastat.schedule import NoiseSchedule
 
 
-def make(fast, mode="adv", seed=0, **kw):
+def make(fast, mode="adv", seed=0, clip=1.0, **kw):
     torch.manual_seed(seed)
     model = MLP(3, hidden=32, depth=2, time_dim=16)
     obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, budget=Budget(r_min=0.1, r_scale=0.2))
     gen = torch.Generator().manual_seed(seed + 1)
     logs = []
-    eng = StepEngine(model, obj, generator=gen, lr=1e-3, clip=1.0, ema_decay=0.9, fast=fast, log=logs.append, **kw)
+    eng = StepEngine(
+        model, obj, generator=gen, lr=1e-3, clip=clip, ema_decay=0.9, fast=fast, log=logs.append, **kw
+    )
     return eng, logs
 
 
-def batches(n, seed=5):
+def batches(n, seed=5, bad_at=(), bad=float("nan")):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(64, 3, generator=g) for _ in range(n)]
+    xs = [torch.randn(64, 3, generator=g) for _ in range(n)]
+    for i in bad_at:
+        xs[i][5, 2] = bad
+    return xs
 
 
 def run(eng, xs):
-    return [{k: v.clone() for k, v in eng.step(x, lr=1e-3 * (i + 1) / len(xs)).items()} for i, x in enumerate(xs)]
+    return [
+        {k: v.clone() for k, v in eng.step(x, lr=1e-3 * (i + 1) / len(xs)).items()} for i, x in enumerate(xs)
+    ]
 
 
 @pytest.mark.slow
 def test_fast_step_matches_eager_step():
-    xs = batches(4)
+    xs = batches(5, bad_at=(3,))  # a non-finite batch is skipped alike
     eager, _ = make(fast=False)
     fast, logs = make(fast=True)
     assert fast.mode == "compiled"
     s_e, s_f = run(eager, xs), run(fast, xs)
     assert not logs, logs  # no fallback happened
-    for a, b in zip(s_e, s_f):
+    assert [float(s["skipped"]) for s in s_f] == [0, 0, 0, 1, 0] and fast.compile_seconds > 0
+    for a, b in zip(s_e, s_f, strict=True):
+        assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
-    for pe, pf in zip(eager.model.parameters(), fast.model.parameters()):
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, equal_nan=True, msg=k)
+    for pe, pf in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
         torch.testing.assert_close(pf, pe, atol=1e-5, rtol=1e-4)
-    for pe, pf in zip(eager.ema.module.parameters(), fast.ema.module.parameters()):
+    for pe, pf in zip(eager.ema.module.parameters(), fast.ema.module.parameters(), strict=True):
         torch.testing.assert_close(pf, pe, atol=1e-5, rtol=1e-4)
     # the training changed the weights (the comparison is not between two untouched models)
     fresh, _ = make(fast=False)
-    assert any(not torch.allclose(p, q) for p, q in zip(fresh.model.parameters(), eager.model.parameters()))
+    assert any(
+        not torch.allclose(p, q)
+        for p, q in zip(fresh.model.parameters(), eager.model.parameters(), strict=True)
+    )
 
 
 def test_eager_step_is_reproducible_and_counts_ema_updates():
@@ -56,9 +70,43 @@ def test_eager_step_is_reproducible_and_counts_ema_updates():
     a, _ = make(fast=False)
     b, _ = make(fast=False)
     sa, sb = run(a, xs), run(b, xs)
-    assert all(torch.equal(x["loss"], y["loss"]) for x, y in zip(sa, sb))
+    assert all(torch.equal(x["loss"], y["loss"]) for x, y in zip(sa, sb, strict=True))
     assert a.ema.num_updates == 3 and a.mode == "eager"
     assert all(p.grad is not None for p in a.model.parameters())
+
+
+def _state(eng):
+    """Every tensor a step may change: weights, optimizer moments and step counts, EMA, skip streak."""
+    opt = [v for st in eng.optimizer.state.values() for v in st.values()]
+    return [t.clone() for t in (*eng.model.parameters(), *opt, *eng.ema.module.parameters(), eng.skip_streak)]
+
+
+@pytest.mark.parametrize("bad,clip", [(float("nan"), 1.0), (float("inf"), 0.0)])
+def test_nonfinite_step_is_skipped_on_the_device(bad, clip):
+    xs = batches(5, bad_at=(1, 2), bad=bad)
+    eng, _ = make(fast=False, clip=clip)
+    eng.step(xs[0], 1e-3)
+    before = _state(eng)
+    streaks = []
+    for x in xs[1:3]:
+        s = eng.step(x, 1e-3)
+        assert s["skipped"].dtype == torch.float32 and s["skipped"].shape == () and float(s["skipped"]) == 1.0
+        assert not torch.isfinite(s["loss"]) or not torch.isfinite(s["grad_norm"])
+        streaks.append(int(eng.skip_streak))
+    assert streaks == [1, 2]
+    after = _state(eng)
+    assert all(torch.equal(a, b) for a, b in zip(before[:-1], after[:-1], strict=True))  # bit-identical
+    # the next finite step proceeds as if the skipped ones never happened (but for the randomness they
+    # drew and the EMA warm-up counter): the same as a run that never saw them
+    ref, _ = make(fast=False, clip=clip)
+    ref.step(xs[0], 1e-3)
+    ref.generator.set_state(eng.generator.get_state())
+    ref.ema.num_updates = eng.ema.num_updates
+    s, s_ref = eng.step(xs[3], 1e-3), ref.step(xs[3], 1e-3)
+    assert float(s["skipped"]) == 0.0 and int(eng.skip_streak) == 0
+    assert torch.equal(s["loss"], s_ref["loss"]) and torch.equal(s["grad_norm"], s_ref["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(_state(eng), _state(ref), strict=True))
+    assert not torch.equal(_state(eng)[0], before[0])  # and it did train
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -74,7 +122,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     ref, _ = make(fast=False)
     s, r = run(eng, xs), run(ref, xs)
     assert eng.mode == "eager" and len(logs) == 1 and "inductor exploded" in logs[0]
-    assert all(torch.equal(x["loss"], y["loss"]) for x, y in zip(s, r))  # the retried step is the eager one
+    assert all(
+        torch.equal(x["loss"], y["loss"]) for x, y in zip(s, r, strict=True)
+    )  # the retried step is the eager one
 
 
 def test_detached_params_gives_input_gradients_only():
@@ -106,39 +156,108 @@ def test_ema_lerp_with_tensor_weight_equals_float_weight():
     torch.manual_seed(0)
     m = nn.Linear(4, 4)
     a, b = EMA(m, 0.9), EMA(m, 0.9)
+    w0 = m.weight.detach().double().clone()
     with torch.no_grad():
-        m.weight.add_(1.0)
+        m.weight.add_(torch.randn(4, 4))
     a.lerp_(m, 0.25)
     b.lerp_(m, torch.tensor(0.25))
     assert torch.equal(a.module.weight, b.module.weight)
-    assert not torch.equal(a.module.weight, m.weight)
+    expected = w0 + 0.25 * (m.weight.detach().double() - w0)  # float64 reference
+    torch.testing.assert_close(a.module.weight.double(), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
+def test_ema_zero_weight_leaves_weights_and_buffers_untouched():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = EMA(m, 0.9)
+    before = [t.clone() for t in (*ema.module.parameters(), *ema.module.buffers())]
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+        m[1].running_mean.fill_(float("nan"))
+    ema.lerp_(m, torch.tensor(0.0))
+    after = (*ema.module.parameters(), *ema.module.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    ema.lerp_(m, torch.tensor(0.5))
+    assert torch.isnan(ema.module[1].running_mean).all()  # a positive weight copies the buffers
+
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)"
+)
+
+
+def make_cuda(fast, mode="adv", graph=None):
+    torch.manual_seed(0)
+    model = MLP(3, hidden=64, depth=2, time_dim=16).cuda()
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, budget=Budget(r_min=0.1, r_scale=0.2))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logs = []
+    eng = StepEngine(
+        model, obj, generator=gen, lr=1e-3, ema_decay=0.9, fast=fast, graph=graph, log=logs.append
+    )
+    return eng, logs
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """CUDA's sync debug mode set to error: any synchronising call inside raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def assert_runs_agree(s_e, s_f, eager, fast, tol):
+    for a, b in zip(s_e, s_f, strict=True):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], equal_nan=True, msg=k, **tol)
+    for pe, pf in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
+        torch.testing.assert_close(pf, pe, **tol)
+    for pe, pf in zip(eager.ema.module.parameters(), fast.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(pf, pe, **tol)
+
+
+@needs_cuda
 @pytest.mark.parametrize("mode", ["adv", "pgd"])
 def test_cuda_graph_step_matches_eager_step_and_advances_rng(mode):
     """On CUDA: the captured step (fused kernels, compiled model, CUDA graph) against the eager step with
     the same seeds. The registered generators give both the same random numbers, so after warm-up,
-    capture and several replays the statistics and weights agree within compile's rounding."""
-
-    def make_cuda(fast):
-        torch.manual_seed(0)
-        model = MLP(3, hidden=64, depth=2, time_dim=16).cuda()
-        obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, budget=Budget(r_min=0.1, r_scale=0.2))
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        logs = []
-        eng = StepEngine(model, obj, generator=gen, lr=1e-3, ema_decay=0.9, fast=fast, log=logs.append)
-        return eng, logs
-
-    xs = [x.cuda() for x in batches(8)]
-    eager, _ = make_cuda(False)
-    fast, logs = make_cuda(True)
-    s_e, s_f = run(eager, xs), run(fast, xs)
-    assert fast.mode == "compiled+graph" and fast._graph is not None, logs
+    capture and several replays the statistics and weights agree within compile's rounding. The eager
+    step and the replays run with CUDA's sync debug mode set to error: neither synchronises."""
+    xs = [x.cuda() for x in batches(9, bad_at=(7,))]
+    eager, _ = make_cuda(False, mode)
+    fast, logs = make_cuda(True, mode)
+    with no_host_sync():
+        s_e = run(eager, xs)
+    s_f = run(fast, xs[:5])  # warm-up (compilation) and capture
+    assert fast.mode == "compiled+graph" and fast._graph is not None and fast.capture_seconds, logs
+    with no_host_sync():
+        s_f += run(fast, xs[5:])
     assert not torch.equal(s_f[-1]["loss"], s_f[-2]["loss"])  # replays draw new noise
-    for a, b in zip(s_e, s_f):
-        torch.testing.assert_close(b["loss"], a["loss"], atol=1e-4, rtol=1e-3)
-    for pe, pf in zip(eager.model.parameters(), fast.model.parameters()):
-        torch.testing.assert_close(pf, pe, atol=1e-4, rtol=1e-3)
-    for pe, pf in zip(eager.ema.module.parameters(), fast.ema.module.parameters()):
-        torch.testing.assert_close(pf, pe, atol=1e-4, rtol=1e-3)
+    assert [float(s["skipped"]) for s in s_f] == [0] * 7 + [1, 0] and int(fast.skip_streak) == 0
+    assert_runs_agree(s_e, s_f, eager, fast, {"atol": 1e-4, "rtol": 1e-3})
+
+
+@needs_cuda
+def test_cuda_failed_capture_restores_generators_and_runs_uncaptured(monkeypatch):
+    """A real capture failure (a host read that only happens while capturing): the engine puts the
+    generators back (torch 2.11 leaves them in capture mode) and goes on uncaptured, drawing the same
+    numbers as an engine that never tried."""
+    from fastat import objective
+
+    real = objective.ATObjective._loss
+
+    def syncs_while_capturing(self, *a, **k):
+        if torch.cuda.is_current_stream_capturing():
+            torch.zeros((), device="cuda").item()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(objective.ATObjective, "_loss", syncs_while_capturing)
+    xs = [x.cuda() for x in batches(6)]
+    ref, _ = make_cuda(False)
+    eng, logs = make_cuda(False, graph=True)
+    s_ref, s_eng = run(ref, xs), run(eng, xs)
+    assert eng.mode == "eager" and len(logs) == 1 and "CUDA-graph capture failed" in logs[0], logs
+    torch.randint(0, 2, (1,), device="cuda")  # the default generator draws again
+    assert_runs_agree(s_ref, s_eng, ref, eng, {"atol": 0, "rtol": 0})

@@ -1,0 +1,84 @@
+"""The step a CUDA graph captures makes no host read: run on the CPU, op by op, with the fused Triton
+kernels under the interpreter. Run by ``tests/test_capture.py`` in a subprocess with
+``TRITON_INTERPRET=1 FASTAT_FORCE_TRITON=1`` (both must be set before triton is imported).
+
+The engine runs its one step body in every mode (the learning rate and EMA weight are 0-dim device
+tensors there too), so the eager CPU step is what the graph captures, minus the compiled model: noise
+kernel, model, attack gradient, PGD kernel, model, fused loss, backward, gradient norm and clipping,
+fused AdamW with its ``found_inf``, EMA, skip counter.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastat import ops
+from fastat.bench import naive_at_step
+from fastat.budget import Budget
+from fastat.capture import HostReadCheck
+from fastat.engine import StepEngine
+from fastat.models import build_model
+from fastat.objective import ATObjective
+from fastat.schedule import NoiseSchedule
+
+CASES = [  # (mode, objective options, precision, clip): every branch of the objective and the engine
+    ("adv", {}, "fp32", 1.0),
+    ("pgd", {"pgd_steps": 2, "budget": Budget(norm="l2"), "attack_target": "equivariance"}, "fp32", 1.0),
+    ("inv", {"lam_scale": "radius", "detach_clean": True}, "fp32", 0.0),
+    ("rand", {}, "bf16", 1.0),
+    ("ddpm", {}, "fp32", 0.0),
+]
+
+
+def test_kernels_run_through_triton():
+    x = torch.randn(2, 3)
+    assert os.environ.get("TRITON_INTERPRET") == "1" and ops.uses_triton(x)
+
+
+@pytest.mark.parametrize("mode,opts,precision,clip", CASES, ids=[c[0] for c in CASES])
+def test_step_makes_no_host_read(mode, opts, precision, clip):
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=8).train()
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, **opts)
+    gen = torch.Generator().manual_seed(1)
+    engine = StepEngine(model, obj, generator=gen, lr=1e-3, clip=clip, precision=precision, log=print)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    engine.step(x, 1e-3)  # lazy optimizer state (a graph is captured after warm-up steps too)
+    with HostReadCheck() as check:
+        stats = [engine.step(x, 1e-3), engine.step(bad, 2e-3), engine.step(x, 3e-3)]
+    assert not check.reads, "host reads in the step body:\n" + check.report()
+    # the check watched real work: a finite step, a skipped one, a finite one
+    assert [float(s["skipped"]) for s in stats] == [0.0, 1.0, 0.0]
+    assert all(torch.isfinite(s["loss"]) for s in (stats[0], stats[2]))
+
+
+def test_check_sees_the_host_reads_it_is_meant_to_catch():
+    ema, params = [torch.zeros(3)], [torch.ones(3)]
+    with HostReadCheck() as check:
+        torch._foreach_lerp_(ema, params, torch.tensor(0.1))  # the Scalar overload reads the weight
+        bool(params[0].sum() > 0)
+        params[0].nonzero()
+        torch.equal(ema[0], params[0])
+    ops_seen = {op.rsplit(".", 1)[0] for op, _, _ in check.reads}
+    assert {"aten._local_scalar_dense", "aten.nonzero", "aten.equal", "aten.lift_fresh"} <= ops_seen, ops_seen
+    assert any("host_read_cases.py" in where for _, _, where in check.reads)
+
+
+def test_report_naive_step_host_reads(capsys):
+    """The naive loop (fastat bench's baseline) is not meant to be capturable: reported, never failed."""
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=8).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ema = [p.detach().clone() for p in model.parameters()]
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv")
+    x = torch.randn(2, 3, 8, 8)
+    tables = obj.schedule.tables()
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    naive_at_step(model, opt, ema, x, tables, obj, 1.0, no_autocast)
+    with HostReadCheck() as check:
+        naive_at_step(model, opt, ema, x, tables, obj, 1.0, no_autocast)
+    with capsys.disabled():
+        print(f"\nnaive AT step: {len(check.reads)} host reads\n{check.report()}")

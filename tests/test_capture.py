@@ -1,0 +1,240 @@
+"""Capture safety, proven on the CPU: the step body makes no host read (``host_read_cases.py``, kernels
+under the Triton interpreter), and the engine's capture path — warm-up, capture, replay, and a failed
+capture — runs through a CPU stand-in for ``fastat.capture.CudaGraphs`` with the same methods."""
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastat.engine
+from fastat.budget import Budget
+from fastat.capture import CaptureError, GeneratorSnapshot
+from fastat.engine import StepEngine
+from fastat.models import MLP
+from fastat.objective import ATObjective
+from fastat.schedule import NoiseSchedule
+
+HERE = Path(__file__).parent
+
+
+def test_step_body_makes_no_host_read():
+    pytest.importorskip("triton", reason="triton not installed")
+    env = {**os.environ, "FASTAT_FORCE_TRITON": "1", "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads make a busy CPU 10x slower
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore",
+        str(HERE / "host_read_cases.py"),
+    ]
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900)
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+    assert proc.returncode == 0, f"host-read cases failed:\n{tail}"
+    assert " passed" in tail and "skipped" not in tail and "deselected" not in tail, tail
+
+
+# -- the capture path through a CPU stand-in ------------------------------------------------------------
+
+
+class StandInGraphs:
+    """CPU stand-in for ``CudaGraphs``. ``capture`` runs ``fn`` once for real: that run does the work of
+    the replay that follows a real capture (which records kernels without running them), so the first
+    ``replay`` does nothing; later replays rerun ``fn`` and copy its outputs into the captured ones, as a
+    graph rewrites its static outputs. With ``fail`` set, the capture fails the way a CUDA one does: at
+    the first model call (an op not permitted while capturing), leaving every generator it touched
+    changed (torch 2.11 leaves them in capture mode; a CPU generator cannot be, so they are reseeded)."""
+
+    fail = False
+    capturing = False
+    made: list = []
+
+    def __init__(self, device):
+        self.default_generator = torch.Generator().manual_seed(123)
+        self.captures = self.replays = 0
+        StandInGraphs.made.append(self)
+
+    def side_stream(self):
+        return contextlib.nullcontext()
+
+    def sync_check(self):
+        return contextlib.nullcontext([])
+
+    def synchronize(self):
+        pass
+
+    def generators(self, registered):
+        return [*registered, self.default_generator]
+
+    def capture(self, fn, registered):
+        self.captures += 1
+        StandInGraphs.capturing = True
+        try:
+            out = fn()
+        except Exception:
+            for g in self.generators(registered):
+                g.manual_seed(999)
+            raise
+        finally:
+            StandInGraphs.capturing = False
+        return _StandInGraph(self, fn, out), out
+
+
+class _StandInGraph:
+    def __init__(self, owner, fn, out):
+        self.owner, self.fn, self.out, self.first = owner, fn, out, True
+
+    def replay(self):
+        self.owner.replays += 1
+        if self.first:
+            self.first = False
+            return
+        for k, v in self.fn().items():
+            self.out[k].copy_(v)
+
+
+class _CaptureSensitive(torch.nn.Module):
+    """A model whose forward fails while the stand-in captures with ``fail`` set."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        if StandInGraphs.capturing and StandInGraphs.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return self.net(x, t)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(fastat.engine, "CudaGraphs", StandInGraphs)
+    StandInGraphs.made, StandInGraphs.fail = [], False
+    yield StandInGraphs
+    StandInGraphs.fail = False
+
+
+def make(graph, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = _CaptureSensitive(MLP(3, hidden=32, depth=2, time_dim=16))
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv", budget=Budget(r_min=0.1, r_scale=0.2))
+    gen = torch.Generator().manual_seed(seed + 1)
+    logs = []
+    eng = StepEngine(model, obj, generator=gen, lr=1e-3, ema_decay=0.9, graph=graph, warmup_steps=2,
+                     log=logs.append, **kw)  # fmt: skip
+    return eng, logs
+
+
+def batches(n, seed=5, nan_at=()):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(16, 3, generator=g) for _ in range(n)]
+    for i in nan_at:
+        xs[i][3, 1] = float("nan")
+    return xs
+
+
+def run(eng, xs):
+    return [
+        {k: v.clone() for k, v in eng.step(x, lr=1e-3 * (i + 1) / len(xs)).items()} for i, x in enumerate(xs)
+    ]
+
+
+def assert_same_state(a, b):
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(a.ema.module.parameters(), b.ema.module.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(sa[k][name], sb[k][name]), name
+    assert torch.equal(a.skip_streak, b.skip_streak) and a.ema.num_updates == b.ema.num_updates
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
+def test_captured_step_replays_the_eager_step(stand_in):
+    xs = batches(7, nan_at=(4,))
+    ref, _ = make(graph=False)
+    eng, logs = make(graph=True)
+    assert eng.mode == "eager+graph" and ref.mode == "eager"
+    s_ref, s_eng = run(ref, xs[:6]), []
+    for i, x in enumerate(xs[:6]):
+        out = eng.step(x, lr=1e-3 * (i + 1) / 6)
+        if i >= 2:  # warm-up steps 0 and 1; captured at step 2, replayed since
+            assert out is eng._static_stats
+        s_eng.append({k: v.clone() for k, v in out.items()})
+    (backend,) = stand_in.made
+    assert backend.captures == 1 and backend.replays == 4 and not logs
+    for a, b in zip(s_ref, s_eng, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert [float(s["skipped"]) for s in s_eng] == [0, 0, 0, 0, 1, 0]
+    assert_same_state(ref, eng)
+    # a batch of another shape runs uncaptured (said once), and the run stays the reference's
+    odd = xs[6][:9]
+    torch.testing.assert_close(eng.step(odd, 1e-3)["loss"], ref.step(odd, 1e-3)["loss"], rtol=0, atol=0)
+    assert backend.replays == 4 and len(logs) == 1 and "does not fit the captured step" in logs[0]
+    assert_same_state(ref, eng)
+
+
+def test_failed_capture_restores_every_generator_and_runs_uncaptured(stand_in):
+    stand_in.fail = True
+    xs = batches(5, nan_at=(3,))
+    ref, _ = make(graph=False)
+    eng, logs = make(graph=True)
+    s_ref, s_eng = run(ref, xs), run(eng, xs)
+    (backend,) = stand_in.made
+    assert backend.captures == 1 and backend.replays == 0
+    assert eng.mode == "eager" and len(logs) == 1, logs
+    assert "CUDA-graph capture failed" in logs[0] and "operation not permitted" in logs[0]
+    for a, b in zip(s_ref, s_eng, strict=True):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert_same_state(ref, eng)  # the objective's generator continued from where it was
+    assert torch.equal(backend.default_generator.get_state(), torch.Generator().manual_seed(123).get_state())
+
+
+def test_capture_failure_that_cannot_be_repaired_stops_with_one_line(stand_in, monkeypatch):
+    stand_in.fail = True
+
+    def broken_randint(*a, **k):
+        raise RuntimeError("Attempt to increment an offset while capturing\nmore detail")
+
+    eng, logs = make(graph=True)
+    xs = batches(3)
+    run(eng, xs[:2])
+    monkeypatch.setattr(torch, "randint", broken_randint)  # the generator stays unusable after restore
+    with pytest.raises(CaptureError) as info:
+        eng.step(xs[2], 1e-3)
+    msg = str(info.value)
+    assert (
+        "\n" not in msg
+        and "generator unusable" in msg
+        and "--no-fast" in msg
+        and "increment an offset" in msg
+    )
+
+
+def test_generator_snapshot_restores_state():
+    g = torch.Generator().manual_seed(7)
+    snap = GeneratorSnapshot([g, g])
+    first = torch.rand(4, generator=g)
+    g.manual_seed(0)
+    snap.restore()
+    assert torch.equal(torch.rand(4, generator=g), first)
+
+
+def test_cuda_graphs_refuses_a_cpu_device():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        StepEngine(MLP(3, hidden=8, depth=1, time_dim=8), ATObjective(), generator=torch.Generator(), lr=1e-3,
+                   graph=True)  # fmt: skip

@@ -1,3 +1,10 @@
+import os
+
+# Before torch starts its OpenMP threads: on a busy shared CPU, spinning workers (the default policy)
+# made small steps 10-100x slower (test_run_bench_reports_all_runs: 124 s against 1 s). fastat's CLI
+# sets the same default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ._errors import DatasetError
+from .decode import IMAGE_EXTENSIONS, decode_image
+from .decode import READ_ERRORS as _READ_ERRORS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-_READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
@@ -201,19 +201,9 @@ class ImageFolder(Dataset):
             raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
     def read(self, path: str | os.PathLike) -> torch.Tensor:
-        """One image file -> float32 ``(3, image_size, image_size)`` in ``[-1, 1]``."""
-        s = self.image_size
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            w, h = im.size
-            scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - s) // 2, (nh - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            arr = np.asarray(im, dtype=np.uint8).copy()
-        return uint8_to_float(torch.from_numpy(arr).permute(2, 0, 1))
+        """One image file -> float32 ``(3, image_size, image_size)`` in ``[-1, 1]`` (see
+        :func:`fastat.data.decode.decode_image` for the conversion of modes and bit depths)."""
+        return uint8_to_float(torch.from_numpy(decode_image(path, self.image_size)))
 
 
 # -- everything as one tensor ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -133,8 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     s.set_defaults(func=cmd_sample)
 
+    pr = sub.add_parser(
+        "prepare",
+        help="decode an image folder or CIFAR-10 once into a prepared uint8 dataset",
+        description=(
+            "Decode every image under SRC (recursive; any PIL format, converted to RGB by meaning) or "
+            "CIFAR-10 (SRC = cifar10) once: short side resized to --image-size, centre crop, uint8 .npy "
+            "shards and a manifest in --out, in parallel over all cores. Unreadable files are skipped and "
+            "counted. Re-running a finished prepare does nothing; an interrupted one continues."
+        ),
+    )
+    pr.add_argument("src", metavar="SRC", help="image folder, or cifar10")
+    pr.add_argument("--image-size", type=int, required=True, help="output images are N x N")
+    pr.add_argument("--out", required=True, metavar="DIR", help="the prepared dataset folder")
+    pr.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    pr.add_argument("--data-root", default="data", help="torchvision root for cifar10 (default: data)")
+    pr.add_argument("--no-download", action="store_true", help="cifar10: do not download a missing copy")
+    pr.add_argument("--verify", action="store_true", help="then re-read the result and check its checksums")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_prepare)
+
     # listed for --help; main() hands "fastat bench ..." to fastat.bench's own parser
-    sub.add_parser("bench", help="time naive eager AT, fastat's AT step and its DDPM step (fastat bench --help)")
+    sub.add_parser(
+        "bench",
+        help="time naive eager AT, fastat's AT step and its DDPM step (fastat bench --help); "
+        "fastat bench data DIR: loader throughput",
+    )
 
     from fastat.eval.cli import add_eval_parser  # argparse only: no torch at import
 
@@ -278,6 +303,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- prepare -------------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fastat.data import prepare
+
+    t0 = time.perf_counter()
+    ds = prepare(args.src, args.out, args.image_size, data_root=args.data_root, download=not args.no_download,
+                 workers=args.workers, progress=not args.no_progress,
+                 log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
+    if args.verify:
+        ds.verify()
+    m = ds.manifest
+    print(
+        f"{ds.root}: {len(ds)} images {'x'.join(map(str, ds.shape))} uint8 ({ds.nbytes / 1e9:.2f} GB) in "
+        f"{len(m['shards'])} shard(s); skipped {m.get('num_skipped', 0)} of {m.get('num_files', len(ds))} "
+        f"files; "
+        f"{time.perf_counter() - t0:.1f} s{'; checksums verified' if args.verify else ''}"
+    )
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------------------
 
 
@@ -301,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser and options (argparse cannot forward leading options)
+        if argv[1:2] == ["data"]:
+            return _run_bench_data(argv[2:])
         from fastat.bench import main as bench_main
 
         try:
@@ -336,6 +385,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastat: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run_bench_data(argv: list[str]) -> int:
+    from fastat.bench_data import main as bench_data_main
+    from fastat.checkpoint import CheckpointError
+    from fastat.data import DatasetError
+
+    try:
+        return bench_data_main(argv, prog="fastat bench data", parser_class=_Parser)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (ConfigError, DatasetError, CheckpointError, ValueError) as e:
+        print(f"fastat: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _one_line(e: BaseException) -> str:

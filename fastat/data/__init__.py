@@ -19,14 +19,31 @@ from pathlib import Path
 import torch
 
 from ._errors import DatasetError, derive_seed
-from .corrupt import OUTLIER_KINDS, CorruptedData, corrupt
+from .corrupt import OUTLIER_KINDS, CorruptedData, IndexedCorruption, corrupt
+from .decode import decode_image
 from .images import IMAGE_EXTENSIONS, ImageFolder, TensorImages, cifar10, load_tensor, to_unit
 from .known import GMM2D, KNOWN, KnownDistribution, Plane3D, Subspace, known_dataset
 from .loader import TensorLoader
+from .order import EpochOrder
+from .placement import PLACEMENTS, Batch, ImageTransform, MemoryImages, choose_placement, image_loader
+from .preparation import prepare
+from .prepared import PreparedImages, is_prepared
 
 DATASETS = KNOWN + ("cifar10",)
 
 __all__ = [
+    "PLACEMENTS",
+    "Batch",
+    "EpochOrder",
+    "ImageTransform",
+    "IndexedCorruption",
+    "MemoryImages",
+    "PreparedImages",
+    "choose_placement",
+    "decode_image",
+    "image_loader",
+    "is_prepared",
+    "prepare",
     "DATASETS",
     "GMM2D",
     "IMAGE_EXTENSIONS",

@@ -1,0 +1,279 @@
+"""The prepared image format: uint8 ``(C, H, W)`` images in plain ``.npy`` shards with a JSON manifest.
+
+    ds = PreparedImages.open("data/celeba64")       # checks the manifest and every shard's size
+    out = torch.empty(128, *ds.shape, dtype=torch.uint8)
+    ds.read_into(torch.tensor([5, 0, 4711, ...]), out)   # one positioned read per image
+    ds.verify()                                     # recompute the checksums (reads everything)
+
+Layout of a prepared folder (written by :func:`fastat.data.preparation.prepare`)::
+
+    DIR/manifest.json        format, version, count, shape, image_size, shard_size, shards (file, count,
+                             blake2b of the pixel bytes), checksum (of the shard digests), source,
+                             skipped files (count and the first names), fastat version, date
+    DIR/shard-00000.npy      a standard .npy array (count, C, H, W) uint8: np.load(f, mmap_mode="r") reads it
+    DIR/shard-00001.npy      every shard holds shard_size images except the last
+
+Reads are ``os.preadv`` calls straight into the caller's (pinned) buffer: no memory map, so streaming a
+set much larger than RAM does not grow the process's resident memory (pages of a mapped file count in
+its RSS), a truncated file is a clean error instead of a SIGBUS, and reads release the GIL (loader
+threads run in parallel). The manifest is written last, so a folder without one is not a prepared set.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._errors import DatasetError
+
+__all__ = ["FORMAT", "MANIFEST", "PreparedImages", "is_prepared", "npy_header", "read_manifest"]
+
+FORMAT, VERSION = "fastat-prepared", 1
+MANIFEST = "manifest.json"
+HEADER_BYTES = 128  # our shards' .npy header length (any valid .npy header is read)
+
+
+def npy_header(shape: tuple[int, ...], dtype: str = "|u1", total: int = HEADER_BYTES) -> bytes:
+    """A .npy (version 1.0) header of exactly ``total`` bytes, so it can be rewritten in place once
+    the final row count is known."""
+    d = f"{{'descr': {dtype!r}, 'fortran_order': False, 'shape': {tuple(int(s) for s in shape)!r}, }}"
+    pad = total - 10 - len(d) - 1
+    if pad < 0:
+        raise ValueError(f"shape {shape} does not fit a {total}-byte .npy header")
+    body = (d + " " * pad + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
+    """``(shape, descr, data offset)`` of the .npy file at ``path`` (DatasetError if it is not one)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+            if head[:6] != b"\x93NUMPY":
+                raise ValueError("not a .npy file")
+            major = head[6]
+            if major == 1:
+                n = int.from_bytes(head[8:10], "little")
+                offset = 10 + n
+            elif major in (2, 3):
+                n = int.from_bytes(head[8:10] + f.read(2), "little")
+                offset = 12 + n
+            else:
+                raise ValueError(f"unknown .npy version {major}")
+            f.seek(offset - n)
+            d = ast.literal_eval(f.read(n).decode("latin1"))
+        if not isinstance(d, dict) or d.get("fortran_order") or "shape" not in d:
+            raise ValueError("unsupported .npy header")
+        return tuple(int(s) for s in d["shape"]), str(d["descr"]), offset
+    except OSError as e:
+        raise DatasetError(f"cannot read shard {path}: {e.strerror or e}") from None
+    except (ValueError, SyntaxError, KeyError, TypeError) as e:
+        raise DatasetError(f"shard {path} is not a valid .npy file ({e}); prepare the set again") from None
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of the prepared folder ``root`` (DatasetError if absent or malformed)."""
+    path = Path(root).expanduser() / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path.parent} is not a prepared dataset (no {MANIFEST})") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise DatasetError(f"{path} is not a fastat prepared-dataset manifest")
+    if m.get("version") != VERSION:
+        raise DatasetError(
+            f"{path} has format version {m.get('version')}; this fastat reads version {VERSION}"
+        )
+    return m
+
+
+def is_prepared(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a folder holding a prepared-dataset manifest."""
+    return (Path(root).expanduser() / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    count: int
+    offset: int  # byte offset of the first image
+    digest: str
+
+
+class PreparedImages:
+    """A prepared folder, opened for reading: ``len(ds)`` images of shape ``ds.shape`` (uint8).
+
+    Thread-safe: reads are positioned (``preadv``), file descriptors are opened once and shared.
+    """
+
+    def __init__(self, root: Path, manifest: dict, shards: list[_Shard]) -> None:
+        self.root, self.manifest, self._shards = root, manifest, shards
+        self.shape: tuple[int, int, int] = tuple(manifest["shape"])  # type: ignore[assignment]
+        self.count = int(manifest["count"])
+        self.shard_size = int(manifest["shard_size"])
+        self.image_size = int(manifest["image_size"])
+        self.source = str(manifest.get("source", ""))
+        self.row_bytes = int(np.prod(self.shape))
+        self._fds: list[int | None] = [None] * len(shards)
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | os.PathLike, image_size: int | None = None) -> PreparedImages:
+        """Open the prepared folder ``root``; check the manifest, each shard's header and file size
+        (a truncated or missing shard is a :class:`DatasetError` naming it) and, if given, that the
+        images are ``image_size`` pixels square."""
+        root = Path(root).expanduser()
+        m = read_manifest(root)
+        try:
+            shape = tuple(int(s) for s in m["shape"])
+            count, shard_size = int(m["count"]), int(m["shard_size"])
+            entries = [(str(s["file"]), int(s["count"]), str(s.get("blake2b", ""))) for s in m["shards"]]
+            if len(shape) != 3 or count < 1 or shard_size < 1 or m.get("dtype") != "uint8":
+                raise ValueError("bad shape, count, shard_size or dtype")
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"the manifest of {root} is malformed ({e}); prepare the set again") from None
+        if image_size is not None and shape[1:] != (image_size, image_size):
+            raise DatasetError(
+                f"{root} holds {shape[1]}x{shape[2]} images, not {image_size}x{image_size} (--image-size); "
+                f"prepare it again with --image-size {image_size} into another folder, or drop --image-size"
+            )
+        if sum(c for _, c, _ in entries) != count or any(c != shard_size for _, c, _ in entries[:-1]):
+            raise DatasetError(
+                f"the manifest of {root} lists inconsistent shard counts; prepare the set again"
+            )
+        row = int(np.prod(shape))
+        shards = []
+        for name, c, digest in entries:
+            path = root / name
+            if not path.is_file():
+                raise DatasetError(f"shard {path} is missing; prepare the set again")
+            s_shape, descr, offset = _read_npy_header(path)
+            if s_shape != (c, *shape) or descr not in ("|u1", "<u1", ">u1", "u1"):
+                raise DatasetError(
+                    f"shard {path} holds {descr} {s_shape}, the manifest says uint8 {(c, *shape)}"
+                )
+            size, want = path.stat().st_size, offset + c * row
+            if size < want:
+                raise DatasetError(
+                    f"shard {path} is truncated ({size} bytes, expected {want}); prepare the set again"
+                )
+            shards.append(_Shard(path, c, offset, digest))
+        return cls(root, m, shards)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.row_bytes
+
+    def __repr__(self) -> str:
+        return f"PreparedImages({str(self.root)!r}, count={self.count}, shape={self.shape})"
+
+    def _fd(self, s: int) -> int:
+        fd = self._fds[s]
+        if fd is None:
+            try:
+                fd = os.open(self._shards[s].path, os.O_RDONLY)
+            except OSError as e:
+                raise DatasetError(f"cannot open shard {self._shards[s].path}: {e.strerror or e}") from None
+            self._fds[s] = fd
+        return fd
+
+    def close(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None
+
+    def __del__(self) -> None:  # file descriptors only; nothing to flush
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _pread(self, s: int, view: memoryview, offset: int) -> None:
+        got = os.preadv(self._fd(s), [view], offset)
+        if got != len(view):
+            raise DatasetError(
+                f"shard {self._shards[s].path} ended early (read {got} of {len(view)} bytes at {offset}); "
+                f"prepare the set again"
+            )
+
+    def read_into(self, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Images ``index`` (int64 ``(B,)``, any order) into ``out`` (contiguous CPU uint8
+        ``(B, C, H, W)``, e.g. pinned); returns ``out``."""
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError("out must be a contiguous CPU uint8 tensor")
+        if tuple(out.shape) != (index.shape[0], *self.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(index.shape[0], *self.shape)}")
+        buf = memoryview(out.numpy()).cast("B")
+        row, k = self.row_bytes, self.shard_size
+        for j, i in enumerate(index.tolist()):
+            if not 0 <= i < self.count:
+                raise IndexError(f"image {i} out of range for {self.count} images")
+            s, r = divmod(i, k)
+            self._pread(s, buf[j * row : (j + 1) * row], self._shards[s].offset + r * row)
+        return out
+
+    def read_range(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``start:stop`` (contiguous reads, shard by shard) into ``out`` or a new tensor."""
+        start, stop = max(0, start), min(stop, self.count)
+        n = max(0, stop - start)
+        if out is None:
+            out = torch.empty((n, *self.shape), dtype=torch.uint8)
+        elif tuple(out.shape) != (n, *self.shape) or out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous uint8 {(n, *self.shape)}")
+        buf = memoryview(out.numpy()).cast("B")
+        row, k, i = self.row_bytes, self.shard_size, start
+        chunk = max(1, (64 << 20) // row)  # at most 64 MiB per read call
+        while i < stop:
+            s, r = divmod(i, k)
+            m = min(stop - i, self._shards[s].count - r, chunk)
+            j = i - start
+            self._pread(s, buf[j * row : (j + m) * row], self._shards[s].offset + r * row)
+            i += m
+        return out
+
+    def blocks(self, block: int = 1024):
+        """Yield ``(start, uint8 block)`` over the whole set, in order."""
+        for i in range(0, self.count, block):
+            yield i, self.read_range(i, i + block)
+
+    def verify(self, progress=None) -> None:
+        """Recompute every shard's blake2b and the manifest checksum (reads the whole set);
+        DatasetError naming the first shard that differs. ``progress(nbytes)`` is called per chunk."""
+        digests = []
+        for s, shard in enumerate(self._shards):
+            h = hashlib.blake2b(digest_size=16)
+            left, pos = shard.count * self.row_bytes, shard.offset
+            while left:
+                data = os.pread(self._fd(s), min(left, 16 << 20), pos)
+                if not data:
+                    raise DatasetError(f"shard {shard.path} ended early; prepare the set again")
+                h.update(data)
+                left, pos = left - len(data), pos + len(data)
+                if progress is not None:
+                    progress(len(data))
+            if shard.digest and h.hexdigest() != shard.digest:
+                raise DatasetError(f"shard {shard.path} does not match its checksum; prepare the set again")
+            digests.append(h.hexdigest())
+        if self.manifest.get("checksum") and set_checksum(self.shape, digests) != self.manifest["checksum"]:
+            raise DatasetError(f"{self.root}: the manifest checksum does not match its shards")
+
+
+def set_checksum(shape: tuple[int, ...], shard_digests: list[str]) -> str:
+    """The checksum of a whole prepared set: blake2b of its shape and its shards' digests, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([list(shape), list(shard_digests)]).encode())
+    return h.hexdigest()

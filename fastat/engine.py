@@ -3,6 +3,10 @@
     engine = StepEngine(model, objective, generator=g, lr=2e-4, fast=True)
     stats = engine.step(x0, lr)          # device tensors; engine.optimizer / engine.ema for checkpoints
 
+``x0`` is the float batch, or whatever the data loader hands out (e.g. a tuple of uint8 images, indices
+and flips) when ``prepare_batch`` turns that into the float batch: it is then the first thing the step
+does, so it is captured with the step, and the static input buffers keep the loader's dtypes.
+
 A step is: ATObjective (noise kernel -> model -> attack gradient -> PGD kernel -> model -> fused loss)
 -> backward -> gradient norm (and clipping) -> fused AdamW -> EMA update. Every mode runs the same step
 body, the one a CUDA graph captures: the learning rate and the EMA weight are 0-dim device tensors filled
@@ -46,6 +50,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fastat.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.ema import EMA
@@ -100,8 +105,10 @@ class StepEngine:
         compile_mode: str | None = None,  # torch.compile mode (None: the default)
         warmup_steps: int = 3,  # uncaptured steps before the CUDA graph is captured (>= 1)
         log: Callable[[str], None] = print,
+        prepare_batch: Callable | None = None,  # loader batch -> float x0, at the start of the step
     ) -> None:
         self.model, self.objective, self.generator = model, objective, generator
+        self.prepare_batch = prepare_batch
         self.device = next(model.parameters()).device
         self.clip, self.precision, self.fast = clip, precision, fast
         self.log = log
@@ -129,7 +136,7 @@ class StepEngine:
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 self._fallback(f"torch.compile failed ({type(e).__name__}: {e})")
         self._graph = None
-        self._static_x0: torch.Tensor | None = None
+        self._static_x0 = None  # the captured step's input: x0's structure, dtypes and shapes
         self._static_stats: dict[str, torch.Tensor] | None = None
         self._odd_batch_logged = False
         self.steps_done = 0
@@ -153,7 +160,7 @@ class StepEngine:
         if self.use_graph and self._graph is None and self.steps_done > self.warmup_steps:
             self._capture(x0)
         if self._graph is not None and self._fits_graph(x0):
-            self._static_x0.copy_(x0)
+            tree_map(lambda dst, src: dst.copy_(src), self._static_x0, x0)
             self._graph.replay()
             self.ema.num_updates += 1
             return self._static_stats
@@ -192,6 +199,8 @@ class StepEngine:
         """The step itself; what a CUDA graph captures (the backward then allocates the gradients in the
         graph's memory pool)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.prepare_batch is not None:
+            x0 = self.prepare_batch(x0)
         with self._autocast():
             out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward)
         out.loss.backward()
@@ -220,20 +229,24 @@ class StepEngine:
         self.compile_seconds = time.perf_counter() - t0
         return stats
 
-    def _fits_graph(self, x0: torch.Tensor) -> bool:
-        s = self._static_x0
-        if x0.shape == s.shape and x0.dtype == s.dtype and x0.device == s.device:
+    def _fits_graph(self, x0) -> bool:
+        (got, spec), (want, spec_s) = tree_flatten(x0), tree_flatten(self._static_x0)
+        same = spec == spec_s and all(
+            (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+            for a, b in zip(got, want, strict=True)
+        )
+        if same:
             return True
         if not self._odd_batch_logged:
             self._odd_batch_logged = True
-            self.log(f"fastat: a batch of shape {tuple(x0.shape)} does not fit the captured step "
-                     f"({tuple(s.shape)}); such batches run uncaptured")  # fmt: skip
+            self.log(f"fastat: a batch of shape {tuple(got[0].shape)} does not fit the captured step "
+                     f"({tuple(want[0].shape)}); such batches run uncaptured")  # fmt: skip
         return False
 
     def _capture(self, x0: torch.Tensor) -> None:
         t0 = time.perf_counter()
         self._graphs.synchronize()
-        self._static_x0 = x0.detach().clone()
+        self._static_x0 = tree_map(lambda t: t.detach().clone(), x0)
         try:
             self._graph, self._static_stats = capture_safely(
                 self._graphs, lambda: self._body(self._static_x0), [self.generator]

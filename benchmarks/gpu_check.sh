@@ -20,12 +20,23 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log
 
 echo "== tests (CUDA) ==" | tee -a "$OUT/summary.txt"
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_ops.py \
-  tests/test_objective.py tests/test_engine.py 2>&1 | tee "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
+  tests/test_objective.py tests/test_engine.py tests/test_train_images.py tests/test_placement.py 2>&1 | tee "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernels ==" | tee -a "$OUT/summary.txt"
 timeout 180 python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee -a "$OUT/summary.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== data loader (fastat bench data, synthetic prepared sets) ==" | tee -a "$OUT/summary.txt"
+for spec in "32 200000" "256 8000"; do
+  set -- $spec
+  timeout 240 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from bench_storage import make_npy; make_npy(Path('/tmp/fastat-loader-$1'), $2, $1)" &&
+  timeout 120 python3 -m fastat bench data "/tmp/fastat-loader-$1" --seconds 5 --json "$OUT/loader-$1.json" \
+    2>&1 | tee -a "$OUT/summary.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  rm -rf "/tmp/fastat-loader-$1"
+done
 
 if [ -f benchmarks/bench_step.sh ]; then
   echo "== training step ==" | tee -a "$OUT/summary.txt"

@@ -52,6 +52,7 @@ def bench_loader(images, placement: str, *, batch_size: int, device: torch.devic
                  warmup: int = 5, workers: int = 2, prefetch: int = 4, seed: int = 0) -> dict:  # fmt: skip
     """Throughput and memory of one placement (see the module docstring)."""
     from fastat.data import image_loader
+    from fastat.metrics import peak_rss_mb
 
     peak_reset = _reset_peak()
     rss0 = _status_mb("VmRSS")
@@ -79,7 +80,7 @@ def bench_loader(images, placement: str, *, batch_size: int, device: torch.devic
         "batches": n,
         "seconds": round(dt, 2),
         "rss_before_mb": round(rss0),
-        "rss_peak_mb": round(_status_mb("VmHWM")) if peak_reset else None,
+        "rss_peak_mb": round(peak_rss_mb()) if peak_reset else None,
         "rss_end_mb": round(_status_mb("VmRSS")),
     }
 

@@ -33,7 +33,16 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 # flag -> config key (the flags that override the YAML file)
 TRAIN_FLAGS = {
-    "dataset": ("data.dataset", str, "dataset: gmm2d | plane3d | subspace | cifar10 | image folder path"),
+    "dataset": (
+        "data.dataset",
+        str,
+        "dataset: gmm2d | plane3d | subspace | cifar10 | prepared folder (fastat prepare) | image folder",
+    ),
+    "data_placement": (
+        "data.placement",
+        str,
+        "real images: auto | device (uint8 set on the device) | stream (read ahead from disk)",
+    ),
     "data_root": ("data.data_root", str, "torchvision root for cifar10 (default: data)"),
     "image_size": ("data.image_size", int, "image size (required for folders; resizes others)"),
     "corrupt_frac": ("data.corrupt_frac", float, "fraction of training samples made noisy (default 0.9)"),

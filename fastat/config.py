@@ -44,9 +44,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """What to train on (see :func:`fastat.data.build_dataset`)."""
 
-    dataset: str = "subspace"  # gmm2d | plane3d | subspace | cifar10 | path of an image folder
+    dataset: str = "subspace"  # gmm2d | plane3d | subspace | cifar10 | a prepared folder | an image folder
     data_root: str = "data"  # torchvision root for cifar10
-    image_size: int | None = None  # resize images (required for folders; subspace: H = W)
+    image_size: int | None = None  # required for image folders (prepared ones: must match); subspace: H = W
     n: int = 4096  # known distributions: number of training samples
     max_items: int | None = None  # cifar10 / folders: use the first max_items images
     download: bool = True  # cifar10: fetch it when missing
@@ -56,7 +56,11 @@ class DataConfig:
     outliers: float = 0.0  # fraction of samples replaced by outliers
     outlier_kind: str = "uniform"  # uniform | gaussian
     flip: bool | None = None  # random horizontal flips; None: on for real images, off otherwise
-    num_workers: int = 0  # image-folder decoding workers (loading happens once, up front)
+    num_workers: int = 0  # stream placement: loader threads; preparing a folder: processes (0: 2 / all cores)
+    placement: str = "auto"  # real images: auto | device (uint8 set on the device) | stream (read ahead)
+    device_budget_gb: float | None = None  # auto: device if the set fits this (None: 25% of free memory)
+    prefetch: int = 4  # stream placement: batches read ahead
+    cache_dir: str | None = None  # prepared copies of image folders (None: $FASTAT_CACHE or ~/.cache/fastat)
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value; return ``self`` or raise :class:`ConfigError` with one line."""
         from fastat.budget import SPACES
-        from fastat.data import DATASETS, OUTLIER_KINDS
+        from fastat.data import DATASETS, OUTLIER_KINDS, PLACEMENTS, is_prepared
         from fastat.kernels.pgd import NORMS
         from fastat.models import MODEL_NAMES
         from fastat.objective import LAM_SCALES, MODES
@@ -229,6 +233,10 @@ class TrainConfig:
         if d.max_items is not None:
             _positive_int(d.max_items, "data.max_items")
         _nonneg_int(d.num_workers, "data.num_workers")
+        _one_of(d.placement, PLACEMENTS, "data.placement (--data-placement)")
+        if d.device_budget_gb is not None:
+            _nonneg(d.device_budget_gb, "data.device_budget_gb")
+        _positive_int(d.prefetch, "data.prefetch")
         if d.dataset not in DATASETS:
             folder = Path(d.dataset).expanduser()
             if not folder.exists():
@@ -238,7 +246,7 @@ class TrainConfig:
                 )
             if not folder.is_dir():
                 raise ConfigError(f"data.dataset {d.dataset!r} is a file, not a folder of images")
-            if d.image_size is None:
+            if d.image_size is None and not is_prepared(folder):
                 raise ConfigError(
                     f"data.image_size (--image-size) is required for the image folder {d.dataset!r}"
                 )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["METRICS_FILE", "MetricsLog", "StatsAccumulator", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsLog", "StatsAccumulator", "peak_rss_mb", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -123,3 +123,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if p.is_dir():
         p = p / METRICS_FILE
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MB (``VmHWM``; NaN where ``/proc`` has none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -8,7 +8,7 @@ data, the :class:`TrainState` (model, step engine, batches, generator) and resto
 checkpoint, writes the config, and hands over to :func:`training_loop`, which reads top to bottom::
 
     while step < steps:
-        x0 = batches.next_batch()                    # a batch on the device
+        x0 = batches.next_batch()                    # a batch on the device (images: uint8, see below)
         stats = train_step(engine, x0, lr=...)       # device statistics, no host sync
         interval.add(stats)                          # device sums
         if log step:    run.log(interval.pop())      # the interval's one host sync
@@ -50,9 +50,21 @@ from fastat.checkpoint import (
     load_weights,
 )
 from fastat.config import ConfigError, TrainConfig, _plain
-from fastat.data import DATASETS, KNOWN, DatasetError, TensorLoader, TrainingData, build_dataset, derive_seed
+from fastat.data import (
+    DATASETS,
+    KNOWN,
+    DatasetError,
+    TensorLoader,
+    TrainingData,
+    build_dataset,
+    derive_seed,
+    image_loader,
+    is_prepared,
+    read_manifest,
+)
+from fastat.data.placement import DeviceImages, StreamImages
 from fastat.engine import StepEngine
-from fastat.metrics import StatsAccumulator
+from fastat.metrics import StatsAccumulator, peak_rss_mb
 from fastat.models import build_model
 from fastat.run_folder import CONFIG_FILE, RunFolder
 from fastat.samples import generate, write_samples
@@ -141,6 +153,15 @@ def data_shape(cfg: TrainConfig) -> tuple[str, tuple[int, ...]]:
         )
         dist = known_dataset(d.dataset, **kw)
         return dist.kind, tuple(dist.sample_shape)
+    if d.dataset != "cifar10" and is_prepared(d.dataset):
+        shape = tuple(read_manifest(d.dataset)["shape"])
+        if d.image_size is not None and shape[1:] != (d.image_size, d.image_size):
+            raise ConfigError(
+                f"--dataset {d.dataset} holds {shape[1]}x{shape[2]} images, not "
+                f"{d.image_size}x{d.image_size} (--image-size); drop --image-size, or prepare the source "
+                f"again at that size"
+            )
+        return "image", shape
     size = d.image_size or (32 if d.dataset == "cifar10" else None)
     if size is None:  # validate() requires image_size for folders
         raise ConfigError(f"data.image_size (--image-size) is required for the image folder {d.dataset!r}")
@@ -234,7 +255,9 @@ def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainCon
     return finalize(cfg), ckpt
 
 
-def build_training_data(cfg: TrainConfig) -> TrainingData:
+def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingData:
+    """The run's training data (:func:`fastat.data.build_dataset`); an image folder is prepared into
+    the cache first if needed (with a progress bar)."""
     d = cfg.data
     td = build_dataset(
         d.dataset,
@@ -249,6 +272,10 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
         noise_sigma=d.corrupt_sigma,
         outliers=d.outliers,
         outlier_kind=d.outlier_kind,
+        cache_dir=d.cache_dir,
+        progress=progress,
+        log=lambda msg: tqdm.write(msg, file=sys.stderr),
+        min_items=cfg.run.batch_size,
     )
     if len(td) == 0:
         raise DatasetError(f"dataset {d.dataset!r} is empty")
@@ -283,7 +310,7 @@ class TrainState:
 
     model: nn.Module
     engine: StepEngine
-    batches: TensorLoader
+    batches: TensorLoader | DeviceImages | StreamImages
     generator: torch.Generator
     device: torch.device
     extra: dict = field(default_factory=dict)
@@ -328,10 +355,26 @@ class TrainState:
         return ckpt.step
 
 
-def build_batches(cfg: TrainConfig, td: TrainingData, device: torch.device) -> TensorLoader:
-    """The loop's batch source: ``next_batch()`` on the device, ``state_dict()`` for exact resume."""
-    flip = cfg.data.flip if cfg.data.flip is not None else (td.kind == "image" and td.known is None)
-    return TensorLoader(td.data, cfg.run.batch_size, generator_seed=cfg.run.seed, device=device, flip=flip)
+def build_batches(
+    cfg: TrainConfig, td: TrainingData, device: torch.device, *, rank: int = 0, world_size: int = 1
+) -> TensorLoader | DeviceImages | StreamImages:
+    """The loop's batch source: ``next_batch()`` on the device, ``state_dict()`` for exact resume.
+
+    Known sets: a :class:`TensorLoader` of float data. Real images: :func:`fastat.data.image_loader`
+    (uint8 batches, ``data.placement`` auto | device | stream; the choice and its reason go to the log),
+    whose ``transform`` the step applies. ``batch_size`` is global; this rank gets its share."""
+    d, r = cfg.data, cfg.run
+    flip = d.flip if d.flip is not None else (td.kind == "image" and td.known is None)
+    if td.images is None:
+        return TensorLoader(td.data, r.batch_size, generator_seed=r.seed, device=device, flip=flip, rank=rank,
+                            world_size=world_size)  # fmt: skip
+    budget = None if d.device_budget_gb is None else int(d.device_budget_gb * 1e9)
+    loader = image_loader(td.images, r.batch_size, seed=r.seed, device=device, placement=d.placement,
+                          flip=flip, corruption=td.corruption, rank=rank, world_size=world_size,
+                          workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget)  # fmt: skip
+    tqdm.write(f"fastat: data: {len(td.images)} images {'x'.join(map(str, td.images.shape))} on {device}, "
+               f"placement {loader.placement}: {loader.reason}", file=sys.stderr)  # fmt: skip
+    return loader
 
 
 def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra: dict) -> TrainState:
@@ -352,6 +395,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
         precision=resolve_precision(r.precision, device),
         fast=device.type == "cuda" if r.fast is None else r.fast,
         log=lambda msg: tqdm.write(msg, file=sys.stderr),
+        prepare_batch=getattr(batches, "transform", None),  # uint8 image batches -> float, in the step
     )  # fmt: skip
     return TrainState(model, engine, batches, generator, device, extra)
 
@@ -509,7 +553,8 @@ def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainStat
     """Read the interval's statistics (its one host sync), write them, and stop (TrainingError) when the
     loss is not finite."""
     op = cfg.optim
-    means = interval.pop(step, lr=lr_at(step - 1, op.lr, op.warmup), epoch=state.batches.epoch)
+    means = interval.pop(step, lr=lr_at(step - 1, op.lr, op.warmup), epoch=state.batches.epoch,
+                         rss_peak_mb=peak_rss_mb())  # fmt: skip
     run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
     if not math.isfinite(means["loss"]):
@@ -584,9 +629,12 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         if ckpt is not None:
             _check_compatible(ckpt, spec, info)
         state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info})
-        start = state.restore(ckpt) if ckpt is not None else 0
-        run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
-        return training_loop(run, state, cfg, td, start=start, progress=progress)
+        try:
+            start = state.restore(ckpt) if ckpt is not None else 0
+            run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
+            return training_loop(run, state, cfg, td, start=start, progress=progress)
+        finally:
+            state.batches.close()  # the stream placement's reader threads
 
 
 def data_info(td: TrainingData) -> dict:

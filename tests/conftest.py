@@ -15,6 +15,12 @@ DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(1,), (1, 1), (3, 5), (2, 3, 7, 5), (4, 3, 16, 16), (5, 131)]
 
 
+@pytest.fixture(autouse=True)
+def _fastat_cache(tmp_path_factory, monkeypatch):
+    """Image folders are prepared into a cache: never the user's (~/.cache/fastat) during tests."""
+    monkeypatch.setenv("FASTAT_CACHE", str(tmp_path_factory.getbasetemp() / "fastat-cache"))
+
+
 def randn(shape, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)

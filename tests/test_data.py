@@ -6,7 +6,6 @@ import io
 import math
 import pickle
 import urllib.error
-import warnings
 
 import numpy as np
 import pytest
@@ -314,7 +313,9 @@ def test_cifar10_conversion_from_local_copy(tmp_path, monkeypatch):
     torch.testing.assert_close(ds[3], expect[3])
     assert load_tensor(cifar10(tmp_path, download=False, image_size=16), max_items=3).shape == (3, 3, 16, 16)
     td = build_dataset("cifar10", data_root=tmp_path, download=False, max_items=8)
-    assert td.kind == "image" and td.data.shape == (8, 3, 32, 32) and td.known is None
+    assert td.kind == "image" and td.data is None and td.known is None and len(td) == 8
+    assert td.images.images.dtype == torch.uint8  # held as uint8, never as a float copy
+    torch.testing.assert_close(td.clean_view()[0:8], expect[:8])
 
 
 # -- the loader -------------------------------------------------------------------------------------
@@ -405,15 +406,26 @@ def test_build_dataset_known_sets():
 
 
 def test_build_dataset_folder_and_unknown(image_dir, tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        td = build_dataset(image_dir, image_size=8, noise_p=0.4, noise_sigma=0.1)
-    assert td.name == "folder" and td.kind == "image" and td.data.shape == (5, 3, 8, 8)
-    assert td.noisy_mask.sum() == 2 and td.known is None
+    notes = []
+    td = build_dataset(image_dir, image_size=8, noise_p=0.4, noise_sigma=0.1, cache_dir=tmp_path / "cache",
+                       progress=False, log=notes.append)  # fmt: skip
+    assert td.name == "folder" and td.kind == "image" and len(td) == 5 and td.sample_shape == (3, 8, 8)
+    assert td.noisy_mask.sum() == 2 and td.known is None and td.data is None
+    assert any("preparing" in n for n in notes) and any("skipped 1 unreadable" in n for n in notes)
+    cached = td.images.root
+    assert cached.parent == tmp_path / "cache" / "prepared" and cached.name.endswith("-8px")
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, log=notes.append)
+    again = build_dataset(image_dir, image_size=8, **kw)
+    assert again.images.root == cached and len(notes) == 2  # reused: not prepared twice
+    direct = build_dataset(cached, max_items=3)  # the prepared folder itself, size from its manifest
+    assert len(direct) == 3 and direct.sample_shape == (3, 8, 8)
+    clean, noisy = td.clean_view()[0:5], td.train_view()[0:5]
+    moved = (noisy - clean).flatten(1).abs().amax(1) > 0
+    assert torch.equal(moved, td.noisy_mask)  # the corruption touches exactly the noisy samples
     with pytest.raises(DatasetError, match="gmm2d, plane3d, subspace, cifar10"):
         build_dataset("imagenet")
     with pytest.raises(DatasetError, match="not a folder"):
         (tmp_path / "file.png").write_bytes(b"x")
         build_dataset(tmp_path / "file.png", image_size=8)
-    with pytest.raises(ValueError, match="image_size is required"):
+    with pytest.raises(ValueError, match="image_size .--image-size. is required"):
         build_dataset(image_dir)

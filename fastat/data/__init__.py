@@ -1,8 +1,10 @@
-"""Training data: known distributions, image sets, the corruption wrapper and the GPU-resident loader.
+"""Training data: known distributions, image sets (prepared uint8), the corruption wrapper, the loaders.
 
-The trainer's entry points are :func:`build_dataset` (a name or a folder -> one tensor of training data,
-its clean copy and metadata) and :class:`TensorLoader` (shuffled fixed-size batches on the device,
-resumable). Everything here is float32; images are ``(C, H, W)`` in ``[-1, 1]``.
+The trainer's entry points are :func:`build_dataset` (a name or a folder -> the training data and its
+metadata: a float tensor for the known distributions, a uint8 image set for real images), and the batch
+sources: :class:`TensorLoader` (float data on the device) and :func:`image_loader` (uint8 images on the
+device or streamed; ``fastat prepare`` writes the format it reads). Training batches are float32,
+images ``(C, H, W)`` in ``[-1, 1]``.
 
 >>> td = build_dataset("subspace", seed=0, noise_p=0.9, noise_sigma=0.1)
 >>> loader = TensorLoader(td.data, 128, generator_seed=0, device="cuda")
@@ -25,9 +27,18 @@ from .images import IMAGE_EXTENSIONS, ImageFolder, TensorImages, cifar10, load_t
 from .known import GMM2D, KNOWN, KnownDistribution, Plane3D, Subspace, known_dataset
 from .loader import TensorLoader
 from .order import EpochOrder
-from .placement import PLACEMENTS, Batch, ImageTransform, MemoryImages, choose_placement, image_loader
+from .placement import (
+    PLACEMENTS,
+    Batch,
+    FloatView,
+    ImageTransform,
+    MemoryImages,
+    choose_placement,
+    image_loader,
+)
 from .preparation import prepare
-from .prepared import PreparedImages, is_prepared
+from .prepared import PreparedImages, is_prepared, read_manifest
+from .sources import open_images
 
 DATASETS = KNOWN + ("cifar10",)
 
@@ -35,6 +46,7 @@ __all__ = [
     "PLACEMENTS",
     "Batch",
     "EpochOrder",
+    "FloatView",
     "ImageTransform",
     "IndexedCorruption",
     "MemoryImages",
@@ -43,6 +55,7 @@ __all__ = [
     "decode_image",
     "image_loader",
     "is_prepared",
+    "read_manifest",
     "prepare",
     "DATASETS",
     "GMM2D",
@@ -63,6 +76,7 @@ __all__ = [
     "corrupt",
     "derive_seed",
     "known_dataset",
+    "open_images",
     "load_tensor",
     "to_unit",
 ]
@@ -72,24 +86,39 @@ __all__ = [
 class TrainingData:
     """What :func:`build_dataset` returns.
 
-    ``data`` (train on this) and ``clean`` (evaluation only) are float32 ``(N, *sample_shape)`` on the
-    CPU; they are the same tensor when nothing was corrupted. ``noisy_mask`` / ``outlier_mask`` are bool
-    ``(N,)``. ``known`` is the distribution object (exact ``distance_to_support``, fresh ``sample``) for
-    the known sets, ``None`` for real images. ``source`` says where the data came from.
+    Known sets: ``data`` (train on this) and ``clean`` (evaluation only) are float32
+    ``(N, *sample_shape)`` on the CPU, the same tensor when nothing was corrupted.
+    Real images: ``images`` is the uint8 set (:class:`PreparedImages` or :class:`MemoryImages`, never
+    converted whole), ``corruption`` the :class:`IndexedCorruption` applied to each batch on the
+    device, and ``data`` / ``clean`` are ``None``; :meth:`train_view` / :meth:`clean_view` slice it as
+    float blocks for evaluation.
+    ``noisy_mask`` / ``outlier_mask`` are bool ``(N,)``. ``known`` is the distribution object (exact
+    ``distance_to_support``, fresh ``sample``) for the known sets, ``None`` for real images. ``source``
+    says where the data came from.
     """
 
     name: str
     kind: str
     sample_shape: tuple[int, ...]
-    data: torch.Tensor
-    clean: torch.Tensor
+    data: torch.Tensor | None
+    clean: torch.Tensor | None
     noisy_mask: torch.Tensor
     outlier_mask: torch.Tensor
     known: KnownDistribution | None
     source: str
+    images: PreparedImages | MemoryImages | None = None
+    corruption: IndexedCorruption | None = None
 
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return len(self.images) if self.images is not None else self.data.shape[0]
+
+    def train_view(self) -> torch.Tensor | FloatView:
+        """The training samples as trained on (corrupted): ``data``, or a float view of ``images``."""
+        return self.data if self.images is None else FloatView(self.images, self.corruption)
+
+    def clean_view(self) -> torch.Tensor | FloatView:
+        """The clean samples: ``clean``, or a float view of ``images``."""
+        return self.clean if self.images is None else FloatView(self.images, clean=True)
 
 
 def build_dataset(
@@ -107,20 +136,25 @@ def build_dataset(
     outliers: float = 0.0,
     outlier_kind: str = "uniform",
     known_kwargs: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    log=None,
+    min_items: int | None = None,
 ) -> TrainingData:
-    """Training data for a dataset name (:data:`DATASETS`) or an image folder path.
+    """Training data for a dataset name (:data:`DATASETS`) or a folder path.
 
     - known sets (``gmm2d``, ``plane3d``, ``subspace``): ``n`` clean samples drawn from ``seed``;
       ``known_kwargs`` go to the distribution; ``image_size`` sets ``subspace``'s height and width
-      (and is ignored by the point sets).
-    - ``cifar10``: the training split from the torchvision root ``data_root`` (fetched if ``download``),
-      resized if ``image_size`` is given and not 32; the first ``max_items`` images if given.
-    - any other value must be an existing folder of images; ``image_size`` is then required. A name in
-      :data:`DATASETS` wins over a folder of the same name (write ``./subspace`` for the folder).
+      (and is ignored by the point sets). A fraction ``noise_p`` of the samples gets fixed Gaussian
+      noise ``noise_sigma`` and a fraction ``outliers`` becomes outliers (:func:`corrupt`).
+    - ``cifar10``, a prepared folder (``fastat prepare``) or an image folder (prepared into the cache
+      on first use; ``num_workers`` decode processes, 0: all cores): a uint8 image set
+      (:func:`fastat.data.sources.open_images`), the first ``max_items`` images if given, with the
+      same corruption as an :class:`IndexedCorruption` (the same groups; noise made per batch).
+      A name in :data:`DATASETS` wins over a folder of the same name (write ``./subspace``).
 
-    Then a fraction ``noise_p`` of the samples gets fixed Gaussian noise ``noise_sigma`` and a fraction
-    ``outliers`` becomes outliers (:func:`corrupt`, seeded from ``seed``). Unknown names that are not
-    folders raise :class:`DatasetError` listing the valid names.
+    Unknown names that are not folders raise :class:`DatasetError` listing the valid names. ``min_items``
+    (the batch size): an image folder with fewer files is an error before anything is prepared.
     """
     known: KnownDistribution | None = None
     spec = os.fspath(name_or_path)
@@ -133,30 +167,21 @@ def build_dataset(
         g = torch.Generator().manual_seed(derive_seed(seed, "known-samples"))
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        clean, name, source = known.sample(n, g), spec, f"known:{spec}"
-    elif spec == "cifar10":
-        size = None if image_size in (None, 32) else image_size
-        ds = cifar10(data_root, train=True, download=download, image_size=size)
-        clean, name, source = load_tensor(ds, max_items), spec, ds.source
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise DatasetError(
-                f"unknown dataset {spec!r}: not one of {', '.join(DATASETS)} and not an existing folder"
-            )
-        if image_size is None:
-            raise ValueError(f"image_size is required to load the image folder {path}")
-        ds = ImageFolder(path, image_size)
-        clean, name, source = load_tensor(ds, max_items, num_workers), "folder", ds.source
-    c = corrupt(
-        clean,
-        noise_p,
-        noise_sigma,
-        outliers=outliers,
-        outlier_kind=outlier_kind,
-        seed=derive_seed(seed, "corrupt"),
-    )
-    kind = known.kind if known is not None else "image"
-    return TrainingData(
-        name, kind, tuple(clean.shape[1:]), c.data, c.clean, c.noisy_mask, c.outlier_mask, known, source
-    )
+        clean = known.sample(n, g)
+        c = corrupt(clean, noise_p, noise_sigma, outliers=outliers, outlier_kind=outlier_kind,
+                    seed=derive_seed(seed, "corrupt"))  # fmt: skip
+        return TrainingData(spec, known.kind, tuple(clean.shape[1:]), c.data, c.clean, c.noisy_mask,
+                            c.outlier_mask, known, f"known:{spec}")  # fmt: skip
+    if spec != "cifar10" and not Path(spec).expanduser().exists():
+        raise DatasetError(
+            f"unknown dataset {spec!r}: not one of {', '.join(DATASETS)} and not an existing folder"
+        )
+    if max_items is not None and max_items < 0:
+        raise ValueError(f"max_items must be >= 0, got {max_items}")
+    images, name, source = open_images(spec, image_size=image_size, data_root=data_root, download=download,
+                                       cache_dir=cache_dir, max_items=max_items, workers=num_workers or None,
+                                       progress=progress, log=log, min_images=min_items)  # fmt: skip
+    ic = IndexedCorruption.build(len(images), noise_p, noise_sigma, outliers=outliers,
+                                 outlier_kind=outlier_kind, seed=derive_seed(seed, "corrupt"))  # fmt: skip
+    return TrainingData(name, "image", tuple(images.shape), None, None, ic.noisy_mask, ic.outlier_mask, None,
+                        source, images=images, corruption=ic)  # fmt: skip

@@ -95,6 +95,9 @@ class TensorLoader:
         while not self.order.epoch_done():
             yield self.next_batch()
 
+    def close(self) -> None:
+        """Nothing runs in the background (the same interface as the image loaders)."""
+
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain ints and uint8 tensors (safe for ``torch.load(weights_only=True)``)."""

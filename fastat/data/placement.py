@@ -41,6 +41,7 @@ __all__ = [
     "PLACEMENTS",
     "Batch",
     "DeviceImages",
+    "FloatView",
     "ImageTransform",
     "MemoryImages",
     "StreamImages",
@@ -76,6 +77,10 @@ class MemoryImages:
 
     def __len__(self) -> int:
         return self.count
+
+    def head(self, k: int) -> MemoryImages:
+        """The first ``k`` images (a view, no copy)."""
+        return MemoryImages(self.images[: max(0, int(k))], self.source)
 
     def read_into(self, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.index_select(self.images, 0, index, out=out)
@@ -358,3 +363,34 @@ def image_loader(
         loader = StreamImages(images, order, transform, device, workers=workers, prefetch=prefetch)
     loader.reason = reason
     return loader
+
+
+class FloatView:
+    """A uint8 image set seen as the float32 ``(N, C, H, W)`` tensor it stands for (``[-1, 1]``, with
+    the corruption unless ``clean``), converted block by block on demand: for evaluation code that
+    slices a training set (nearest neighbours, reference statistics) without a float copy of it.
+
+    >>> view = FloatView(images, corruption)
+    >>> view[0:1024]          # float32 (1024, C, H, W)
+    """
+
+    def __init__(self, images, corruption: IndexedCorruption | None = None, *, clean: bool = False) -> None:
+        self.images = images
+        self.transform = ImageTransform(None if clean else corruption)
+        self.shape = (len(images), *images.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: slice) -> torch.Tensor:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("FloatView supports contiguous slices only")
+        start, stop, _ = item.indices(len(self))
+        u8 = self.images.read_range(start, max(start, stop))
+        idx = torch.arange(start, start + u8.shape[0])
+        return self.transform(Batch(u8, idx, torch.zeros(u8.shape[0], dtype=torch.bool)))
+
+    def blocks(self, block: int = 1024):
+        """The whole set in order, ``block`` rows at a time."""
+        for i in range(0, len(self), block):
+            yield self[i : i + block]

@@ -118,7 +118,8 @@ class _Source:
         paths = list_images(root)
         if not paths:
             raise DatasetError(
-                f"no image files in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+                f"no readable images in {root}: no image files (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)})"
             )
         self.images, self.root = None, root.resolve()
         self.paths = [str(p) for p in paths]
@@ -211,12 +212,14 @@ def prepare(
     progress: bool = True,
     replace: bool = False,
     log: Callable[[str], None] | None = None,
+    min_images: int | None = None,
 ) -> PreparedImages:
     """Prepare ``src`` (an image folder or ``"cifar10"``) at ``image_size`` into the folder ``out``;
     return it opened. See the module docstring. ``workers``: decode processes (default: all cores).
     ``replace``: an ``out`` prepared from other files or at another size is prepared again (used by the
     trainer's cache) instead of being an error. ``log`` gets one-line notes (skipped files, resume);
-    without it they are warnings."""
+    without it they are warnings. ``min_images``: fail before decoding anything when the source has
+    fewer files (the trainer passes its batch size)."""
     if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= 16384:
         raise DatasetError(f"--image-size must be an integer in [1, 16384], got {image_size!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
@@ -224,6 +227,10 @@ def prepare(
     say = log or (lambda msg: warnings.warn(msg, stacklevel=3))
     out = Path(out).expanduser()
     source = _Source(src, image_size, data_root, download)
+    if min_images is not None and source.n < min_images:
+        raise DatasetError(
+            f"--batch-size {min_images} is larger than the dataset ({source.n} samples) in {src}"
+        )
     params = {"image_size": image_size, "source": source.describe, "source_digest": source.digest}
     try:
         done = _check_existing(out, params)
@@ -251,6 +258,8 @@ def prepare(
         raise DatasetError(f"another fastat prepare is writing {out} (lock {partial / 'lock'})") from None
     try:
         state = _resume_state(partial, params, shard_size, say)
+        if log is not None:
+            log(f"fastat: preparing {source.n} images of {source.describe} at {image_size} px into {out}")
         _run(source, partial, state, shape, shard_size, workers, progress)
         manifest = {
             "format": FORMAT,

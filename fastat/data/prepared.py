@@ -172,6 +172,12 @@ class PreparedImages:
     def __len__(self) -> int:
         return self.count
 
+    def head(self, k: int) -> PreparedImages:
+        """The first ``k`` images, as a set of their own (same files, own descriptors)."""
+        part = PreparedImages(self.root, self.manifest, self._shards)
+        part.count = max(0, min(int(k), self.count))
+        return part
+
     @property
     def nbytes(self) -> int:
         return self.count * self.row_bytes

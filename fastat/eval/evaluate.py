@@ -313,14 +313,14 @@ def _image_metrics(
                   eta=eta, clip_x0=clip_x0, seed=seed, device=device)  # fmt: skip
     out: dict = {"n": n}
     held_out = None  # real images have no fresh clean samples; the training set's clean copies are the data
-    out.update(memorization(x, td.data, reference=held_out, device=device))
+    out.update(memorization(x, td.train_view(), reference=held_out, device=device))
     extractor = ref = None
     if fid:
         from fastat.eval.fid import InceptionFeatures, reference_stats
 
         extractor = InceptionFeatures(inception_weights, device=device)
         key = f"{td.name}-{'x'.join(map(str, shape))}-n{len(td)}-clean"
-        ref = reference_stats(key, lambda: td.clean, extractor, cache_dir=fid_cache, n=len(td))
+        ref = reference_stats(key, td.clean_view, extractor, cache_dir=fid_cache, n=len(td))
         from fastat.eval.fid import fid_is
 
         out.update(fid_is(x, ref, extractor))

@@ -115,10 +115,12 @@ def reference_stats(
 ) -> FeatureStats:
     """The feature statistics of the clean reference set named ``key``, from the cache when present.
 
-    ``images``: the reference images ``(N, C, H, W)`` in ``[-1, 1]``, or a function that returns them
-    (called only on a cache miss, so the data need not be loaded at all). ``extractor`` maps images to
-    features ``(N, d)`` (e.g. :class:`InceptionFeatures`). ``n``: expected number of images, checked
-    against the cached file (a mismatch recomputes). Choose keys that name everything that matters,
+    ``images``: the reference images ``(N, C, H, W)`` in ``[-1, 1]`` (a tensor, or a view with ``shape``
+    and ``blocks()`` such as :class:`fastat.data.FloatView`, read block by block), or a function that
+    returns them (called only on a cache miss, so the data need not be loaded at all). ``extractor``
+    maps images to features ``(N, d)`` (e.g. :class:`InceptionFeatures`). ``n``: expected number of
+    images, checked against the cached file (a mismatch recomputes). Choose keys that name everything
+    that matters,
     e.g. ``cifar10-train-32-n50000``.
     """
     path = _cache_file(cache_dir or default_cache_dir(), key)
@@ -132,7 +134,8 @@ def reference_stats(
     x = images() if callable(images) else images
     if n is not None and x.shape[0] != n:
         raise ValueError(f"reference {key!r}: expected {n} images, got {x.shape[0]}")
-    stats = FeatureStats.from_features(extractor(x), key)
+    feats = extractor(x) if isinstance(x, torch.Tensor) else torch.cat([extractor(b) for b in x.blocks()])
+    stats = FeatureStats.from_features(feats, key)
     save_stats(stats, path)
     return stats
 

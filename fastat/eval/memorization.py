@@ -15,7 +15,8 @@ of a known set) score some similarity by chance, and that baseline rises with th
 set and falls with the dimension. :func:`memorization` takes ``reference`` for that.
 
 Everything runs in blocks of ``batch`` rows on ``device`` (a GPU if given), so an N x M similarity matrix
-is never held at once.
+is never held at once. ``train`` may be a tensor or anything sliceable into float blocks with a
+``shape`` (e.g. :class:`fastat.data.FloatView` of a uint8 image set): it is never converted whole.
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"{name} must be a non-empty floating tensor of shape (N, ...)")
     return x.detach().reshape(x.shape[0], -1)
+
+
+class _Rows:
+    """``train`` as flat float rows, read ``batch`` at a time: a tensor, or a sliceable float view."""
+
+    def __init__(self, x, name: str) -> None:
+        if isinstance(x, torch.Tensor):
+            self.x = _flat(x, name)
+        elif hasattr(x, "shape") and hasattr(x, "__getitem__") and len(x.shape) >= 2 and x.shape[0] >= 1:
+            self.x = x
+        else:
+            raise ValueError(f"{name} must be a non-empty floating tensor of shape (N, ...)")
+        self.n, self.dim = int(x.shape[0]), int(torch.Size(x.shape[1:]).numel())
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.x[start:stop].reshape(-1, self.dim)
+
+    def mean(self, batch: int) -> torch.Tensor:
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        for i in range(0, self.n, batch):
+            total += self.block(i, i + batch).double().sum(0).cpu()
+        return total / self.n
 
 
 def nearest_neighbors(
@@ -50,15 +73,15 @@ def nearest_neighbors(
     """
     if metric not in ("cosine", "l2"):
         raise ValueError(f"unknown metric {metric!r}; choose cosine or l2")
-    xs, xt = _flat(samples, "samples"), _flat(train, "train")
-    if xs.shape[1] != xt.shape[1]:
+    xs, xt = _flat(samples, "samples"), _Rows(train, "train")
+    if xs.shape[1] != xt.dim:
         raise ValueError(
             f"samples {tuple(samples.shape[1:])} and train {tuple(train.shape[1:])} differ in shape"
         )
     dev = torch.device(device) if device is not None else xs.device
     dim = xs.shape[1]
     if metric == "cosine":
-        c = (xt.double().mean(0) if center is None else center.detach().reshape(-1).double()).to(dev)
+        c = (xt.mean(batch) if center is None else center.detach().reshape(-1).double()).to(dev)
     best_v, best_i = [], []
     for s0 in range(0, xs.shape[0], batch):
         a = xs[s0 : s0 + batch].to(dev, torch.float32)
@@ -66,8 +89,8 @@ def nearest_neighbors(
             a = torch.nn.functional.normalize((a.double() - c).float(), dim=1)
         v = torch.full((a.shape[0],), -float("inf") if metric == "cosine" else float("inf"), device=dev)
         idx = torch.zeros(a.shape[0], dtype=torch.long, device=dev)
-        for t0 in range(0, xt.shape[0], batch):
-            b = xt[t0 : t0 + batch].to(dev, torch.float32)
+        for t0 in range(0, xt.n, batch):
+            b = xt.block(t0, t0 + batch).to(dev, torch.float32)
             if metric == "cosine":
                 b = torch.nn.functional.normalize((b.double() - c).float(), dim=1)
                 m, j = (a @ b.T).max(dim=1)
@@ -103,7 +126,7 @@ def memorization(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    center = _flat(train, "train").double().mean(0)
+    center = _Rows(train, "train").mean(batch)
 
     def stats(x: torch.Tensor) -> dict[str, float]:
         cos, _ = nearest_neighbors(x, train, metric="cosine", center=center, batch=batch, device=device)

@@ -19,13 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from fastat.budget import Budget
+from fastat.checkpoint import atomic_write_text
 from fastat.engine import StepEngine
 from fastat.models import PRESETS, build_model
 from fastat.objective import ATObjective
@@ -111,15 +114,37 @@ def _timed_steps(step_fn, device, warmup: int, steps: int) -> tuple[Timing, floa
     return timing, peak
 
 
-def run_bench(setting: BenchSetting, fast: bool = True, log=print) -> dict:
-    """Time (a) naive AT, (b) fastat AT and (c) fastat DDPM for one setting; returns a JSON-able dict."""
+def check_setting(setting: BenchSetting) -> None:
+    """ValueError (one line) for a setting that cannot run; called for every setting before any runs."""
     if setting.model not in PRESETS:
         raise ValueError(f"unknown model preset {setting.model!r}; choose one of {', '.join(PRESETS)}")
     if setting.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {setting.precision!r}; choose fp32 or bf16")
-    if setting.batch_size < 1 or setting.steps < 1 or setting.warmup < 0:
-        raise ValueError("batch size and steps must be >= 1, warmup >= 0")
+    if setting.batch_size < 1 or setting.steps < 1 or setting.warmup < 0 or setting.pgd_steps < 1:
+        raise ValueError("--batch-size, --steps and --pgd-steps must be >= 1, --warmup >= 0")
+    if setting.image_size is not None and setting.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {setting.image_size}")
     from fastat.train import resolve_device  # ConfigError (a ValueError) for an unusable device
+
+    resolve_device(setting.device)
+
+
+def check_json_path(path: str | os.PathLike) -> Path:
+    """The ``--json`` file must be writable: checked before the benchmark runs, not after."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"--json {p} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"--json {p}: the folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--json {p}: not writable")
+    return p
+
+
+def run_bench(setting: BenchSetting, fast: bool = True, log=print) -> dict:
+    """Time (a) naive AT, (b) fastat AT and (c) fastat DDPM for one setting; returns a JSON-able dict."""
+    check_setting(setting)
+    from fastat.train import resolve_device
 
     device = resolve_device(setting.device)
     kw = {"image_size": setting.image_size} if setting.image_size else {}
@@ -218,19 +243,24 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace, log=print) -> int:
+    settings = [
+        BenchSetting(model=args.model, batch_size=bs, image_size=args.image_size, precision=args.precision,
+                     mode=mode, pgd_steps=args.pgd_steps, steps=args.steps, warmup=args.warmup,
+                     device=args.device)  # fmt: skip
+        for bs in args.batch_size
+        for mode in args.mode
+    ]
+    for setting in settings:  # every bad value and the output path first: no result is lost at the end
+        check_setting(setting)
+    out = check_json_path(args.json) if args.json else None
     results = []
-    for bs in args.batch_size:
-        for mode in args.mode:
-            setting = BenchSetting(model=args.model, batch_size=bs, image_size=args.image_size,
-                                   precision=args.precision, mode=mode, pgd_steps=args.pgd_steps,
-                                   steps=args.steps, warmup=args.warmup, device=args.device)  # fmt: skip
-            r = run_bench(setting, fast=args.fast, log=log)
-            print(format_result(r), flush=True)
-            print(flush=True)
-            results.append(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    for setting in settings:
+        r = run_bench(setting, fast=args.fast, log=log)
+        print(format_result(r), flush=True)
+        print(flush=True)
+        results.append(r)
+    if out is not None:
+        atomic_write_text(out, json.dumps(results, indent=2))
     return 0
 
 

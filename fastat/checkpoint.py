@@ -43,6 +43,7 @@ from torch import nn
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "NonFiniteWeights",
     "atomic_write",
     "atomic_write_text",
     "find_checkpoint",
@@ -53,6 +54,7 @@ __all__ = [
     "process_ended",
     "prune_checkpoints",
     "read_step",
+    "require_finite",
     "save_checkpoint",
 ]
 
@@ -66,6 +68,19 @@ _OWNER_RE = re.compile(r"-(\d+)(?:@([^/]*))?$")  # "<name>-<pid>@<host>": who wr
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit the run that wants to load it."""
+
+
+class NonFiniteWeights(CheckpointError):
+    """Weights hold NaN or inf: refused when writing a checkpoint and when loading one to use it."""
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeights` naming ``what`` if any floating tensor holds NaN or inf."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeights(
+            f"{what} are not finite (NaN or inf in {len(bad)} of {len(tensors)} tensors, e.g. {bad[0]})"
+        )
 
 
 # -- atomic files ------------------------------------------------------------------------------------
@@ -166,6 +181,8 @@ def save_checkpoint(
     files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``root/ckpt-{step:06d}/`` atomically, point ``root/latest`` at it, keep the newest ``keep``.
+    Non-finite weights are refused (:class:`NonFiniteWeights`) before anything is written, so every
+    checkpoint on disk is finite and pruning (which keeps the newest) never removes the newest finite one.
 
     ``state`` must hold only tensors and plain values (it is checked by loading it back with
     ``weights_only=True`` semantics at resume time). ``metadata`` (strings) goes into both safetensors
@@ -173,15 +190,19 @@ def save_checkpoint(
     checkpoint folder.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
     final, tmp = root / name, root / f"{_TMP_PREFIX}{name}-{_owner()}"
+    weights = {MODEL_FILE: _tensors(model), EMA_FILE: _tensors(ema)}
+    for fname, tensors in weights.items():
+        require_finite(tensors, f"the {'EMA ' if fname == EMA_FILE else ''}weights to save as {final}")
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     meta = {"format": "pt", "step": str(step), **(metadata or {})}
     try:
         tmp.mkdir()
-        write_bytes(tmp / MODEL_FILE, safetensors_bytes(_tensors(model), metadata=meta))
-        write_bytes(tmp / EMA_FILE, safetensors_bytes(_tensors(ema), metadata=meta))
+        for fname, tensors in weights.items():
+            write_bytes(tmp / fname, safetensors_bytes(tensors, metadata=meta))
+        del weights
         buf = io.BytesIO()
         torch.save(state, buf)
         write_bytes(tmp / STATE_FILE, buf.getbuffer())
@@ -193,6 +214,10 @@ def save_checkpoint(
             _trash(final)
         os.replace(tmp, final)
         _fsync_path(root, directory=True)
+    except OSError as e:  # name the file by its final place, not the temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = final / Path(e.filename).name if e.filename and tmp.name in str(e.filename) else e.filename
+        raise OSError(e.errno, e.strerror or str(e), str(where) if where else None) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -315,14 +340,20 @@ def load_checkpoint(path: str | os.PathLike, *, weights: bool = True) -> Checkpo
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         model = load_file(ckpt / MODEL_FILE) if weights else {}
         ema = load_file(ckpt / EMA_FILE)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"cannot read checkpoint {ckpt}: {STATE_FILE} holds objects other than tensors and plain values "
-            f"(refused to unpickle them)"
-        ) from None
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"cannot read checkpoint {ckpt}: {STATE_FILE} holds objects other than tensors and plain "
+                f"values (refused to unpickle them)"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {ckpt}: {STATE_FILE} is corrupt ({e})") from None
     except (OSError, RuntimeError, SafetensorError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {ckpt}: {first}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle stream fails in many ways (KeyError, struct.error)
+        raise CheckpointError(
+            f"cannot read checkpoint {ckpt}: {STATE_FILE} is corrupt ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{ckpt / STATE_FILE} is not a fastat training state")
     return Checkpoint(ckpt, model, ema, state)

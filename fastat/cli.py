@@ -180,25 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
-    """Dotted config overrides: the ``--config`` file, then ``--set``, then the named flags."""
-    over: dict = {}
-    if args.config:
-        over.update(load_yaml_overrides(args.config))
+    """Dotted config overrides: the ``--config`` file, then ``--set``, then the named flags. Each layer is
+    checked on its own, so a bad value is an error even where a later layer sets the same key."""
+    from fastat.config import TrainConfig
+
+    file_over = load_yaml_overrides(args.config) if args.config else {}
+    set_over: dict = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            over[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            set_over[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
-            over[key.strip()] = value
-    for dest, (key, _, _) in TRAIN_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            over[key] = value
+            set_over[key.strip()] = value
+    flag_over = {key: getattr(args, dest) for dest, (key, _, _) in TRAIN_FLAGS.items()}
+    flag_over = {key: v for key, v in flag_over.items() if v is not None}
     if args.fast is not None:
-        over["run.fast"] = args.fast
-    return over
+        flag_over["run.fast"] = args.fast
+    for layer in (file_over, set_over, flag_over):
+        TrainConfig().with_overrides(layer)  # keys and types (values are validated on the merged config)
+    return {**file_over, **set_over, **flag_over}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -248,8 +250,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights
-    from fastat.config import TrainConfig
+    from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
+    from fastat.config import TrainConfig, check_seed
     from fastat.data import derive_seed
     from fastat.models import build_model
     from fastat.samples import SAMPLE_SUFFIXES, generate, write_samples
@@ -260,6 +262,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.eta <= 1.0:
         raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
+    check_seed(args.seed, "--seed")
     if args.out is not None and Path(args.out).suffix.lower() not in SAMPLE_SUFFIXES:
         raise ConfigError(f"--out {args.out} must end in .png or .npy")
 
@@ -289,9 +292,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot write to {out.parent}: {e.strerror or e}") from None
 
+    weights = ckpt.model if args.no_ema else ckpt.ema
+    which = "raw" if args.no_ema else "EMA"
+    require_finite(weights, f"the {which} weights of {ckpt.path} (the run diverged)")
     device = resolve_device(args.device)
     model = build_model(spec["name"], **spec["kwargs"])
-    load_weights(model, ckpt.model if args.no_ema else ckpt.ema, str(ckpt.path))
+    load_weights(model, weights, str(ckpt.path))
     model = model.to(device).eval()
     schedule = cfg.build_objective().schedule
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
@@ -351,9 +357,18 @@ def _passive_openmp() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere outside the training loop (start-up, imports, data)
+        print("fastat: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     _passive_openmp()
     from fastat.checkpoint import CheckpointError
     from fastat.data import DatasetError
+    from fastat.train import TrainingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser and options (argparse cannot forward leading options)
@@ -386,14 +401,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastat: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, RuntimeError) as e:
+    except TrainingError as e:  # the run failed (diverged, a write failed): says what is left
+        if args.traceback:
+            raise
+        print(f"fastat: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        if args.traceback:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        msg = f"{_one_line(e.strerror or e)}{where}"
+        print(f"fastat: error: {msg} (--traceback for details)", file=sys.stderr)
+        return EXIT_FAILURE
+    except RuntimeError as e:
         if args.traceback:
             raise
         print(f"fastat: error: {type(e).__name__}: {_one_line(e)} (--traceback for details)", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("fastat: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 def _run_bench_data(argv: list[str]) -> int:
@@ -413,7 +437,7 @@ def _run_bench_data(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
 

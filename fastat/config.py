@@ -23,7 +23,9 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "SEED_LIMIT",
     "ConfigError",
+    "check_seed",
     "DataConfig",
     "EMAConfig",
     "ModelConfig",
@@ -131,6 +133,7 @@ class RunConfig:
     sampler: str = "ddim"  # ddim | ddpm
     sample_steps: int = 50  # DDIM steps
     eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
+    max_skipped: int = 20  # stop (exit 1) after this many consecutive steps skipped as non-finite
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
 
@@ -144,6 +147,7 @@ SECTIONS: dict[str, type] = {
 }
 
 DEVICES = ("auto", "cpu", "cuda")
+SEED_LIMIT = 2**53  # seeds stay exact in YAML/JSON numbers and in the seeds derived from them
 PRECISIONS = ("auto", "fp32", "bf16")
 SAMPLERS = ("ddim", "ddpm")
 
@@ -210,7 +214,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value; return ``self`` or raise :class:`ConfigError` with one line."""
         from fastat.budget import SPACES
-        from fastat.data import DATASETS, OUTLIER_KINDS, PLACEMENTS, is_prepared
+        from fastat.data import DATASETS, KNOWN, OUTLIER_KINDS, PLACEMENTS, is_prepared, known_dataset
         from fastat.kernels.pgd import NORMS
         from fastat.models import MODEL_NAMES
         from fastat.objective import LAM_SCALES, MODES
@@ -230,6 +234,11 @@ class TrainConfig:
         _positive_int(d.n, "data.n")
         if d.image_size is not None:
             _positive_int(d.image_size, "data.image_size (--image-size)")
+            if d.dataset in KNOWN and known_dataset(d.dataset).kind == "points":
+                raise ConfigError(
+                    f"data.image_size (--image-size) is for image datasets; {d.dataset} holds points"
+                )
+        check_seed(d.seed, "data.seed")
         if d.max_items is not None:
             _positive_int(d.max_items, "data.max_items")
         _nonneg_int(d.num_workers, "data.num_workers")
@@ -292,7 +301,7 @@ class TrainConfig:
                 f"run.batch_size (--batch-size) {r.batch_size} is larger than the dataset "
                 f"({d.n} samples, data.n)"
             )
-        _nonneg_int(r.seed, "run.seed (--seed)")
+        check_seed(r.seed, "run.seed (--seed)")
         if not (r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
             raise ConfigError(f"run.device (--device) must be auto, cpu, cuda or cuda:N, got {r.device!r}")
         _one_of(r.precision, PRECISIONS, "run.precision (--precision)")
@@ -306,6 +315,7 @@ class TrainConfig:
         if r.sample_steps > o.T:
             raise ConfigError(f"run.sample_steps must be <= objective.T = {o.T}, got {r.sample_steps}")
         _nonneg_int(r.eval_n, "run.eval_n")
+        _positive_int(r.max_skipped, "run.max_skipped")
         # the objects themselves (catches anything the checks above missed)
         try:
             self.build_objective()
@@ -490,6 +500,13 @@ def _nonneg_int(x, key):
 def _one_of(x, choices, key):
     if x not in choices:
         raise ConfigError(f"unknown {key} {x!r}; choose one of {', '.join(choices)}")
+
+
+def check_seed(x: Any, key: str) -> int:
+    """A seed: an integer in ``[0, SEED_LIMIT)``; ConfigError naming ``key`` otherwise."""
+    if not (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < SEED_LIMIT):
+        _fail(key, "an integer in [0, 2**53)", x)
+    return x
 
 
 def _nonempty(x, key):

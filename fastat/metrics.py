@@ -2,6 +2,7 @@
 
     acc = StatsAccumulator()
     acc.add(out.stats)               # every step: device tensors added on the device, no host sync
+    acc.add(out.stats, weight=ok)    # ... or counted only where the 0-dim device tensor ok is 1
     means = acc.pop_means()          # every log interval: one transfer for all statistics
     log = MetricsLog(run_dir)        # RUN/metrics.jsonl (+ TensorBoard when installed)
     log.write(step, means)
@@ -25,32 +26,54 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class StatsAccumulator:
-    """Sums of 0-dim tensors per name, kept on their device until :meth:`pop_means`."""
+    """Sums of 0-dim tensors per name, kept on their device until :meth:`pop_means`.
+
+    ``add(stats, weight=w)`` with a 0-dim device tensor ``w`` (0 or 1) counts the step only where
+    ``w`` is 1: its values are dropped (not multiplied: NaN * 0 is NaN) where ``w`` is 0, e.g. for a
+    step the engine skipped because its loss was not finite.
+    """
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int | torch.Tensor] = {}
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: dict[str, torch.Tensor], weight: torch.Tensor | None = None) -> None:
         for k, v in stats.items():
             v = v.detach().float()
+            if weight is None:
+                w = 1
+            else:
+                w = weight.detach().float()
+                v = torch.where(w > 0, v, torch.zeros_like(v))
             if k in self._sums:
                 self._sums[k] += v
-                self._counts[k] += 1
+                self._counts[k] = self._counts[k] + w
             else:
                 self._sums[k] = v.clone()
-                self._counts[k] = 1
+                self._counts[k] = w.clone() if isinstance(w, torch.Tensor) else w
 
     def __len__(self) -> int:
-        return max(self._counts.values(), default=0)
+        """Steps added (of the names added without a weight)."""
+        return max((c for c in self._counts.values() if isinstance(c, int)), default=0)
 
-    def pop_means(self) -> dict[str, float]:
-        """Means since the last call as Python floats (one device-to-host copy), then reset."""
-        if not self._sums:
+    def pop_means(self, extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Means since the last call as Python floats, and the current values of the 0-dim tensors in
+        ``extra``, in one device-to-host copy; then reset. A name whose steps all weighed 0 is NaN."""
+        extra = extra or {}
+        if not self._sums and not extra:
             return {}
         keys = list(self._sums)
-        values = torch.stack([self._sums[k] for k in keys]).cpu().tolist()
-        out = {k: v / self._counts[k] for k, v in zip(keys, values, strict=True)}
+        weighted = [k for k in keys if isinstance(self._counts[k], torch.Tensor)]
+        parts = [self._sums[k] for k in keys] + [self._counts[k] for k in weighted]
+        parts += [v.detach().float().to(parts[0].device if parts else v.device) for v in extra.values()]
+        values = torch.stack(parts).cpu().tolist()
+        sums, values = values[: len(keys)], values[len(keys) :]
+        counts = dict(zip(weighted, values[: len(weighted)], strict=True))
+        out = {}
+        for k, total in zip(keys, sums, strict=True):
+            n = counts.get(k, self._counts[k])
+            out[k] = total / n if n else math.nan
+        out.update(zip(extra, values[len(weighted) :], strict=True))
         self._sums.clear()
         self._counts.clear()
         return out

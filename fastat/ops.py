@@ -124,8 +124,8 @@ def _check_coeff(op: str, name: str, c, like: torch.Tensor, nonneg: bool = False
 def q_sample(x0: torch.Tensor, a, s, eps: torch.Tensor) -> torch.Tensor:
     """The DDPM forward process ``x_t = a*x0 + s*eps`` with per-sample ``a``, ``s``. Differentiable."""
     x0 = _check_tensors("q_sample", x0=x0, eps=eps)
-    a = _check_coeff("q_sample", "a", a, x0)
-    s = _check_coeff("q_sample", "s", s, x0)
+    a = _check_coeff("q_sample", "a", a, x0, finite=True)
+    s = _check_coeff("q_sample", "s", s, x0, finite=True)
     if not uses_triton(x0):
         return K.q_sample_ref(x0, a, s, eps)
     if x0.requires_grad or eps.requires_grad:
@@ -137,8 +137,10 @@ def _check_seed(op: str, name: str, v) -> None:
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.dtype.is_floating_point or v.dtype.is_complex:
             raise TypeError(f"{op}: {name} must be an int or a one-element integer tensor")
-    elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    elif isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{op}: {name} must be a non-negative int, got {v!r}")
+    elif not 0 <= v < 2**63:  # an int64 (what the kernels and generators hold): larger ones would wrap
+        raise ValueError(f"{op}: {name} must be in [0, 2**63), got {v}")
 
 
 def noise_inject(
@@ -161,8 +163,8 @@ def noise_inject(
     ``store_noise=False`` skips writing eps and w0 on the Triton path (they are returned as None).
     """
     x0 = _check_tensors("noise_inject", x0=x0)
-    a = _check_coeff("noise_inject", "a", a, x0)
-    s = _check_coeff("noise_inject", "s", s, x0)
+    a = _check_coeff("noise_inject", "a", a, x0, finite=True)
+    s = _check_coeff("noise_inject", "s", s, x0, finite=True)
     radius = _check_coeff("noise_inject", "radius", radius, x0, nonneg=True, finite=True)
     _check_seed("noise_inject", "seed", seed)
     _check_seed("noise_inject", "offset", offset)
@@ -202,7 +204,7 @@ def pgd_step(
         w = _check_tensors("pgd_step", w=w, grad=grad)
     else:
         w = _check_tensors("pgd_step", w=w, grad=grad, x_t=x_t, **({} if x_out is None else {"x_out": x_out}))
-        s = _check_coeff("pgd_step", "s", s, w)
+        s = _check_coeff("pgd_step", "s", s, w, finite=True)
     radius = _check_coeff("pgd_step", "radius", radius, w, nonneg=True, finite=True)
     alpha = _check_coeff("pgd_step", "alpha", alpha, w, nonneg=True, finite=True)
     if uses_triton(w):

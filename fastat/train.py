@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -44,10 +45,12 @@ from fastat import __version__
 from fastat.checkpoint import (
     Checkpoint,
     CheckpointError,
+    NonFiniteWeights,
     find_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
+    require_finite,
 )
 from fastat.config import ConfigError, TrainConfig, _plain
 from fastat.data import (
@@ -143,6 +146,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def data_shape(cfg: TrainConfig) -> tuple[str, tuple[int, ...]]:
     """``(kind, sample_shape)`` of the configured dataset, without loading it."""
     d = cfg.data
+    if d.dataset == "subspace" and d.image_size:  # its shape without drawing its basis (C*H*W x k)
+        return "image", (_subspace_default("channels"), d.image_size, d.image_size)
     if d.dataset in KNOWN:
         from fastat.data import known_dataset
 
@@ -207,6 +212,7 @@ def finalize(cfg: TrainConfig) -> TrainConfig:
     """Resolve what depends on the data or the clock: the model (``auto``, data-derived arguments)
     and the run folder (``runs/<date>-<time>-<dataset>-<mode>``). Validates first."""
     cfg.validate()
+    check_data_memory(cfg)
     spec = model_spec(cfg)
     over: dict = {"model.name": spec["name"], "model.kwargs": spec["kwargs"]}
     if cfg.run.out is None:
@@ -253,6 +259,38 @@ def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainCon
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         cfg = base.with_overrides({"run.out": str(run_dir), **overrides})
     return finalize(cfg), ckpt
+
+
+def _subspace_default(name: str) -> int:
+    import inspect
+
+    from fastat.data import Subspace
+
+    return inspect.signature(Subspace).parameters[name].default
+
+
+def check_data_memory(cfg: TrainConfig) -> None:
+    """Refuse (ConfigError) a built-in dataset that cannot fit in this machine's memory (the training set
+    and its clean copy, float32), before trying to allocate it. (Image sets are uint8 and can stream.)"""
+    d = cfg.data
+    if d.dataset not in KNOWN:
+        return
+    count = d.n
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if total <= 0:
+        return
+    _, shape = data_shape(cfg)
+    dim = math.prod(shape)
+    need = 2 * 4 * count * dim + (8 * dim * _subspace_default("k") if d.dataset == "subspace" else 0)
+    if need > total:
+        raise ConfigError(
+            f"the dataset needs {need / 2**30:.1f} GiB of memory ({count} samples of shape {list(shape)}, "
+            f"float32, with its clean copy), more than this machine's {total / 2**30:.1f} GiB: "
+            f"lower --image-size or data.n / data.max_items"
+        )
 
 
 def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingData:
@@ -338,7 +376,10 @@ class TrainState:
         }
 
     def restore(self, ckpt: Checkpoint) -> int:
-        """Load a checkpoint's weights and state (CheckpointError if they do not fit); returns its step."""
+        """Load a checkpoint's weights and state (CheckpointError if they do not fit or are not finite);
+        returns its step."""
+        require_finite(ckpt.model, f"the weights of {ckpt.path}")
+        require_finite(ckpt.ema, f"the EMA weights of {ckpt.path}")
         load_weights(self.model, ckpt.model, f"{ckpt.path}/model.safetensors")
         load_weights(self.ema, ckpt.ema, f"{ckpt.path}/ema.safetensors")
         st = ckpt.state
@@ -432,20 +473,31 @@ def _sigint(flag: _StopFlag):
 
 
 class Interval:
-    """Statistics of one log interval: device sums (no host sync), read once by :meth:`pop`."""
+    """Statistics of one log interval: device sums (no host sync), read once by :meth:`pop`. A step
+    the engine skipped (``stats["skipped"]`` = 1: non-finite loss or gradients) is counted in
+    ``skipped`` and left out of the other means."""
 
     def __init__(self, step: int, batch_size: int) -> None:
         self.acc, self.batch_size = StatsAccumulator(), batch_size
         self.t0, self.step0 = time.perf_counter(), step
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
-        self.acc.add(stats)
+        skipped = stats.get("skipped")
+        if skipped is None:
+            self.acc.add(stats)
+            return
+        self.acc.add({k: v for k, v in stats.items() if k != "skipped"}, weight=1 - skipped)
+        self.acc.add({"skipped": skipped})
 
-    def pop(self, step: int, **extra: float) -> dict[str, float]:
-        """Means since the last pop (the one host sync of the interval), throughput, and ``extra``."""
-        means = self.acc.pop_means()
+    def pop(self, step: int, streak: torch.Tensor | None = None, **extra: float) -> dict[str, float]:
+        """Means since the last pop, the skipped steps, the engine's ``skip_streak`` (if given), throughput
+        and ``extra``: one host sync for all of it."""
+        means = self.acc.pop_means({"skip_streak": streak} if streak is not None else None)
         now = time.perf_counter()
         dt, n = max(now - self.t0, 1e-9), max(step - self.step0, 1)
+        for k in ("skipped", "skip_streak"):
+            if k in means:
+                means[k] = round(means[k] * (n if k == "skipped" else 1))
         means.update(extra, img_per_s=n * self.batch_size / dt, sec_per_step=dt / n)
         self.t0, self.step0 = now, step
         return means
@@ -457,10 +509,30 @@ def due(step: int, every: int, steps: int) -> bool:
     return every > 0 and step % every == 0 and step < steps
 
 
-def save(run: RunFolder, state: TrainState, step: int) -> Path:
-    """Checkpoint ``step`` into the run folder."""
-    return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step),
-                    metadata={"fastat_version": __version__})  # fmt: skip
+def save(run: RunFolder, state: TrainState, cfg: TrainConfig, step: int) -> Path:
+    """Checkpoint ``step`` into the run folder, unless the run is failing: too many skipped steps in a
+    row, or non-finite weights (TrainingError naming the last good checkpoint; nothing written)."""
+    streak = getattr(state.engine, "skip_streak", None)
+    if streak is not None:
+        check_skips(int(streak), cfg, step, run)  # a host sync, once per save
+    try:
+        return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step),
+                        metadata={"fastat_version": __version__})  # fmt: skip
+    except NonFiniteWeights as e:
+        raise TrainingError(
+            f"{e}; no checkpoint written at step {step}. The last good checkpoint is "
+            f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
+        ) from None
+
+
+def check_skips(streak: int, cfg: TrainConfig, step: int, run: RunFolder) -> None:
+    """Stop (TrainingError) once ``run.max_skipped`` steps in a row were skipped as non-finite."""
+    if streak >= cfg.run.max_skipped:
+        raise TrainingError(
+            f"stopped at step {step}: the last {streak} steps were skipped (non-finite loss or gradients; "
+            f"run.max_skipped = {cfg.run.max_skipped}). The last good checkpoint is "
+            f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
+        )
 
 
 def write_grid(
@@ -526,7 +598,7 @@ def training_loop(
                 if due(step, r.sample_every, r.steps):
                     write_grid(run, state, cfg, td, step)
                 if due(step, r.save_every, r.steps):
-                    save(run, state, step)
+                    save(run, state, cfg, step)
     except KeyboardInterrupt:  # the second Ctrl-C
         if in_step:  # the step was cut in half: its state is not consistent, keep the last checkpoint
             raise TrainingInterrupted(step, run.last_checkpoint, saved=False) from None
@@ -535,10 +607,10 @@ def training_loop(
         bar.close()
 
     if stop.requested:
-        ckpt = run.last_checkpoint if run.holds(step) else save(run, state, step)
+        ckpt = run.last_checkpoint if run.holds(step) else save(run, state, cfg, step)
         raise TrainingInterrupted(step, ckpt, saved=True)
     if not run.holds(step):
-        save(run, state, step)
+        save(run, state, cfg, step)
     samples = write_grid(run, state, cfg, td, step)
     summary, eval_metrics = final_evaluation(state, cfg, td)
     if summary:
@@ -551,13 +623,17 @@ def training_loop(
 def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainState, cfg: TrainConfig,
                  step: int) -> None:  # fmt: skip
     """Read the interval's statistics (its one host sync), write them, and stop (TrainingError) when the
-    loss is not finite."""
+    run is failing: ``run.max_skipped`` skipped steps in a row, or (an engine that does not skip) a
+    non-finite loss."""
     op = cfg.optim
-    means = interval.pop(step, lr=lr_at(step - 1, op.lr, op.warmup), epoch=state.batches.epoch,
+    streak = getattr(state.engine, "skip_streak", None)
+    means = interval.pop(step, streak, lr=lr_at(step - 1, op.lr, op.warmup), epoch=state.batches.epoch,
                          rss_peak_mb=peak_rss_mb())  # fmt: skip
     run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
-    if not math.isfinite(means["loss"]):
+    if "skip_streak" in means:
+        check_skips(means["skip_streak"], cfg, step, run)
+    elif not math.isfinite(means["loss"]):
         raise TrainingError(
             f"the loss is {means['loss']} at step {step}; lower --lr or check the data "
             f"(last checkpoint: {run.last_checkpoint or 'none'})"
@@ -631,10 +707,24 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info})
         try:
             start = state.restore(ckpt) if ckpt is not None else 0
-            run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
-            return training_loop(run, state, cfg, td, start=start, progress=progress)
+            with _write_errors(run):
+                run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
+                return training_loop(run, state, cfg, td, start=start, progress=progress)
         finally:
             state.batches.close()  # the stream placement's reader threads
+
+
+@contextlib.contextmanager
+def _write_errors(run: RunFolder):
+    """A failed write (full disk, read-only folder) as one TrainingError naming the file, the cause and
+    the checkpoint that is still intact."""
+    try:
+        yield
+    except OSError as e:
+        what = f"cannot write {e.filename}" if e.filename else "cannot write to the run folder"
+        raise TrainingError(
+            f"{what}: {e.strerror or e}; the last checkpoint ({run.last_checkpoint or 'none'}) is intact"
+        ) from None
 
 
 def data_info(td: TrainingData) -> dict:

@@ -180,3 +180,28 @@ def test_load_weights_mismatch_names_the_problem(tmp_path):
         load_weights(big, small.state_dict())
     with pytest.raises(CheckpointError, match="missing"):
         load_weights(small, {k: v for k, v in small.state_dict().items() if k != "2.bias"})
+
+
+def test_non_finite_weights_are_refused_before_anything_is_written(tmp_path):
+    root, model = tmp_path / "checkpoints", net()
+    save(root, 10, model)
+    bad = net(1)
+    with torch.no_grad():
+        bad[2].bias[1] = float("inf")
+    with pytest.raises(ck.NonFiniteWeights, match="not finite .*e.g. 2.bias"):
+        save_checkpoint(root, 20, model=model, ema=bad, state={"step": 20})
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-000010", "latest"]
+    with pytest.raises(ck.NonFiniteWeights, match="the EMA weights"):
+        ck.require_finite(bad.state_dict(), "the EMA weights")
+    ck.require_finite(model.state_dict(), "fine")
+
+
+def test_a_failed_write_names_the_checkpoint_not_its_temporary_folder(tmp_path, monkeypatch):
+    def full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(ck, "write_bytes", full)
+    with pytest.raises(OSError) as err:
+        save(tmp_path / "checkpoints", 3, net())
+    assert err.value.filename == str(tmp_path / "checkpoints" / "ckpt-000003" / "model.safetensors")
+    assert leftovers(tmp_path / "checkpoints") == []

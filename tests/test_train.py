@@ -143,6 +143,17 @@ def test_stats_accumulator_means_and_reset():
     assert acc.pop_means() == {}
 
 
+def test_stats_accumulator_weights_drop_skipped_steps_and_reads_extras_at_once():
+    acc = StatsAccumulator()
+    for v, ok in ((1.0, 1.0), (float("nan"), 0.0), (5.0, 1.0)):
+        acc.add({"loss": torch.tensor(v)}, weight=torch.tensor(ok))
+        acc.add({"skipped": torch.tensor(1.0 - ok)})
+    means = acc.pop_means({"streak": torch.tensor(7, dtype=torch.int64)})
+    assert means == {"loss": 3.0, "skipped": pytest.approx(1 / 3), "streak": 7.0}
+    acc.add({"loss": torch.tensor(float("nan"))}, weight=torch.tensor(0.0))
+    assert math.isnan(acc.pop_means()["loss"])  # no good step in the interval
+
+
 # -- what a run writes ---------------------------------------------------------------------------------
 
 

@@ -120,7 +120,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastat.config import ConfigError
+    from fastat.config import ConfigError, check_seed
 
     if args.eval_command == "compare":
         return _cmd_compare(args)
@@ -135,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
     if not args.attack_radius > 0:
         raise ConfigError(f"--attack-radius must be > 0, got {args.attack_radius}")
+    check_seed(args.seed, "--seed")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")

@@ -146,7 +146,7 @@ def known_metrics(
 def load_run(run: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu"):
     """``(model, cfg, checkpoint)`` of a run folder (or checkpoint folder): the model with its EMA (or
     raw) weights, in eval mode on ``device``, and the run's :class:`~fastat.config.TrainConfig`."""
-    from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights
+    from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
     from fastat.config import ConfigError, TrainConfig
     from fastat.models import build_model
 
@@ -155,8 +155,10 @@ def load_run(run: str | os.PathLike, *, ema: bool = True, device: torch.device |
         spec, cfg = ckpt.state["model"], TrainConfig.from_dict(ckpt.state["config"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{ckpt.path} lacks the run description needed to evaluate it ({e})") from None
+    weights = ckpt.ema if ema else ckpt.model
+    require_finite(weights, f"the {'EMA' if ema else 'raw'} weights of {ckpt.path} (the run diverged)")
     model = build_model(spec["name"], **spec["kwargs"])
-    load_weights(model, ckpt.ema if ema else ckpt.model, str(ckpt.path))
+    load_weights(model, weights, str(ckpt.path))
     return model.to(device).eval(), cfg, ckpt
 
 
@@ -188,11 +190,17 @@ def evaluate_run(
     the very samples the run trained on). Returns ``{"run", "checkpoint", "step", "dataset", "settings",
     "metrics", "seconds"}``.
     """
+    from fastat.data import KNOWN
     from fastat.train import build_training_data, clip_for, resolve_device
 
     t0 = time.perf_counter()
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     model, cfg, ckpt = load_run(run, ema=ema, device=dev)
+    if fid and cfg.data.dataset in KNOWN:
+        raise ValueError(
+            f"--fid is for real image sets; {ckpt.path} was trained on the known set {cfg.data.dataset!r}, "
+            f"whose report is exact (distance to the support, sliced W2)"
+        )
     schedule = cfg.build_objective().schedule
     sampler = sampler or cfg.run.sampler
     steps = steps or cfg.run.sample_steps

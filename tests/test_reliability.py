@@ -1,0 +1,670 @@
+"""Reliability: bad input of every kind is one line and exit 2 with nothing changed on disk; killed
+runs resume bit-exactly; a run that goes non-finite keeps its good model; a full disk is one line.
+
+The table of bad inputs runs ``fastat`` in-process against a copy of a finished run and snapshots every
+file under the test's folder before and after: a refused command must leave all of it as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from train_helpers import POINTS, assert_one_line_error, run_cli, snapshot
+
+from fastat import ops
+from fastat.checkpoint import load_checkpoint
+from fastat.metrics import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step points run with checkpoints at steps 2 and 4 (tests work on copies)."""
+    from fastat.cli import main
+
+    run = tmp_path_factory.mktemp("src") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *POINTS, "--steps", "4", "--save-every", "2", "--sample-every", "0",
+                     "--set", "run.eval_n=0", "--out", str(run)]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(n)
+    return run
+
+
+def poison(ckpt, which: str = "ema") -> None:
+    """Put a NaN into one tensor of a checkpoint's weights (keeping the file's metadata)."""
+    f = ckpt / f"{which}.safetensors"
+    with safe_open(f, "pt") as h:
+        meta = h.metadata()
+        tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    k = sorted(tensors)[0]
+    tensors[k] = tensors[k].clone()
+    tensors[k].view(-1)[0] = float("nan")
+    save_file(tensors, f, metadata=meta)
+
+
+# -- the table ---------------------------------------------------------------------------------------------
+# Each case: (tmp, run) -> argv, where run is a copy of `finished` under tmp; and a phrase the line must hold.
+
+
+def _write(tmp, name, text):
+    f = tmp / name
+    f.write_text(text)
+    return f
+
+
+def _folder(tmp, files: dict[str, bytes]):
+    d = tmp / "imgs"
+    d.mkdir()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return d
+
+
+def _png(value: int = 128) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((10, 10, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _ckpt(run):
+    return load_checkpoint(run).path
+
+
+def _corrupt(run, name, data: bytes):
+    (_ckpt(run) / name).write_bytes(data)
+    return run
+
+
+def _truncate(run, name):
+    f = _ckpt(run) / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return run
+
+
+def _evil_state(run):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"step": 4, "evil": Evil()}, _ckpt(run) / "state.pt")
+    return run
+
+
+def _nan_weights(run, which="ema"):
+    poison(_ckpt(run), which)
+    return run
+
+
+T = ["train", "--no-progress"]
+S = ["sample", "--steps", "2", "--n", "4", "--out", "s.npy"]  # (relative: the test's folder)
+
+CASES = {
+    # train: flags and values
+    "unknown dataset": (lambda t, r: [*T, "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    "unknown mode": (lambda t, r: [*T, "--mode", "fgsm"], "unknown objective.mode"),
+    "unknown model": (lambda t, r: [*T, "--model", "resnet"], "unknown model.name"),
+    "zero steps": (lambda t, r: [*T, "--steps", "0"], "run.steps"),
+    "non-int steps": (lambda t, r: [*T, "--steps", "many"], "invalid int value"),
+    "zero batch": (lambda t, r: [*T, "--batch-size", "0"], "run.batch_size"),
+    "negative lr": (lambda t, r: [*T, "--lr", "-1"], "optim.lr"),
+    "nan lr": (lambda t, r: [*T, "--set", "optim.lr=nan"], "optim.lr"),
+    "negative lam": (lambda t, r: [*T, "--lam", "-0.5"], "objective.lam"),
+    "bad precision": (lambda t, r: [*T, "--precision", "fp64"], "unknown run.precision"),
+    "bad device": (lambda t, r: [*T, "--device", "tpu"], "run.device"),
+    "negative seed": (lambda t, r: [*T, "--seed", "-1"], "run.seed"),
+    "huge seed": (lambda t, r: [*T, "--seed", str(2**64)], "run.seed"),
+    "zero image size": (lambda t, r: [*T, "--image-size", "0"], "data.image_size"),
+    "huge image size": (lambda t, r: [*T, "--image-size", "100000"], "--image-size"),
+    "image size for points": (lambda t, r: [*T, "--dataset", "gmm2d", "--image-size", "8"], "points"),
+    "--set type under a flag": (lambda t, r: [*T, "--set", "run.steps=abc", "--steps", "5"], "run.steps"),
+    "--set without =": (lambda t, r: [*T, "--set", "run.steps"], "KEY=VALUE"),
+    "--set unknown key": (lambda t, r: [*T, "--set", "objective.radius=1"], "unknown config key"),
+    "kwargs not a mapping": (lambda t, r: [*T, "--set", "model.kwargs=3"], "must be a mapping"),
+    "corrupt frac > 1": (lambda t, r: [*T, "--corrupt-frac", "1.5"], "data.corrupt_frac"),
+    "ema decay 1": (lambda t, r: [*T, "--set", "ema.decay=1"], "ema.decay"),
+    "one beta": (lambda t, r: [*T, "--set", "optim.betas=[0.9]"], "optim.betas"),
+    "sample steps > T": (lambda t, r: [*T, "--set", "run.sample_steps=5000"], "run.sample_steps"),
+    "keep 0": (lambda t, r: [*T, "--keep", "0"], "run.keep"),
+    "log every 0": (lambda t, r: [*T, "--log-every", "0"], "run.log_every"),
+    "max skipped 0": (lambda t, r: [*T, "--set", "run.max_skipped=0"], "run.max_skipped"),
+    "unknown flag": (lambda t, r: [*T, "--stepz", "3"], "unrecognized arguments"),
+    "out under a file": (lambda t, r: [*T, *POINTS, "--out", _write(t, "f", "x") / "run"], "not a folder"),
+    "dry run, out under a file": (
+        lambda t, r: [*T, "--dry-run", "--out", _write(t, "f", "x") / "run"],
+        "not a folder",
+    ),
+    # train: resume and run-folder ownership
+    "resume missing": (lambda t, r: [*T, "--resume", t / "nothing"], "does not exist"),
+    "resume older checkpoint": (
+        lambda t, r: [*T, "--resume", r / "checkpoints" / "ckpt-000002", "--steps", "8"],
+        "older than the run's newest",
+    ),
+    "resume into another run": (
+        lambda t, r: [
+            *T,
+            "--resume",
+            shutil.copytree(r, t / "a") / "checkpoints" / "ckpt-000002",
+            "--out",
+            r,
+            "--steps",
+            "8",
+        ],  # fmt: skip
+        "holds another run's checkpoints",
+    ),
+    "resume steps below": (lambda t, r: [*T, "--resume", r, "--steps", "3"], "--steps 3 is below"),
+    "fresh run over a run": (lambda t, r: [*T, *POINTS, "--out", r], "already holds checkpoints"),
+    "resume another model": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "model.kwargs.hidden=16"],
+        "cannot resume",
+    ),
+    "resume NaN weights": (lambda t, r: [*T, "--resume", _nan_weights(r), "--steps", "8"], "not finite"),
+    # YAML
+    "bad yaml": (lambda t, r: [*T, "--config", _write(t, "c.yaml", "run:\n  steps: [1, 2\n")], "bad YAML"),
+    "yaml list": (lambda t, r: [*T, "--config", _write(t, "c.yaml", "- 1\n- 2\n")], "must hold a mapping"),
+    "yaml unknown section": (lambda t, r: [*T, "--config", _write(t, "c.yaml", "trainer: {}\n")], "section"),
+    "yaml unknown key": (
+        lambda t, r: [*T, "--config", _write(t, "c.yaml", "run:\n  stepz: 3\n")],
+        "unknown config key run.stepz",
+    ),
+    "yaml section not a mapping": (lambda t, r: [*T, "--config", _write(t, "c.yaml", "run: 5\n")], "mapping"),
+    "yaml wrong type": (
+        lambda t, r: [*T, "--config", _write(t, "c.yaml", "run:\n  steps: ten\n")],
+        "run.steps must be an integer",
+    ),
+    "missing yaml": (lambda t, r: [*T, "--config", t / "nope.yaml"], "cannot read config file"),
+    "yaml is a folder": (lambda t, r: [*T, "--config", t], "cannot read config file"),
+    # data files
+    "missing image folder": (
+        lambda t, r: [*T, "--dataset", t / "no", "--image-size", "8"],
+        "not an existing",
+    ),
+    "empty image folder": (
+        lambda t, r: [*T, "--dataset", _folder(t, {}), "--image-size", "8"],
+        "no readable",
+    ),
+    "only corrupt images": (
+        lambda t, r: [
+            *T,
+            "--dataset",
+            _folder(t, {"a.png": b"not a png", "b.jpg": b"\xff\xd8junk"}),
+            "--image-size",
+            "8",
+            "--out",
+            t / "o",
+        ],  # fmt: skip
+        "no readable images",
+    ),
+    "dataset is a file": (
+        lambda t, r: [*T, "--dataset", _write(t, "x.png", "x"), "--image-size", "8"],
+        "file",
+    ),
+    "folder without size": (lambda t, r: [*T, "--dataset", _folder(t, {"a.png": _png()})], "image-size"),
+    "batch > folder": (
+        lambda t, r: [
+            *T,
+            "--dataset",
+            _folder(t, {"a.png": _png(), "b.png": _png(9)}),
+            "--image-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            t / "o",
+        ],  # fmt: skip
+        "larger than the dataset",
+    ),
+    # checkpoints, through sample / eval / resume
+    "sample: no run": (lambda t, r: [*S, "--run", t / "none"], "does not exist"),
+    "sample: corrupt state": (lambda t, r: [*S, "--run", _corrupt(r, "state.pt", b"junk")], "cannot read"),
+    "sample: truncated ema": (lambda t, r: [*S, "--run", _truncate(r, "ema.safetensors")], "cannot read"),
+    "sample: pickled object": (lambda t, r: [*S, "--run", _evil_state(r)], "refused to unpickle"),
+    "sample: NaN weights": (lambda t, r: [*S, "--run", _nan_weights(r)], "not finite"),
+    "sample: NaN raw weights": (
+        lambda t, r: [*S, "--run", _nan_weights(r, "model"), "--no-ema"],
+        "not finite",
+    ),
+    "resume: missing weights": (
+        lambda t, r: [*T, "--resume", _corrupt(r, "model.safetensors", b""), "--steps", "8"],
+        "cannot read",
+    ),
+    "sample: negative seed": (lambda t, r: [*S, "--run", r, "--seed", "-1"], "--seed"),
+    "sample: huge seed": (lambda t, r: [*S, "--run", r, "--seed", str(2**64)], "--seed"),
+    "sample: n 0": (lambda t, r: [*S, "--run", r, "--n", "0"], "--n must be >= 1"),
+    "sample: jpg": (lambda t, r: [*S, "--run", r, "--out", t / "x.jpg"], "must end in .png or .npy"),
+    "sample: steps > T": (lambda t, r: [*S, "--run", r, "--steps", "5000"], "--steps must be <= T"),
+    "eval: NaN weights": (lambda t, r: ["eval", "--run", _nan_weights(r), "--n", "8"], "not finite"),
+    "eval: fid on a known set": (lambda t, r: ["eval", "--run", r, "--n", "8", "--fid"], "--fid"),
+    "eval: n 0": (lambda t, r: ["eval", "--run", r, "--n", "0"], "--n must be >= 1"),
+    "eval: no run": (lambda t, r: ["eval"], "needs --run"),
+    "eval: negative seed": (lambda t, r: ["eval", "--run", r, "--seed", "-3"], "--seed"),
+    # bench: checked before anything runs
+    "bench: image size 0": (lambda t, r: ["bench", "--device", "cpu", "--image-size", "0"], "--image-size"),
+    "bench: json folder missing": (
+        lambda t, r: ["bench", "--device", "cpu", "--json", t / "no" / "r.json"],
+        "--json",
+    ),
+    "bench: json is a folder": (lambda t, r: ["bench", "--device", "cpu", "--json", t], "--json"),
+    "bench: zero steps": (lambda t, r: ["bench", "--device", "cpu", "--steps", "0"], "steps"),
+}
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default run folders (runs/...) would land here
+    run = shutil.copytree(finished, tmp_path / "run")
+    make, needle = CASES[case]
+    argv = make(tmp_path, run)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+    assert snapshot(tmp_path) == before
+
+
+# -- ops: bad arguments are a one-line ValueError / TypeError ---------------------------------------------
+
+X = torch.randn(4, 3)
+ONE = torch.ones(4)
+NAN = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+
+OPS = {
+    "q_sample NaN a": (lambda: ops.q_sample(X, NAN, ONE, X), ValueError, "a must be finite"),
+    "q_sample inf s": (lambda: ops.q_sample(X, ONE, float("inf"), X), ValueError, "s must be finite"),
+    "q_sample int data": (lambda: ops.q_sample(X.long(), ONE, ONE, X.long()), TypeError, "floating"),
+    "q_sample shapes": (lambda: ops.q_sample(X, ONE, ONE, X[:2]), ValueError, "shape"),
+    "q_sample a shape": (lambda: ops.q_sample(X, torch.ones(3), ONE, X), ValueError, "shape"),
+    "noise_inject NaN s": (lambda: ops.noise_inject(X, ONE, NAN, 0.1, 0), ValueError, "s must be finite"),
+    "noise_inject NaN a": (lambda: ops.noise_inject(X, float("nan"), ONE, 0.1, 0), ValueError, "finite"),
+    "noise_inject seed 2**64": (lambda: ops.noise_inject(X, ONE, ONE, 0.1, 2**64), ValueError, "seed"),
+    "noise_inject seed 2**63": (lambda: ops.noise_inject(X, ONE, ONE, 0.1, 2**63), ValueError, "seed"),
+    "noise_inject seed -1": (lambda: ops.noise_inject(X, ONE, ONE, 0.1, -1), ValueError, "seed"),
+    "noise_inject bool seed": (lambda: ops.noise_inject(X, ONE, ONE, 0.1, True), TypeError, "seed"),
+    "noise_inject offset 2**64": (lambda: ops.noise_inject(X, ONE, ONE, 0.1, 0, 2**64), ValueError, "offset"),
+    "noise_inject float seed": (lambda: ops.noise_inject(X, ONE, ONE, 0.1, 1.5), TypeError, "seed"),
+    "noise_inject NaN radius": (lambda: ops.noise_inject(X, ONE, ONE, float("nan"), 0), ValueError, "radius"),
+    "pgd_step NaN s": (lambda: ops.pgd_step(X, X, 0.1, 0.1, x_t=X, s=NAN), ValueError, "s must be finite"),
+    "pgd_step negative alpha": (lambda: ops.pgd_step(X, X, 0.1, -1.0), ValueError, "alpha"),
+    "pgd_step bad norm": (lambda: ops.pgd_step(X, X, 0.1, 0.1, norm="l3"), ValueError, "norm"),
+    "at_loss NaN lam": (lambda: ops.at_loss(X, X, X, X, float("nan")), ValueError, "lam"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPS))
+def test_ops_reject_bad_arguments_in_one_line(case):
+    call, exc, needle = OPS[case]
+    with pytest.raises(exc) as e:
+        call()
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_ops_accept_the_largest_seed():
+    x_t, _, eps, _ = ops.noise_inject(X, ONE, ONE, 0.1, 2**63 - 1, 2**63 - 1)
+    assert torch.isfinite(x_t).all() and eps.std() > 0
+    assert math.isfinite(float(x_t.sum()))
+
+
+# -- killed runs resume bit-exactly --------------------------------------------------------------------------
+
+# A small fork server: one process imports torch and fastat once, then forks a fresh training process per
+# request (a real process, killed with a real SIGKILL), so that seven runs do not pay seven start-ups.
+# A request is a JSON line [plan, stderr_file, argv]; the server answers "pid N", then "exit CODE".
+# The child kills itself (SIGKILL) at the moment its plan names:
+#   state:N   half-way through writing state.pt of its N-th checkpoint
+#   prune:N   half-way through deleting the N-th checkpoint it prunes (renamed to trash, partly deleted)
+#   -         not at all (the test kills it from outside at a random moment)
+SERVER = r"""
+import json, os, signal, sys
+import torch
+import fastat.checkpoint as ck
+import torch._dynamo  # noqa: F401 - what the optimizer's first use imports (seconds)
+import fastat.cli, fastat.train  # noqa: F401 - imported once, before forking
+
+def child(plan, argv):
+    torch.set_num_threads(1)
+    kind, _, n = plan.partition(":")
+    count = [0]
+
+    def due():
+        count[0] += 1
+        return count[0] == int(n)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "state":
+        real_write = ck.write_bytes
+        def write_bytes(path, data):
+            if path.name == "state.pt" and due():
+                real_write(path, bytes(data)[: len(data) // 2])
+                die()
+            real_write(path, data)
+        ck.write_bytes = write_bytes
+    elif kind == "prune":
+        real_rmtree = ck.shutil.rmtree
+        def rmtree(path, ignore_errors=False):
+            if ".trash-ckpt" in str(path) and os.path.isdir(path) and due():
+                os.unlink(os.path.join(path, sorted(os.listdir(path))[0]))
+                die()
+            real_rmtree(path, ignore_errors=ignore_errors)
+        ck.shutil.rmtree = rmtree
+    return fastat.cli.main(argv)
+
+for line in sys.stdin:
+    plan, err, argv = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout is the server's answer channel
+        code = 1
+        try:
+            code = child(plan, argv)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    print("pid", pid, flush=True)
+    print("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+CRASH_ARGS = [*POINTS, "--steps", "60", "--save-every", "1", "--keep", "2", "--log-every", "3",
+              "--sample-every", "0", "--set", "run.eval_n=0"]  # fmt: skip
+
+
+class ForkServer:
+    def __init__(self):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def start(self, plan: str, err, argv: list) -> int:
+        """Fork a training process; returns its pid."""
+        self.proc.stdin.write(json.dumps([plan, str(err), [str(a) for a in argv]]) + "\n")
+        self.proc.stdin.flush()
+        word, pid = self.proc.stdout.readline().split()
+        assert word == "pid"
+        return int(pid)
+
+    def wait(self) -> int:
+        """The exit code of the process started last (-9: killed by SIGKILL)."""
+        word, code = self.proc.stdout.readline().split()
+        assert word == "exit"
+        return int(code)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _latest(run) -> str | None:
+    try:
+        return (run / "checkpoints" / "latest").read_text().strip()
+    except OSError:
+        return None
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys):
+    """SIGKILL during a save (state.pt half written), during pruning (a checkpoint half deleted) and at
+    four random moments; each time `--resume auto` continues. The end: the same weights, EMA and optimizer
+    state as an uninterrupted run (which saved only at the end), and one metrics record per log step."""
+    ref = tmp_path / "ref"
+    assert run_cli(capsys, "train", *CRASH_ARGS, "--save-every", "0", "--out", ref)[0] == 0
+
+    run, rng, kills, err = tmp_path / "run", random.Random(0), 0, tmp_path / "stderr"
+    server = ForkServer()
+    try:
+        for plan in ["state:3", "prune:2", "-", "-", "-", "-"]:
+            before = _latest(run)
+            pid = server.start(plan, err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
+            if plan == "-":  # wait until this process has saved once, then kill it at a random moment
+                deadline = time.monotonic() + 120
+                while _latest(run) == before and _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.3))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            code = server.wait()
+            assert code in (0, -signal.SIGKILL) and "Traceback" not in err.read_text(), (plan, code, err.read_text())
+            kills += code == -signal.SIGKILL
+            names = sorted(p.name for p in (run / "checkpoints").iterdir())
+            assert all(n.startswith((".", "ckpt-")) or n == "latest" for n in names), names
+            load_checkpoint(run)  # whatever the moment, the newest complete checkpoint loads
+        assert kills >= 5, kills
+        server.start("-", err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
+        assert server.wait() == 0, err.read_text()
+    finally:
+        server.close()
+
+    a, b = load_checkpoint(ref), load_checkpoint(run)
+    assert a.step == b.step == 60
+    for which in ("model", "ema"):
+        for k, v in getattr(a, which).items():
+            assert torch.equal(v, getattr(b, which)[k]), (which, k)
+    for i, st in a.state["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[k], b.state["optimizer"]["state"][i][k])
+    steps = [r["step"] for r in read_metrics(run) if r["kind"] == "train"]
+    assert steps == [r["step"] for r in read_metrics(ref) if r["kind"] == "train"] == list(range(3, 61, 3))
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+# -- a run that goes non-finite keeps its good model --------------------------------------------------------
+
+
+def _all_finite(run) -> bool:
+    ok = True
+    for ckpt in sorted((run / "checkpoints").glob("ckpt-*")):
+        c = load_checkpoint(ckpt)
+        ok &= all(bool(torch.isfinite(v).all()) for v in [*c.model.values(), *c.ema.values()])
+    return ok
+
+
+def test_resuming_with_an_absurd_lr_ends_with_a_finite_latest_checkpoint(tmp_path, capsys):
+    """The scenario of the issue: a healthy run resumed with --lr 1e6, saving every 5 steps, looking at
+    the loss every 25, keeping 3. No checkpoint with non-finite weights is written; if the run stops,
+    its line names the last good checkpoint, which exists and loads."""
+    run = tmp_path / "r"
+    common = ["--sample-every", "0", "--set", "run.eval_n=0"]
+    assert (
+        run_cli(capsys, "train", *POINTS, *common, "--steps", "40", "--save-every", "10", "--out", run)[0]
+        == 0
+    )
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--lr", "1e6", "--save-every", "5",
+                           "--log-every", "25", "--keep", "3", "--steps", "100", "--no-progress")  # fmt: skip
+    assert code in (0, 1) and "Traceback" not in err, err
+    assert _all_finite(run)
+    latest = load_checkpoint(run)
+    if code == 1:
+        line = err.strip().splitlines()[-1]
+        assert f"last good checkpoint is {latest.path}" in line, line
+    assert (
+        run_cli(capsys, "sample", "--run", run, "--n", "4", "--steps", "2", "--out", tmp_path / "s.npy")[0]
+        == 0
+    )
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
+    import fastat.train as train_mod
+
+    real = train_mod.train_step
+
+    def step(engine, x0, *, lr):
+        out = real(engine, x0, lr=lr)
+        if engine.steps_done == 5:  # the weights go bad after step 5
+            with torch.no_grad():
+                next(engine.model.parameters()).view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    run = tmp_path / "r"
+    args = ["--steps", "10", "--save-every", "2", "--log-every", "100", "--keep", "1", "--sample-every", "0"]
+    code, _, err = run_cli(capsys, "train", *POINTS, *args, "--set", "run.eval_n=0", "--out", run)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "not finite" in err and "no checkpoint written at step 6" in err
+    assert f"last good checkpoint is {run / 'checkpoints' / 'ckpt-000004'}" in err
+    assert [p.name for p in (run / "checkpoints").glob("ckpt-*")] == ["ckpt-000004"]
+    assert _all_finite(run)
+
+
+def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch):
+    """The loop side of the engine's non-finite skip: skipped steps are counted in the metrics and left
+    out of the means; the streak is read at log steps and saves, and `run.max_skipped` in a row stop the
+    run (exit 1) naming the last good checkpoint. (The engine is stood in for after step 8: each step is
+    skipped as the engine reports it, ``stats["skipped"]`` = 1 and ``skip_streak`` + 1.)"""
+    import fastat.train as train_mod
+
+    real = train_mod.train_step
+
+    def step(engine, x0, *, lr):
+        if not hasattr(engine, "skip_streak"):
+            engine.skip_streak = torch.zeros((), dtype=torch.int64)
+        if engine.steps_done < 8:
+            out = real(engine, x0, lr=lr)
+            engine.skip_streak.zero_()
+            return {**out, "skipped": torch.zeros(())}
+        engine.steps_done += 1
+        engine.skip_streak += 1
+        return {"loss": torch.tensor(float("nan")), "skipped": torch.ones(())}
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    run = tmp_path / "r"
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "40", "--save-every", "4", "--log-every", "5",
+                           "--set", "run.max_skipped=6", "--sample-every", "0", "--set", "run.eval_n=0",
+                           "--out", run)  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "stopped at step 15: the last 7 steps were skipped" in err
+    assert f"last good checkpoint is {run / 'checkpoints' / 'ckpt-000012'}" in err
+    recs = {r["step"]: r for r in read_metrics(run) if r["kind"] == "train"}
+    assert [recs[s]["skipped"] for s in (5, 10, 15)] == [0, 2, 5]
+    assert [recs[s]["skip_streak"] for s in (5, 10, 15)] == [0, 2, 7]
+    assert math.isfinite(recs[10]["loss"])  # the mean of the interval's 3 good steps
+    assert recs[15]["loss"] == "nan"  # no good step in the interval
+    assert _all_finite(run)
+
+
+# -- a full disk, a read-only folder -------------------------------------------------------------------------
+
+BIG = [*POINTS, "--set", "model.kwargs={hidden: 128, depth: 1, time_dim: 16}", "--sample-every", "0",
+       "--set", "run.eval_n=0"]  # fmt: skip
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (mounting needs root: skipped elsewhere, with the reason)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot mount a small tmpfs on this machine: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs on this machine (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def _fill(disk, leave: int):
+    """Fill the file system of ``disk`` until ``leave`` bytes are free."""
+    st = os.statvfs(disk)
+    free = st.f_bavail * st.f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+@pytest.mark.parametrize("fails_at", ["model.safetensors", "state.pt"])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, fails_at, capsys):
+    run = small_disk / "run"
+    assert (
+        run_cli(capsys, "train", *BIG, "--steps", "4", "--save-every", "2", "--keep", "1", "--out", run)[0]
+        == 0
+    )
+    ckpt = load_checkpoint(run).path
+    weights = (ckpt / "model.safetensors").stat().st_size
+    before = snapshot(ckpt)
+    _fill(small_disk, 64 * 1024 if fails_at == "model.safetensors" else 2 * weights + 64 * 1024)
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "8", "--no-progress")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and f"ckpt-000006/{fails_at}" in lines[0], lines[0]
+    assert f"the last checkpoint ({ckpt}) is intact" in lines[0]
+    assert snapshot(ckpt) == before and load_checkpoint(run).path == ckpt
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-000004", "latest"]
+    (small_disk / "filler").unlink()  # space again: the run continues from the intact checkpoint
+    assert run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "8", "--no-progress")[0] == 0
+    assert load_checkpoint(run).step == 8
+
+
+def test_a_read_only_run_folder_is_refused_before_anything_runs(small_disk, capsys):
+    run = small_disk / "run"
+    assert run_cli(capsys, "train", *BIG, "--steps", "2", "--out", run)[0] == 0
+    before = snapshot(run)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True, timeout=30)
+    try:
+        code, _, err = run_cli(
+            capsys, "train", "--out", run, "--resume", "auto", "--steps", "4", "--no-progress"
+        )
+        assert_one_line_error(code, err, "cannot write to the run folder", "not writable")
+        code, _, err = run_cli(capsys, "train", *BIG, "--out", small_disk / "new", "--steps", "2")
+        assert_one_line_error(code, err, "cannot write to the run folder")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True, timeout=30)
+    assert snapshot(run) == before
+
+
+# -- Ctrl-C during start-up -------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """SIGINT a second after start, while torch and the data are still loading: exit 130, no traceback
+    (it used to print 31 lines)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastat", "train", *POINTS, "--steps", "2000",
+                             "--out", str(tmp_path / "r")], env=env, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "fastat: interrupted" in err, err

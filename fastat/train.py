@@ -312,7 +312,7 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         outlier_kind=d.outlier_kind,
         cache_dir=d.cache_dir,
         progress=progress,
-        log=lambda msg: tqdm.write(msg, file=sys.stderr),
+        log=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None,  # --no-progress: quiet
         min_items=cfg.run.batch_size,
     )
     if len(td) == 0:
@@ -489,10 +489,10 @@ class Interval:
         self.acc.add({k: v for k, v in stats.items() if k != "skipped"}, weight=1 - skipped)
         self.acc.add({"skipped": skipped})
 
-    def pop(self, step: int, streak: torch.Tensor | None = None, **extra: float) -> dict[str, float]:
-        """Means since the last pop, the skipped steps, the engine's ``skip_streak`` (if given), throughput
-        and ``extra``: one host sync for all of it."""
-        means = self.acc.pop_means({"skip_streak": streak} if streak is not None else None)
+    def pop(self, step: int, streak: torch.Tensor, **extra: float) -> dict[str, float]:
+        """Means since the last pop, the skipped steps, the engine's ``skip_streak``, throughput and
+        ``extra``: one host sync for all of it."""
+        means = self.acc.pop_means({"skip_streak": streak})
         now = time.perf_counter()
         dt, n = max(now - self.t0, 1e-9), max(step - self.step0, 1)
         for k in ("skipped", "skip_streak"):
@@ -512,9 +512,7 @@ def due(step: int, every: int, steps: int) -> bool:
 def save(run: RunFolder, state: TrainState, cfg: TrainConfig, step: int) -> Path:
     """Checkpoint ``step`` into the run folder, unless the run is failing: too many skipped steps in a
     row, or non-finite weights (TrainingError naming the last good checkpoint; nothing written)."""
-    streak = getattr(state.engine, "skip_streak", None)
-    if streak is not None:
-        check_skips(int(streak), cfg, step, run)  # a host sync, once per save
+    check_skips(int(state.engine.skip_streak), cfg, step, run)  # a host sync, once per save
     try:
         return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step),
                         metadata={"fastat_version": __version__})  # fmt: skip
@@ -622,22 +620,14 @@ def training_loop(
 
 def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainState, cfg: TrainConfig,
                  step: int) -> None:  # fmt: skip
-    """Read the interval's statistics (its one host sync), write them, and stop (TrainingError) when the
-    run is failing: ``run.max_skipped`` skipped steps in a row, or (an engine that does not skip) a
-    non-finite loss."""
+    """Read the interval's statistics and the engine's skip streak (the interval's one host sync), write
+    them, and stop (TrainingError) once ``run.max_skipped`` steps in a row were skipped as non-finite."""
     op = cfg.optim
-    streak = getattr(state.engine, "skip_streak", None)
-    means = interval.pop(step, streak, lr=lr_at(step - 1, op.lr, op.warmup), epoch=state.batches.epoch,
-                         rss_peak_mb=peak_rss_mb())  # fmt: skip
+    means = interval.pop(step, state.engine.skip_streak, lr=lr_at(step - 1, op.lr, op.warmup),
+                         epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb())  # fmt: skip
     run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
-    if "skip_streak" in means:
-        check_skips(means["skip_streak"], cfg, step, run)
-    elif not math.isfinite(means["loss"]):
-        raise TrainingError(
-            f"the loss is {means['loss']} at step {step}; lower --lr or check the data "
-            f"(last checkpoint: {run.last_checkpoint or 'none'})"
-        )
+    check_skips(means["skip_streak"], cfg, step, run)
 
 
 def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData) -> tuple[dict, dict]:
@@ -699,7 +689,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
     r = cfg.run
     with RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps, keep=r.keep,
                         tensorboard=r.tensorboard) as run:  # fmt: skip
-        td = build_training_data(cfg)
+        td = build_training_data(cfg, progress=progress)
         spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
         info = data_info(td)
         if ckpt is not None:

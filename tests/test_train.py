@@ -272,10 +272,16 @@ def test_interrupt_inside_a_step_keeps_the_last_complete_checkpoint(tmp_path, ca
     assert load_checkpoint(run).step == 2
 
 
-def test_nan_loss_stops_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: {"loss": torch.tensor(float("nan"))})
-    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", tmp_path / "nan")
-    assert code == 1 and "loss is nan at step 2" in err and "Traceback" not in err
+def test_skipped_steps_stop_with_one_line(tmp_path, capsys, monkeypatch):
+    def skipped(engine, x0, *, lr):  # what the engine reports for a non-finite step
+        engine.skip_streak += 1
+        return {"loss": torch.tensor(float("nan")), "skipped": torch.tensor(1.0)}
+
+    monkeypatch.setattr(train_mod, "train_step", skipped)
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--set", "run.max_skipped=2",
+                           "--out", tmp_path / "nan")  # fmt: skip
+    assert code == 1 and "stopped at step 2: the last 2 steps were skipped" in err and "Traceback" not in err
+    assert "last good checkpoint is none" in err
 
 
 # -- config layering on resume ----------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         outlier_kind=d.outlier_kind,
         cache_dir=d.cache_dir,
         progress=progress,
-        log=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None,  # --no-progress: quiet
+        log=lambda msg: tqdm.write(msg, file=sys.stderr),
         min_items=cfg.run.batch_size,
     )
     if len(td) == 0:

@@ -209,19 +209,9 @@ CASES = {
         lambda t, r: [*T, "--dataset", _folder(t, {}), "--image-size", "8"],
         "no readable",
     ),
-    "only corrupt images": (
-        lambda t, r: [
-            *T,
-            "--dataset",
-            _folder(t, {"a.png": b"not a png", "b.jpg": b"\xff\xd8junk"}),
-            "--image-size",
-            "8",
-            "--batch-size",
-            "1",
-            "--out",
-            t / "o",
-        ],  # fmt: skip
-        "could be read",
+    "no image files": (
+        lambda t, r: [*T, "--dataset", _folder(t, {"a.txt": b"x", "b.npy": b"y"}), "--image-size", "8"],
+        "no readable images",
     ),
     "dataset is a file": (
         lambda t, r: [*T, "--dataset", _write(t, "x.png", "x"), "--image-size", "8"],

@@ -4,11 +4,13 @@
     fastat bench data data/lsun256 --placement stream --workers 4 --json loader.json
 
 For each placement (``device``, ``stream``; ``--placement`` picks one) the loader of the trainer
-(:func:`fastat.data.image_loader`) hands out shuffled batches, each converted to the float training
-batch on the device (:class:`fastat.data.ImageTransform`, as the step does), for ``--seconds`` after
-``--warmup`` batches; img/s and MB/s (uint8 pixels delivered) are the batches over the wall time, with
-the device synchronised at the end. With ``--warm`` (default) the whole set is read once first, so the
-figures are "from the page cache"; ``--no-warm`` measures whatever the cache holds.
+(:func:`fastat.data.image_loader`) hands out shuffled uint8 batches on the device for ``--seconds``
+after ``--warmup`` batches: img/s and MB/s (uint8 pixels delivered) are the batches over the wall time,
+with the device synchronised at the end. Separately, ``transform_img_per_s`` is the rate of the
+conversion the step itself does first (:class:`fastat.data.ImageTransform`: to float, flip; on the
+device, inside the captured graph on CUDA), measured on the same batches. With ``--warm`` (default) the
+whole set is read once first, so the figures are "from the page cache"; ``--no-warm`` measures whatever
+the cache holds.
 
 RSS: the process's resident memory before the loader is built, and its peak while the loader runs
 (the peak is reset between placements through ``/proc/self/clear_refs`` where Linux allows it).
@@ -58,18 +60,24 @@ def bench_loader(images, placement: str, *, batch_size: int, device: torch.devic
     rss0 = _status_mb("VmRSS")
     loader = image_loader(images, batch_size, seed=seed, device=device, placement=placement, flip=True,
                           workers=workers, prefetch=prefetch)  # fmt: skip
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
     try:
         for _ in range(warmup):
-            loader.transform(loader.next_batch())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            batch = loader.next_batch()
+        sync(device)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            loader.transform(loader.next_batch())
+            batch = loader.next_batch()
             n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         dt = time.perf_counter() - t0
+        batch = type(batch)(*(t.clone() for t in batch))  # the loader may refill its buffers
+        m, t1 = 0, time.perf_counter()
+        while time.perf_counter() - t1 < min(seconds, 2.0) or m < 2:
+            loader.transform(batch)
+            m += 1
+        sync(device)
+        transform_rate = m * batch_size / (time.perf_counter() - t1)
     finally:
         loader.close()
     img = n * batch_size
@@ -77,6 +85,7 @@ def bench_loader(images, placement: str, *, batch_size: int, device: torch.devic
         "placement": loader.placement,
         "img_per_s": round(img / dt, 1),
         "MB_per_s": round(img * images.shape[0] * images.shape[1] * images.shape[2] / dt / 1e6, 1),
+        "transform_img_per_s": round(transform_rate, 1),
         "batches": n,
         "seconds": round(dt, 2),
         "rss_before_mb": round(rss0),
@@ -149,7 +158,8 @@ def main(argv=None, prog: str = "fastat bench data", parser_class=argparse.Argum
                          warmup=args.warmup, workers=args.workers, prefetch=args.prefetch)  # fmt: skip
         results.append(r)
         print(f"  {r['placement']:<7} {r['img_per_s']:>12,.0f} img/s {r['MB_per_s']:>9,.1f} MB/s   "
-              f"RSS before {r['rss_before_mb']} MB, peak {r['rss_peak_mb']} MB")  # fmt: skip
+              f"RSS before {r['rss_before_mb']} MB, peak {r['rss_peak_mb']} MB   "
+              f"(in-step transform on {device}: {r['transform_img_per_s']:,.0f} img/s)")  # fmt: skip
     if args.json:
         from fastat.checkpoint import atomic_write_text
 

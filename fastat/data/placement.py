@@ -101,8 +101,9 @@ class ImageTransform:
         self.corruption = corruption.to(device) if corruption is not None and corruption.active else None
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        x = batch.images.to(torch.float32).div_(127.5).sub_(1.0)
-        x = torch.where(batch.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        # flip while still uint8 (4x less to move than float32)
+        images = torch.where(batch.flip.view(-1, 1, 1, 1), batch.images.flip(-1), batch.images)
+        x = images.to(torch.float32).div_(127.5).sub_(1.0)
         if self.corruption is not None:
             x = self.corruption.apply(x, batch.index)
         return x

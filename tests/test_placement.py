@@ -23,6 +23,7 @@ from fastat.data import (
     image_loader,
 )
 from fastat.data.corrupt import hashed_bits
+from fastat.data.placement import DeviceImages
 from fastat.data.preparation import _ShardWriter, _write_json
 from fastat.data.prepared import FORMAT, MANIFEST, VERSION, set_checksum
 
@@ -154,11 +155,16 @@ def _collect(loader, k):
     return out
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("source", ["prepared", "memory"])
-def test_placements_give_the_same_batches_and_resume_exactly(prepared, pixels, source):
+def test_placements_give_the_same_batches_and_resume_exactly(prepared, pixels, source, device):
     images = prepared if source == "prepared" else MemoryImages(torch.from_numpy(pixels))
     c = IndexedCorruption.build(N, 0.5, 0.2, seed=2)
-    kw = dict(seed=3, device="cpu", flip=True, corruption=c, workers=2, prefetch=3)
+    kw = dict(seed=3, device=device, flip=True, corruption=c, workers=2, prefetch=3)
     with (
         image_loader(images, 8, placement="device", **kw) as dev,
         image_loader(images, 8, placement="stream", **kw) as st,
@@ -168,7 +174,8 @@ def test_placements_give_the_same_batches_and_resume_exactly(prepared, pixels, s
     for x, y in zip(a, b, strict=True):
         assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
     first = a[0]
-    assert torch.equal(first[0], torch.from_numpy(pixels)[first[1]])  # the pixels of the listed samples
+    assert first[0].device.type == device
+    assert torch.equal(first[0].cpu(), torch.from_numpy(pixels)[first[1].cpu()])  # the listed samples' pixels
     for cut in (0, 5, 6, 13):
         for src, dst in (("device", "stream"), ("stream", "device"), ("stream", "stream")):
             with image_loader(images, 8, placement=src, **kw) as l1:
@@ -181,6 +188,13 @@ def test_placements_give_the_same_batches_and_resume_exactly(prepared, pixels, s
                 rest = _collect(l2, 20 - cut)
             for x, y in zip(a[cut:], rest, strict=True):
                 assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True)), (cut, src, dst)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_placement_loads_the_set_in_chunks(prepared, pixels, device):
+    order = EpochOrder(N, 8, seed=0, device=device)
+    loader = DeviceImages(prepared, order, ImageTransform(), torch.device(device), chunk_bytes=7 * 90)
+    assert torch.equal(loader.data.cpu(), torch.from_numpy(pixels))  # 7 images per chunk, 8 chunks
 
 
 def test_stream_reports_read_errors_as_dataset_errors(prepared):

@@ -509,10 +509,19 @@ def due(step: int, every: int, steps: int) -> bool:
     return every > 0 and step % every == 0 and step < steps
 
 
-def save(run: RunFolder, state: TrainState, cfg: TrainConfig, step: int) -> Path:
+def save(
+    run: RunFolder, state: TrainState, cfg: TrainConfig, step: int, *, periodic: bool = False
+) -> Path | None:
     """Checkpoint ``step`` into the run folder, unless the run is failing: too many skipped steps in a
-    row, or non-finite weights (TrainingError naming the last good checkpoint; nothing written)."""
-    check_skips(int(state.engine.skip_streak), cfg, step, run)  # a host sync, once per save
+    row, or non-finite weights (TrainingError naming the last good checkpoint; nothing written).
+
+    A ``periodic`` save while the last step was skipped is postponed (returns None): a run that went
+    bad (e.g. a huge learning rate made the weights garbage, then every step non-finite) must not push
+    its good checkpoints out with garbage ones before ``run.max_skipped`` stops it."""
+    streak = int(state.engine.skip_streak)  # a host sync, once per save
+    check_skips(streak, cfg, step, run)
+    if periodic and streak > 0:
+        return None
     try:
         return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step),
                         metadata={"fastat_version": __version__})  # fmt: skip
@@ -596,7 +605,7 @@ def training_loop(
                 if due(step, r.sample_every, r.steps):
                     write_grid(run, state, cfg, td, step)
                 if due(step, r.save_every, r.steps):
-                    save(run, state, cfg, step)
+                    save(run, state, cfg, step, periodic=True)
     except KeyboardInterrupt:  # the second Ctrl-C
         if in_step:  # the step was cut in half: its state is not consistent, keep the last checkpoint
             raise TrainingInterrupted(step, run.last_checkpoint, saved=False) from None

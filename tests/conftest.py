@@ -21,6 +21,23 @@ def _fastat_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FASTAT_CACHE", str(tmp_path_factory.getbasetemp() / "fastat-cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run fastest so on a loaded CPU (``usefixtures("one_thread")``)."""
+    from train_helpers import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step points run with checkpoints at steps 2 and 4 (tests that change it copy it)."""
+    from train_helpers import finished_points_run
+
+    return finished_points_run(tmp_path_factory.mktemp("src") / "run")
+
+
 def randn(shape, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)

@@ -24,35 +24,18 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from train_helpers import POINTS, assert_one_line_error, run_cli, snapshot
+from train_helpers import (
+    POINTS,
+    assert_one_line_error,
+    run_cli,
+    snapshot,
+)
 
 from fastat import ops
 from fastat.checkpoint import load_checkpoint
 from fastat.metrics import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 4-step points run with checkpoints at steps 2 and 4 (tests work on copies)."""
-    from fastat.cli import main
-
-    run = tmp_path_factory.mktemp("src") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", *POINTS, "--steps", "4", "--save-every", "2", "--sample-every", "0",
-                     "--set", "run.eval_n=0", "--out", str(run)]) == 0  # fmt: skip
-    finally:
-        torch.set_num_threads(n)
-    return run
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def poison(ckpt, which: str = "ema") -> None:
@@ -68,7 +51,7 @@ def poison(ckpt, which: str = "ema") -> None:
 
 
 # -- the table ---------------------------------------------------------------------------------------------
-# Each case: (tmp, run) -> argv, where run is a copy of `finished` under tmp; and a phrase the line must hold.
+# Each case: (tmp, run) -> argv, run a copy of `finished_run` under tmp; and a phrase the line must hold.
 
 
 def _write(tmp, name, text):
@@ -272,9 +255,9 @@ def test_the_table_is_large_enough():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default run folders (runs/...) would land here
-    run = shutil.copytree(finished, tmp_path / "run")
+    run = shutil.copytree(finished_run, tmp_path / "run")
     make, needle = CASES[case]
     argv = make(tmp_path, run)
     before = snapshot(tmp_path)
@@ -491,28 +474,25 @@ def _all_finite(run) -> bool:
     return ok
 
 
-def test_resuming_with_an_absurd_lr_ends_with_a_finite_latest_checkpoint(tmp_path, capsys):
+def test_resuming_with_an_absurd_lr_keeps_the_good_model(tmp_path, capsys):
     """The scenario of the issue: a healthy run resumed with --lr 1e6, saving every 5 steps, looking at
-    the loss every 25, keeping 3. No checkpoint with non-finite weights is written; if the run stops,
-    its line names the last good checkpoint, which exists and loads."""
+    the loss every 25, keeping 3. The first step makes the weights garbage (finite), every later step is
+    non-finite and skipped; saves are postponed during the streak, so nothing pushes the good checkpoints
+    out, and `run.max_skipped` stops the run naming the newest good one, intact and finite."""
     run = tmp_path / "r"
     common = ["--sample-every", "0", "--set", "run.eval_n=0"]
-    assert (
-        run_cli(capsys, "train", *POINTS, *common, "--steps", "40", "--save-every", "10", "--out", run)[0]
-        == 0
-    )
+    first = ["--steps", "40", "--save-every", "10", "--out", run]
+    assert run_cli(capsys, "train", *POINTS, *common, *first)[0] == 0
+    good = run / "checkpoints" / "ckpt-000040"
+    before = snapshot(good)
     code, _, err = run_cli(capsys, "train", "--resume", run, "--lr", "1e6", "--save-every", "5",
                            "--log-every", "25", "--keep", "3", "--steps", "100", "--no-progress")  # fmt: skip
-    assert code in (0, 1) and "Traceback" not in err, err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "steps were skipped" in err and f"last good checkpoint is {good}:" in err, err
+    assert load_checkpoint(run).path == good and snapshot(good) == before
     assert _all_finite(run)
-    latest = load_checkpoint(run)
-    if code == 1:
-        line = err.strip().splitlines()[-1]
-        assert f"last good checkpoint is {latest.path}" in line, line
-    assert (
-        run_cli(capsys, "sample", "--run", run, "--n", "4", "--steps", "2", "--out", tmp_path / "s.npy")[0]
-        == 0
-    )
+    out = tmp_path / "s.npy"
+    assert run_cli(capsys, "sample", "--run", run, "--n", "4", "--steps", "2", "--out", out)[0] == 0
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
@@ -532,7 +512,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     args = ["--steps", "10", "--save-every", "2", "--log-every", "100", "--keep", "1", "--sample-every", "0"]
     code, _, err = run_cli(capsys, "train", *POINTS, *args, "--set", "run.eval_n=0", "--out", run)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "not finite" in err and "no checkpoint written at step 6" in err
+    assert "not finite" in err and "no checkpoint written at step 10" in err  # the end (6, 8 waited)
     assert f"last good checkpoint is {run / 'checkpoints' / 'ckpt-000004'}" in err
     assert [p.name for p in (run / "checkpoints").glob("ckpt-*")] == ["ckpt-000004"]
     assert _all_finite(run)
@@ -561,7 +541,7 @@ def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch):
                            "--out", run)  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "stopped at step 15: the last 7 steps were skipped" in err
-    assert f"last good checkpoint is {run / 'checkpoints' / 'ckpt-000012'}" in err
+    assert f"last good checkpoint is {run / 'checkpoints' / 'ckpt-000008'}" in err  # the save at 12 waited
     recs = {r["step"]: r for r in read_metrics(run) if r["kind"] == "train"}
     assert [recs[s]["skipped"] for s in (5, 10, 15)] == [0, 2, 5]
     assert [recs[s]["skip_streak"] for s in (5, 10, 15)] == [0, 2, 7]

@@ -13,7 +13,12 @@ import time
 
 import pytest
 import torch
-from train_helpers import POINTS, assert_one_line_error, run_cli, snapshot
+from train_helpers import (
+    POINTS,
+    assert_one_line_error,
+    run_cli,
+    snapshot,
+)
 
 import fastat.checkpoint as ck
 import fastat.run_folder as rf
@@ -22,24 +27,7 @@ from fastat.config import ConfigError
 from fastat.metrics import read_metrics
 from fastat.run_folder import LOCK_FILE, RunFolder, RunFolderBusy
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 4-step points run with checkpoints at 2 and 4 (copied by the tests that change it)."""
-    from fastat.cli import main
-
-    run = tmp_path_factory.mktemp("src") / "run"
-    assert main(["train", *POINTS, "--steps", "4", "--save-every", "2", "--set", "run.eval_n=0",
-                 "--sample-every", "0", "--out", str(run)]) == 0  # fmt: skip
-    return run
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copy_run(src, dst):
@@ -93,8 +81,8 @@ def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
     RunFolder.open(tmp_path / "r").close()
 
 
-def test_a_second_trainer_on_the_folder_exits_2_and_changes_nothing(trained, tmp_path, capsys):
-    run = copy_run(trained, tmp_path / "r")
+def test_a_second_trainer_on_the_folder_exits_2_and_changes_nothing(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "r")
     before = snapshot(run)
     with RunFolder.open(run, resume=load_checkpoint(run).path):  # the first trainer
         t0 = time.perf_counter()
@@ -109,8 +97,8 @@ def test_a_second_trainer_on_the_folder_exits_2_and_changes_nothing(trained, tmp
 # -- ownership: nothing changes before every check has passed -----------------------------------------------
 
 
-def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys):
-    a, b = copy_run(trained, tmp_path / "a"), copy_run(trained, tmp_path / "b")
+def test_resuming_into_another_runs_folder_is_refused(finished_run, tmp_path, capsys):
+    a, b = copy_run(finished_run, tmp_path / "a"), copy_run(finished_run, tmp_path / "b")
     before = snapshot(b)
     code, _, err = run_cli(
         capsys, "train", "--resume", a / "checkpoints" / "ckpt-000002", "--out", b, "--steps", "6"
@@ -119,16 +107,16 @@ def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys)
     assert snapshot(b) == before
 
 
-def test_resuming_an_older_checkpoint_of_the_run_is_refused(trained, tmp_path, capsys):
-    run = copy_run(trained, tmp_path / "r")
+def test_resuming_an_older_checkpoint_of_the_run_is_refused(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "r")
     before = snapshot(run)
     code, _, err = run_cli(capsys, "train", "--resume", run / "checkpoints" / "ckpt-000002", "--steps", "6")
     assert_one_line_error(code, err, "older than the run's newest checkpoint ckpt-000004")
     assert snapshot(run) == before
 
 
-def test_steps_below_the_checkpoint_is_an_error(trained, tmp_path, capsys):
-    run = copy_run(trained, tmp_path / "r")
+def test_steps_below_the_checkpoint_is_an_error(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "r")
     before = snapshot(run)
     for extra in ([], ["--dry-run"]):
         code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", "3", *extra)
@@ -136,10 +124,10 @@ def test_steps_below_the_checkpoint_is_an_error(trained, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-def test_a_resume_that_fails_late_changes_nothing(trained, tmp_path, capsys):
+def test_a_resume_that_fails_late_changes_nothing(finished_run, tmp_path, capsys):
     """The checkpoint's optimizer state does not fit: found after data and model are built, before any
     write (the config used to be rewritten first)."""
-    run = copy_run(trained, tmp_path / "r")
+    run = copy_run(finished_run, tmp_path / "r")
     ckpt = load_checkpoint(run)
     state = dict(ckpt.state, optimizer={"state": {}, "param_groups": []})
     torch.save(state, ckpt.path / "state.pt")
@@ -156,12 +144,12 @@ def test_a_refused_fresh_start_leaves_no_folder_behind(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
-def test_branching_a_checkpoint_into_a_new_folder(trained, tmp_path, capsys):
-    src = trained / "checkpoints" / "ckpt-000002"
-    before = snapshot(trained)
+def test_branching_a_checkpoint_into_a_new_folder(finished_run, tmp_path, capsys):
+    src = finished_run / "checkpoints" / "ckpt-000002"
+    before = snapshot(finished_run)
     code, out, err = run_cli(capsys, "train", "--resume", src, "--out", tmp_path / "b", "--steps", "4")
     assert code == 0, err
-    assert snapshot(trained) == before  # the source run is only read
+    assert snapshot(finished_run) == before  # the source run is only read
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["ckpt-000004"]
     assert [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"] == [4]
     # branching at the checkpoint's own step still writes a checkpoint into the new folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -88,3 +89,28 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread (see test_train.py: tiny models on a loaded CPU), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def train_run(run: Path, *args) -> Path:
+    """``fastat train ARGS --out RUN`` in-process on one thread (for module-scoped fixtures); returns RUN."""
+    with one_torch_thread():
+        assert main(["train", *map(str, args), "--out", str(run)]) == 0
+    return run
+
+
+def finished_points_run(run: Path) -> Path:
+    """A finished 4-step points run with checkpoints at steps 2 and 4, no samples or evaluation."""
+    return train_run(
+        run, *POINTS, "--steps", 4, "--save-every", 2, "--sample-every", 0, "--set", "run.eval_n=0"
+    )

@@ -626,14 +626,18 @@ def test_a_read_only_run_folder_is_refused_before_anything_runs(small_disk, caps
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
-    """SIGINT a second after start, while torch and the data are still loading: exit 130, no traceback
-    (it used to print 31 lines)."""
+    """SIGINT while torch is still loading (fastat's CLI imports it lazily, inside main): exit 130, one
+    line, no traceback (it used to print 31 lines). The process says when Python is up, so the signal
+    cannot arrive before Python handles it."""
+    argv = ["train", *POINTS, "--steps", "2000", "--out", str(tmp_path / "r")]
+    code = f"import sys; print('up', flush=True); from fastat.cli import main; sys.exit(main({argv!r}))"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fastat", "train", *POINTS, "--steps", "2000",
-                             "--out", str(tmp_path / "r")], env=env, stderr=subprocess.PIPE, text=True,
-                            stdout=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(1.0)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "up"
+    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "fastat: interrupted" in err, err
+    assert not (tmp_path / "r").exists()  # interrupted before the run folder was opened

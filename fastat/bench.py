@@ -1,17 +1,25 @@
-"""``fastat bench``: training-step throughput of naive eager AT, fastat's AT step and fastat's DDPM step.
+"""``fastat bench``: training-step throughput of naive AT (eager and compiled), fastat's AT step and
+fastat's DDPM step.
 
-    fastat bench --model cifar10 --batch-size 128 --precision bf16 --mode adv
+    fastat bench --model cifar10 --batch-size 128 --precision bf16 --mode adv --json bench.json
 
 (a) naive: the loop a paper would write — separate forward passes, ``torch.autograd.grad``, torch ops
     for the noise, the PGD step and the loss, eager AdamW, a per-parameter EMA loop;
+(a') naive_compiled: the same loop with ``torch.compile`` on the model — the one line a user would add,
+    so that what fastat's kernels and graph add over compiling alone is visible (skipped with
+    ``--no-fast``, where nothing is compiled);
 (b) fastat: :class:`fastat.engine.StepEngine` with ``fast=True`` (compiled model; on CUDA the fused
     kernels and a CUDA-graph captured step), same mode;
 (c) fastat with ``--mode ddpm``: the same engine without the regulariser, the cost AT is measured against.
 
-Each is timed per step with device events (CUDA) or a host clock (CPU) after warm-up steps (compile and
-capture happen there), on one resident random batch; the median is reported with img/s, peak memory,
-speedup (b)/(a), AT overhead (b)/(c) and model FLOP utilisation (FLOPs of one forward counted by
-``torch.utils.flop_counter``; one step = 3 forward-equivalents for DDPM, 6 + 2k for k ascent steps).
+Each run on one resident random batch: warm-up steps first, timed apart (the first compiles; fastat's
+engine reports its own compile and capture seconds, and the warm-up lasts until its graph is captured),
+then the timed steps with device events (CUDA) or a host clock (CPU). Reported: the median and p20/p80,
+img/s, peak memory of the timed steps (``reset_peak_memory_stats`` after warm-up), the engine mode that
+actually ran (a fallback shows), speedups, AT overhead (b)/(c) and model FLOP utilisation (FLOPs of one
+forward counted by ``torch.utils.flop_counter``; one step = 3 forward-equivalents for DDPM, 6 + 2k for
+k ascent steps). Every timed step's loss and gradient norm are checked on the device (one tiny kernel
+per step, read once at the end): a run with a non-finite one reports that instead of a time.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import json
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +38,17 @@ import torch
 from torch import nn
 
 from fastat.budget import Budget
+from fastat.capture import CaptureError
 from fastat.checkpoint import atomic_write_text
 from fastat.engine import StepEngine
 from fastat.models import PRESETS, build_model
 from fastat.objective import ATObjective
 from fastat.schedule import NoiseSchedule
-from fastat.timing import Timing, device_info, time_fn
+from fastat.timing import device_info, time_fn
 
 # Dense matrix peak by card (vendor datasheets, SXM parts), FLOP/s: the MFU denominator.
 PEAK_FLOPS = {("H100", "bf16"): 989e12, ("H200", "bf16"): 989e12, ("A100", "bf16"): 312e12}
+RUNS = ("naive", "fastat", "fastat_ddpm", "naive_compiled")  # the default order: the most wanted first
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,7 @@ def model_forward_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> i
 
 
 def naive_at_step(model, opt, ema_params, x0, tables, objective: ATObjective, clip: float, autocast):
-    """One step of AT as a paper's training loop writes it (the baseline (a))."""
+    """One step of AT as a paper's training loop writes it (the baseline (a)): ``(loss, grad norm)``."""
     a_tab, s_tab = tables["a"], tables["s"]
     B, shape = x0.shape[0], (-1,) + (1,) * (x0.dim() - 1)
     t = torch.randint(0, a_tab.shape[0], (B,), device=x0.device)
@@ -93,25 +105,51 @@ def naive_at_step(model, opt, ema_params, x0, tables, objective: ATObjective, cl
             loss = loss + objective.lam * ((eps_adv - eps_pred - target) ** 2).mean()
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     with torch.no_grad():
-        for pe, p in zip(ema_params, model.parameters()):
+        for pe, p in zip(ema_params, model.parameters(), strict=True):
             pe.mul_(0.9999).add_(p, alpha=1 - 0.9999)
-    return loss
+    return loss.detach(), norm
 
 
 def _objective(setting: BenchSetting, mode: str) -> ATObjective:
     return ATObjective(schedule=NoiseSchedule(), mode=mode, pgd_steps=setting.pgd_steps, budget=Budget())
 
 
-def _timed_steps(step_fn, device, warmup: int, steps: int) -> tuple[Timing, float | None]:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _time_run(step: Callable[[], torch.Tensor], device, warmup: int, steps: int, ready=lambda: True) -> dict:
+    """Warm up (at least ``warmup`` steps and until ``ready()``), timed apart; then time ``steps`` steps.
+
+    ``step()`` returns a 0-dim device tensor that is 1 when the step was not finite (summed on the device,
+    read once at the end)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    n_warm = 1
+    while n_warm < warmup or (not ready() and n_warm < warmup + 20):
+        step()
+        n_warm += 1
+    _sync(device)
+    warm = time.perf_counter() - t0
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timing = time_fn(step_fn, device, warmup=warmup, reps=steps)
+    bad = torch.zeros((), device=device)
+    timing = time_fn(lambda: bad.add_(step()), device, warmup=0, reps=steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return timing, peak
+    row = {**timing.as_dict(), "peak_mem_gib": peak, "first_step_s": first, "warmup_steps": n_warm,
+           "warmup_s": warm, "compile_s": None, "capture_s": None, "error": None}  # fmt: skip
+    n_bad = int(bad.item())
+    if n_bad:
+        row.update(median_ms=None, p20_ms=None, p80_ms=None)
+        row["error"] = f"non-finite loss or gradients in {n_bad} of {steps} timed steps: no time reported"
+    return row
 
 
 def check_setting(setting: BenchSetting) -> None:
@@ -120,8 +158,10 @@ def check_setting(setting: BenchSetting) -> None:
         raise ValueError(f"unknown model preset {setting.model!r}; choose one of {', '.join(PRESETS)}")
     if setting.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {setting.precision!r}; choose fp32 or bf16")
-    if setting.batch_size < 1 or setting.steps < 1 or setting.warmup < 0 or setting.pgd_steps < 1:
-        raise ValueError("--batch-size, --steps and --pgd-steps must be >= 1, --warmup >= 0")
+    if setting.batch_size < 1 or setting.steps < 1 or setting.warmup < 1 or setting.pgd_steps < 1:
+        raise ValueError(
+            "--batch-size, --steps, --warmup (the first step compiles) and --pgd-steps must be >= 1"
+        )
     if setting.image_size is not None and setting.image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {setting.image_size}")
     from fastat.train import resolve_device  # ConfigError (a ValueError) for an unusable device
@@ -141,12 +181,17 @@ def check_json_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def run_bench(setting: BenchSetting, fast: bool = True, log=print) -> dict:
-    """Time (a) naive AT, (b) fastat AT and (c) fastat DDPM for one setting; returns a JSON-able dict."""
+def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, runs=RUNS) -> dict:
+    """Time naive AT (eager, and compiled when ``fast``), fastat AT and fastat DDPM for one setting (or the
+    ``runs`` named); returns a JSON-able dict. ``on_row(partial result)`` is called after each run."""
+    unknown = set(runs) - set(RUNS)
+    if unknown:
+        raise ValueError(f"unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
     check_setting(setting)
     from fastat.train import resolve_device
 
     device = resolve_device(setting.device)
+    torch._dynamo.reset()  # every compile below is fresh and static-shaped (no dynamic-shape recompile)
     kw = {"image_size": setting.image_size} if setting.image_size else {}
     torch.manual_seed(0)
     model0 = build_model(setting.model, **kw)
@@ -154,73 +199,141 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print) -> dict:
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1).to(device)
     t = torch.randint(0, 1000, (setting.batch_size,), device=device)
     fwd_flops = model_forward_flops(model0.to(device), x0, t)
+    del model0
     bf16 = setting.precision == "bf16"
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
+        return (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if bf16
+            else torch.autocast(device.type, enabled=False)
+        )
 
     def fresh_model():
         torch.manual_seed(0)
         return build_model(setting.model, **kw).to(device).train()
 
-    rows = {}
-    # (a) naive eager AT
     obj_at = _objective(setting, setting.mode)
-    m = fresh_model()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    ema = [p.detach().clone() for p in m.parameters()]
-    tables = obj_at.schedule.tables(device)
-    rows["naive"] = _timed_steps(lambda: naive_at_step(m, opt, ema, x0, tables, obj_at, 1.0, autocast),
-                                 device, setting.warmup, setting.steps)  # fmt: skip
-    del m, opt, ema
-    # (b) fastat AT, (c) fastat DDPM
-    for key, mode in (("fastat", setting.mode), ("fastat_ddpm", "ddpm")):
-        m = fresh_model()
-        gen = torch.Generator(device=device).manual_seed(1)
-        eng = StepEngine(m, _objective(setting, mode), generator=gen, lr=1e-4, precision=setting.precision,
-                         fast=fast, log=log)  # fmt: skip
-        rows[key] = _timed_steps(lambda e=eng: e.step(x0, 1e-4), device, setting.warmup, setting.steps)
-        rows[key + "_engine"] = eng.mode
-        del m, eng
-
-    units = {"naive": forward_equivalents(obj_at), "fastat": forward_equivalents(obj_at), "fastat_ddpm": 3}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for (card, p), v in PEAK_FLOPS.items() if card in name and p == setting.precision), None)
-    result = {"setting": setting.__dict__, "info": device_info(device), "fwd_gflops": fwd_flops / 1e9, "runs": {}}
-    for key in ("naive", "fastat", "fastat_ddpm"):
-        timing, mem = rows[key]
-        sec = timing.median_ms / 1e3
-        achieved = fwd_flops * units[key] / sec
-        result["runs"][key] = {
-            **timing.as_dict(), "img_per_s": setting.batch_size / sec, "peak_mem_gib": mem,
-            "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
-            "engine": rows.get(key + "_engine", "naive-eager"),
-        }  # fmt: skip
-    runs = result["runs"]
-    result["speedup_vs_naive"] = runs["naive"]["median_ms"] / runs["fastat"]["median_ms"]
-    result["at_overhead"] = runs["fastat"]["median_ms"] / runs["fastat_ddpm"]["median_ms"]
-    result["flop_floor_overhead"] = units["fastat"] / 3
+    result = {
+        "setting": setting.__dict__,
+        "info": device_info(device),
+        "fwd_gflops": fwd_flops / 1e9,
+        "runs": {},
+    }
+    units = {"naive": forward_equivalents(obj_at), "naive_compiled": forward_equivalents(obj_at),
+             "fastat": forward_equivalents(obj_at), "fastat_ddpm": 3}  # fmt: skip
+
+    def add(key: str, row: dict, engine: str) -> None:
+        sec = row["median_ms"] / 1e3 if row["median_ms"] else None
+        achieved = fwd_flops * units[key] / sec if sec else None
+        row["engine"] = engine
+        row["img_per_s"] = setting.batch_size / sec if sec else None
+        row["tflops"] = achieved / 1e12 if sec else None
+        row["mfu"] = achieved / peak if sec and peak else None
+        result["runs"][key] = row
+        _summarise(result)
+        if on_row is not None:
+            on_row(result)
+
+    tables = obj_at.schedule.tables(device)
+
+    def naive_run(compiled: bool) -> tuple[dict, str]:
+        """(a) naive AT, eager or with torch.compile on the model (its first step compiles)."""
+        m = fresh_model()
+        net = torch.compile(m) if compiled else m
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        ema = [p.detach().clone() for p in m.parameters()]
+
+        def naive_step():
+            loss, norm = naive_at_step(net, opt, ema, x0, tables, obj_at, 1.0, autocast)
+            return torch.logical_not(torch.isfinite(loss) & torch.isfinite(norm)).float()
+
+        row = _time_run(naive_step, device, setting.warmup, setting.steps)
+        row["compile_s"] = row["first_step_s"] if compiled else None
+        return row, "naive-compiled" if compiled else "naive-eager"
+
+    def engine_run(mode: str) -> tuple[dict, str]:
+        """(b), (c): fastat's engine; warm-up lasts until its graph is captured."""
+        gen = torch.Generator(device=device).manual_seed(1)
+        notes: list[str] = []
+
+        def note(msg: str) -> None:
+            notes.append(msg)
+            log(msg)
+
+        eng = StepEngine(fresh_model(), _objective(setting, mode), generator=gen, lr=1e-4,
+                         precision=setting.precision, fast=fast, log=note)  # fmt: skip
+        row = _time_run(lambda: eng.step(x0, 1e-4)["skipped"], device, setting.warmup, setting.steps,
+                        ready=lambda: not eng.use_graph or eng.captured)  # fmt: skip
+        row.update(compile_s=eng.compile_seconds, capture_s=eng.capture_seconds, notes=notes)
+        return row, eng.mode
+
+    for key in runs:  # in the order given: a timeout keeps the first ones
+        if key == "naive_compiled" and not fast:
+            continue
+        if key.startswith("naive"):
+            row, engine = naive_run(compiled=key == "naive_compiled")
+        else:
+            row, engine = engine_run(setting.mode if key == "fastat" else "ddpm")
+        add(key, row, engine)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
+
+
+def _summarise(r: dict) -> None:
+    """Ratios of the median step times (None where a run is missing or has no time)."""
+
+    def ratio(a: str, b: str):
+        ra, rb = r["runs"].get(a), r["runs"].get(b)
+        return (
+            ra["median_ms"] / rb["median_ms"] if ra and rb and ra["median_ms"] and rb["median_ms"] else None
+        )
+
+    r["speedup_vs_naive"] = ratio("naive", "fastat")
+    r["speedup_vs_naive_compiled"] = ratio("naive_compiled", "fastat")
+    r["compile_speedup_naive"] = ratio("naive", "naive_compiled")
+    r["at_overhead"] = ratio("fastat", "fastat_ddpm")
+    r["flop_floor_overhead"] = (
+        forward_equivalents(ATObjective(mode=r["setting"]["mode"], pgd_steps=r["setting"]["pgd_steps"])) / 3
+    )
+
+
+def _ms(v: float | None) -> str:
+    """Milliseconds with 3-4 significant digits, never in exponent notation."""
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
 def format_result(r: dict) -> str:
     s = r["setting"]
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    k = f" k={s['pgd_steps']}" if s["mode"] == "pgd" else ""
+    card = r["info"].get("gpu", r["info"]["device"])
     lines = [
-        f"{s['model']} B={s['batch_size']} {s['precision']} mode={s['mode']}"
-        f"{' k=' + str(s['pgd_steps']) if s['mode'] == 'pgd' else ''} on {r['info'].get('gpu', r['info']['device'])}"
+        f"{s['model']} B={s['batch_size']} {s['precision']} mode={s['mode']}{k} on {card}"
         f" (torch {r['info']['torch']}); forward {r['fwd_gflops']:.2f} GFLOP",
-        f"{'run':<13}{'engine':<16}{'ms/step':>9}{'p20-p80':>16}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}",
+        f"{'run':<15}{'engine':<16}{'ms/step':>9}{'p20-p80':>16}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>6}"
+        f"{'mem GiB':>9}{'compile s':>10}{'capture s':>10}",
     ]
     for key, run in r["runs"].items():
+        spread = f"{_ms(run['p20_ms'])}-{_ms(run['p80_ms'])}" if run["median_ms"] else "-"
         mfu = f"{100 * run['mfu']:.0f}%" if run["mfu"] is not None else "-"
-        mem = f"{run['peak_mem_gib']:.2f}" if run["peak_mem_gib"] is not None else "-"
+        mem = f(run["peak_mem_gib"], ".2f")
         lines.append(
-            f"{key:<13}{run['engine']:<16}{run['median_ms']:>9.2f}{run['p20_ms']:>8.2f}-{run['p80_ms']:<7.2f}"
-            f"{run['img_per_s']:>9.0f}{run['tflops']:>9.2f}{mfu:>7}{mem:>9}"
+            f"{key:<15}{run['engine']:<16}{_ms(run['median_ms']):>9} {spread:>15}"
+            f"{f(run['img_per_s'], '.0f'):>9}{f(run['tflops'], '.2f'):>9}{mfu:>6}{mem:>9}"
+            f"{f(run['compile_s'], '.1f'):>10}{f(run['capture_s'], '.2f'):>10}"
         )
+        if run["error"]:
+            lines.append(f"  {key}: {run['error']}")
     lines.append(
-        f"speedup fastat/naive: {r['speedup_vs_naive']:.2f}x   AT overhead fastat/ddpm: {r['at_overhead']:.2f}x"
-        f" (FLOP floor {r['flop_floor_overhead']:.2f}x)"
+        f"speedup fastat/naive: {f(r['speedup_vs_naive'], '.2f')}x   fastat/naive+compile: "
+        f"{f(r['speedup_vs_naive_compiled'], '.2f')}x   AT overhead fastat/ddpm: "
+        f"{f(r['at_overhead'], '.2f')}x (FLOP floor {r['flop_floor_overhead']:.2f}x)"
     )
     return "\n".join(lines)
 
@@ -228,39 +341,56 @@ def format_result(r: dict) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     d = BenchSetting()
     ap.add_argument("--model", default=d.model, help=f"UNet preset ({', '.join(PRESETS)}; default {d.model})")
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[d.batch_size], help="one or more batch sizes")
+    ap.add_argument(
+        "--batch-size", type=int, nargs="+", default=[d.batch_size], help="one or more batch sizes"
+    )
     ap.add_argument("--image-size", type=int, default=None, help="override the preset's resolution")
     ap.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"])
     ap.add_argument("--mode", nargs="+", default=[d.mode], choices=["rand", "adv", "pgd", "inv"],
                     help="AT mode(s) to time against naive AT and DDPM")  # fmt: skip
     ap.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
     ap.add_argument("--steps", type=int, default=d.steps, help="timed steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (compile, capture)")
+    warm = "untimed steps first (compile; fastat's last until its graph is captured)"
+    ap.add_argument("--warmup", type=int, default=d.warmup, help=warm)
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                    help="fastat runs compiled (+ CUDA graph on CUDA); --no-fast times its eager step")  # fmt: skip
-    ap.add_argument("--json", help="write all results to this JSON file")
+                    help="fastat runs compiled (+ CUDA graph on CUDA) beside naive+torch.compile; "
+                         "--no-fast times fastat's eager step and naive eager only")  # fmt: skip
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="which runs (default: all)")
+    ap.add_argument("--json", help="write the results to this JSON file (rewritten after every run)")
 
 
 def run_from_args(args: argparse.Namespace, log=print) -> int:
     settings = [
-        BenchSetting(model=args.model, batch_size=bs, image_size=args.image_size, precision=args.precision,
-                     mode=mode, pgd_steps=args.pgd_steps, steps=args.steps, warmup=args.warmup,
-                     device=args.device)  # fmt: skip
+        BenchSetting(
+            model=args.model,
+            batch_size=bs,
+            image_size=args.image_size,
+            precision=args.precision,
+            mode=mode,
+            pgd_steps=args.pgd_steps,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+        )  # fmt: skip
         for bs in args.batch_size
         for mode in args.mode
     ]
     for setting in settings:  # every bad value and the output path first: no result is lost at the end
         check_setting(setting)
     out = check_json_path(args.json) if args.json else None
-    results = []
+    results: list[dict] = []
+
+    def write(partial: dict | None = None) -> None:  # after every run: a timeout keeps what was measured
+        if out is not None:
+            atomic_write_text(out, json.dumps(results + ([partial] if partial is not None else []), indent=2))
+
     for setting in settings:
-        r = run_bench(setting, fast=args.fast, log=log)
+        r = run_bench(setting, fast=args.fast, log=log, on_row=write, runs=tuple(args.runs))
+        results.append(r)
+        write()
         print(format_result(r), flush=True)
         print(flush=True)
-        results.append(r)
-    if out is not None:
-        atomic_write_text(out, json.dumps(results, indent=2))
     return 0
 
 
@@ -273,6 +403,9 @@ def main(argv=None, prog: str = "python -m fastat.bench", parser_class=argparse.
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except (CaptureError, RuntimeError) as e:  # the step itself failed (after any fallback)
+        print(f"{prog}: error: {type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

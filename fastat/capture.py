@@ -165,16 +165,19 @@ class CudaGraphs:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.device = device
-        self._stream = torch.cuda.Stream(device)
+        self._stream = torch.cuda.Stream(device)  # warm-up
+        self._capture_stream = torch.cuda.Stream(device)
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
         """Run a block on the side stream (warm-up before capture must not run on the default stream)."""
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            yield
-        current.wait_stream(self._stream)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            current.wait_stream(self._stream)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -204,23 +207,37 @@ class CudaGraphs:
         return [*registered, torch.cuda.default_generators[index]]
 
     def capture(self, fn: Callable[[], object], registered: Sequence[torch.Generator]):
-        """``(graph, fn's outputs)``: ``fn`` captured once; ``graph.replay()`` reruns it."""
+        """``(graph, fn's outputs)``: ``fn`` captured once; ``graph.replay()`` reruns it.
+
+        If the capture fails, the current stream is put back before the error propagates:
+        ``torch.cuda.graph.__exit__`` skips restoring it when ``capture_end`` raises."""
         graph = torch.cuda.CUDAGraph()
         for g in registered:
             if _is_cuda(g):
                 graph.register_generator_state(g)
-        # thread_local: another thread's CUDA calls (a data loader's) cannot invalidate this capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = fn()
+        previous = torch.cuda.current_stream(self.device)
+        try:
+            # thread_local: another thread's CUDA calls (a data loader's) cannot invalidate this capture
+            with torch.cuda.graph(graph, stream=self._capture_stream, capture_error_mode="thread_local"):
+                out = fn()
+        except BaseException:
+            torch.cuda.set_stream(previous)
+            with torch.cuda.stream(self._capture_stream):
+                if torch.cuda.is_current_stream_capturing():
+                    raise CaptureError("CUDA-graph capture failed and its stream is still capturing; "
+                                       "rerun with --no-fast") from None  # fmt: skip
+            raise
         return graph, out
 
 
 def capture_safely(backend, fn: Callable[[], object], registered: Sequence[torch.Generator]):
     """``backend.capture(fn, registered)``, or, if that raises, every generator it touched put back and
-    :class:`CaptureFailed` (or :class:`CaptureError` when a generator cannot be repaired)."""
+    :class:`CaptureFailed` (or :class:`CaptureError` when a generator or the stream cannot be repaired)."""
     snapshot = GeneratorSnapshot(backend.generators(registered))
     try:
         return backend.capture(fn, registered)
+    except CaptureError:
+        raise
     except Exception as e:  # noqa: BLE001 - capture fails in many ways; all of them are handled alike
         snapshot.restore()
         raise CaptureFailed(f"{type(e).__name__}: {_first_line(e)}") from e

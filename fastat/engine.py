@@ -151,9 +151,15 @@ class StepEngine:
         base = "compiled" if self.fast else "eager"
         return base + "+graph" if self.use_graph else base
 
+    @property
+    def captured(self) -> bool:
+        """Whether the step is captured (the next steps of the captured shape replay the graph)."""
+        return self._graph is not None
+
     def step(self, x0: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
         """One optimisation step on the batch ``x0`` at learning rate ``lr``: detached device stats
-        (``loss``, ``grad_norm``, ``skipped`` and the objective's)."""
+        (``loss``, ``grad_norm``, ``skipped`` and the objective's). Once captured, every step returns the
+        same tensors, rewritten by each replay: copy what you keep."""
         self.steps_done += 1
         self._lr.fill_(lr)
         self._ema_w.fill_(1.0 - self.ema.current_decay())

@@ -1,10 +1,20 @@
 """fastat bench: FLOP accounting and the naive baseline (timings themselves belong to benchmarks/)."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
-from fastat.bench import BenchSetting, format_result, forward_equivalents, model_forward_flops, naive_at_step, run_bench
+from fastat import bench
+from fastat.bench import (
+    BenchSetting,
+    format_result,
+    forward_equivalents,
+    model_forward_flops,
+    naive_at_step,
+    run_bench,
+)
 from fastat.budget import Budget
 from fastat.models import build_model
 from fastat.objective import ATObjective
@@ -39,20 +49,64 @@ def test_naive_step_trains(mode):
     before = [p.detach().clone() for p in m.parameters()]
     obj = ATObjective(schedule=NoiseSchedule(), mode=mode, pgd_steps=2, budget=Budget())
     x0 = torch.randn(2, 3, 8, 8)
-    loss = naive_at_step(m, opt, ema, x0, obj.schedule.tables(), obj, 1.0, lambda: torch.autocast("cpu", enabled=False))
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(before, ema))
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    loss, norm = naive_at_step(m, opt, ema, x0, obj.schedule.tables(), obj, 1.0, no_autocast)
+    assert torch.isfinite(loss) and torch.isfinite(norm) and norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema, strict=True))
 
 
 def test_run_bench_reports_all_runs():
     r = run_bench(BenchSetting(model="tiny", image_size=8, batch_size=2, steps=2, warmup=1, device="cpu"),
                   fast=False, log=lambda s: None)  # fmt: skip
-    assert set(r["runs"]) == {"naive", "fastat", "fastat_ddpm"}
+    assert set(r["runs"]) == {"naive", "fastat", "fastat_ddpm"}  # --no-fast: nothing compiled, naive included
     for run in r["runs"].values():
-        assert run["median_ms"] > 0 and run["img_per_s"] > 0 and run["mfu"] is None
-    assert r["runs"]["fastat"]["engine"] == "eager"
+        assert run["median_ms"] > 0 and run["img_per_s"] > 0 and run["mfu"] is None and run["error"] is None
+        assert run["first_step_s"] > 0 and run["warmup_steps"] == 1 and run["peak_mem_gib"] is None
+    assert r["runs"]["fastat"]["engine"] == "eager" and r["runs"]["fastat"]["compile_s"] is None
     assert r["flop_floor_overhead"] == pytest.approx(8 / 3)
+    assert r["speedup_vs_naive"] == pytest.approx(
+        r["runs"]["naive"]["median_ms"] / r["runs"]["fastat"]["median_ms"]
+    )
+    assert r["speedup_vs_naive_compiled"] is None
     assert "speedup fastat/naive" in format_result(r)
     with pytest.raises(ValueError, match="unknown model preset"):
         run_bench(BenchSetting(model="huge"))
+
+
+class _NaNModel(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m, self.sample_shape = m, m.sample_shape
+
+    def forward(self, x, t):
+        return self.m(x, t) * float("nan")
+
+
+def test_non_finite_runs_report_no_time(monkeypatch):
+    real = bench.build_model
+    monkeypatch.setattr(bench, "build_model", lambda name, **kw: _NaNModel(real(name, **kw)))
+    r = run_bench(BenchSetting(model="tiny", image_size=8, batch_size=2, steps=2, warmup=1, device="cpu"),
+                  fast=False, log=lambda s: None)  # fmt: skip
+    for run in r["runs"].values():
+        assert run["median_ms"] is None and run["img_per_s"] is None
+        assert run["error"] == "non-finite loss or gradients in 2 of 2 timed steps: no time reported"
+    assert r["speedup_vs_naive"] is None and r["at_overhead"] is None
+    text = format_result(r)
+    assert "fastat: non-finite loss" in text and "speedup fastat/naive: -x" in text
+
+
+def test_json_is_written_after_every_run(tmp_path, monkeypatch):
+    seen = []
+    real_write = bench.atomic_write_text
+
+    def spy(path, text):
+        seen.append([sorted(r["runs"]) for r in json.loads(text)])
+        return real_write(path, text)
+
+    monkeypatch.setattr(bench, "atomic_write_text", spy)
+    out = tmp_path / "b.json"
+    args = "--model tiny --image-size 8 --batch-size 2 --steps 1 --warmup 1 --device cpu --no-fast --json"
+    code = bench.main([*args.split(), str(out)])
+    assert code == 0 and seen[0] == [["naive"]] and seen[-1] == [["fastat", "fastat_ddpm", "naive"]]
+    assert json.loads(out.read_text())[0]["runs"]["fastat_ddpm"]["engine"] == "eager"

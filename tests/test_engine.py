@@ -260,4 +260,6 @@ def test_cuda_failed_capture_restores_generators_and_runs_uncaptured(monkeypatch
     s_ref, s_eng = run(ref, xs), run(eng, xs)
     assert eng.mode == "eager" and len(logs) == 1 and "CUDA-graph capture failed" in logs[0], logs
     torch.randint(0, 2, (1,), device="cuda")  # the default generator draws again
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not left on the capture stream
+    assert not torch.cuda.is_current_stream_capturing()
     assert_runs_agree(s_ref, s_eng, ref, eng, {"atol": 0, "rtol": 0})

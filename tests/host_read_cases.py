@@ -17,6 +17,7 @@ from fastat import ops
 from fastat.bench import naive_at_step
 from fastat.budget import Budget
 from fastat.capture import HostReadCheck
+from fastat.data import Batch, ImageTransform, IndexedCorruption
 from fastat.engine import StepEngine
 from fastat.models import build_model
 from fastat.objective import ATObjective
@@ -24,6 +25,7 @@ from fastat.schedule import NoiseSchedule
 
 CASES = [  # (mode, objective options, precision, clip): every branch of the objective and the engine
     ("adv", {}, "fp32", 1.0),
+    ("adv-uint8", {}, "fp32", 1.0),  # the loader's uint8 batches, prepared inside the step
     ("pgd", {"pgd_steps": 2, "budget": Budget(norm="l2"), "attack_target": "equivariance"}, "fp32", 1.0),
     ("inv", {"lam_scale": "radius", "detach_clean": True}, "fp32", 0.0),
     ("rand", {}, "bf16", 1.0),
@@ -36,16 +38,35 @@ def test_kernels_run_through_triton():
     assert os.environ.get("TRITON_INTERPRET") == "1" and ops.uses_triton(x)
 
 
+def uint8_batches():
+    """(prepare_batch, good batch, batch that makes the step non-finite) as the image loaders hand them."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 8, 8), generator=g, dtype=torch.uint8)
+    x = Batch(images, torch.tensor([3, 17]), torch.tensor([True, False]))
+    corruption = IndexedCorruption.build(40, 0.5, 0.1, outliers=0.1, seed=1)
+    transform = ImageTransform(corruption)
+
+    def prepare(batch):  # the float batch, poisoned where the index says so (to test the skip)
+        return transform(batch) / (batch.index.view(-1, 1, 1, 1) != 39)
+
+    return prepare, x, Batch(images, torch.tensor([3, 39]), x.flip)
+
+
 @pytest.mark.parametrize("mode,opts,precision,clip", CASES, ids=[c[0] for c in CASES])
 def test_step_makes_no_host_read(mode, opts, precision, clip):
     torch.manual_seed(0)
     model = build_model("tiny", image_size=8).train()
-    obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, **opts)
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode.split("-")[0], **opts)
     gen = torch.Generator().manual_seed(1)
-    engine = StepEngine(model, obj, generator=gen, lr=1e-3, clip=clip, precision=precision, log=print)
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
-    bad = x.clone()
-    bad[0, 0, 0, 0] = float("nan")
+    prepare = None
+    if mode.endswith("uint8"):
+        prepare, x, bad = uint8_batches()
+    else:
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+    engine = StepEngine(model, obj, generator=gen, lr=1e-3, clip=clip, precision=precision, log=print,
+                        prepare_batch=prepare)  # fmt: skip
     engine.step(x, 1e-3)  # lazy optimizer state (a graph is captured after warm-up steps too)
     with HostReadCheck() as check:
         stats = [engine.step(x, 1e-3), engine.step(bad, 2e-3), engine.step(x, 3e-3)]

@@ -13,7 +13,7 @@
 #
 # 1 install (no deps, no build isolation)  2 info  3 kernel cases natively  4 CUDA engine tests (captured
 # step == eager step, replays under set_sync_debug_mode("error"), a real failed capture, uint8 batches
-# prepared inside the graph)  5 kernel bandwidth (cold L2)  6 step bench B=128 bf16 adv (naive, fastat,
+# prepared inside the graph, the loader placements on CUDA)  5 kernel bandwidth (cold L2)  6 step bench B=128 bf16 adv (naive, fastat,
 # fastat DDPM, naive+torch.compile)  7 step bench B=32 (naive, fastat: a fresh static compile in a fresh
 # process, no dynamic shapes)  8 data loader throughput (fastat bench data on a synthetic prepared set).
 set -uo pipefail
@@ -60,18 +60,18 @@ stage info 10 bash -c "date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null; 
 # CUDA-critical first: the kernels natively, then the captured step against the eager step.
 stage kernel_cases 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
 stage engine_cuda 65 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_engine.py tests/test_train_images.py \
-  -k cuda
+  tests/test_placement.py -k cuda
 stage kernels_bench 35 "$PY" benchmarks/bench_kernels.py ${KERNELS[@]+"${KERNELS[@]}"} --json "$OUT/kernels.json"
 # naive first, fastat next (the speed-up survives a timeout), naive+torch.compile last
 stage step_b128 130 "$PY" -m fastat.bench "${STEP[@]}" --batch-size 128 \
   --runs naive fastat fastat_ddpm naive_compiled --json "$OUT/bench_b128.json"
 stage step_b32 65 "$PY" -m fastat.bench "${STEP[@]}" --batch-size 32 --runs naive fastat \
   --json "$OUT/bench_b32.json"
-# issue 11's loader benchmark: 200k synthetic 32x32 images, each placement for 5 s (needs its generator)
+# issue 11's loader benchmark: 200k synthetic 32x32 images, each placement for 4 s
 stage loader 30 bash -c "[ -f benchmarks/bench_storage.py ] || { echo 'skipped: benchmarks/bench_storage.py is not in the tree'; exit 0; }; \
   $PY -c \"import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from bench_storage import make_npy; \
   make_npy(Path('/tmp/fastat-loader-32'), ${LOADER_N:-200000}, 32)\" && \
-  $PY -m fastat bench data /tmp/fastat-loader-32 --seconds 5 --json $OUT/loader-32.json; rc=\$?; \
+  $PY -m fastat bench data /tmp/fastat-loader-32 --seconds 4 --json $OUT/loader-32.json; rc=\$?; \
   rm -rf /tmp/fastat-loader-32; exit \$rc"
 "$PY" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/table.txt"
 exit $status

@@ -44,7 +44,7 @@ def test_stages_fit_one_call_in_order_of_importance():
     assert " -x" not in cmd["kernel_cases"] + cmd["engine_cuda"]  # one failure must not hide the others
     assert all("--json" in cmd[n] for n in ("kernels_bench", "step_b128", "step_b32"))
     assert "--batch-size 128" in cmd["step_b128"] and "naive_compiled" in cmd["step_b128"]
-    assert "test_train_images.py" in cmd["engine_cuda"]  # uint8 batches prepared inside the graph
+    assert "test_train_images.py" in cmd["engine_cuda"] and "test_placement.py" in cmd["engine_cuda"]
 
 
 def _bench_json(tmp_path, batch, speedup, **extra):

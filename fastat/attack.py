@@ -10,17 +10,23 @@ projects ``w`` and writes the next model input ``x_t + s_t*w`` in the same pass.
 as the one w.r.t. ``w`` and is used as it is (the equivariance target adds its direct term in ``w``).
 No parameter gradient is accumulated, and the running statistics of batch-norm layers are put back as
 they were, so the attack leaves nothing behind in the model.
+
+``J`` lives in eps space whatever the model predicts: ``output(raw, x_in)`` turns the model's raw output
+into its noise estimate (the default reads a tensor, tuple or ``.sample`` and takes it as eps; the
+objective passes the conversion of a v- or x0-model, see :mod:`fastat.prediction`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from fastat import ops
+from fastat.prediction import model_output
 
 TARGETS = ("prediction", "equivariance")
 
@@ -64,11 +70,13 @@ def pgd_attack(
     norm: str = "linf",
     target: str = "prediction",
     x_start: torch.Tensor | None = None,
+    output: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``steps`` projected ascent steps from ``w0``.
 
     ``x_start`` is the model input ``x_t + s*w0`` when the caller already has it (the noise kernel
-    writes it). Returns ``(w, x_t + s*w, J(w0))``, all detached.
+    writes it). ``output(raw, x_in)``: the eps estimate from the model's raw output at input ``x_in``
+    (default: :func:`fastat.prediction.model_output`). Returns ``(w, x_t + s*w, J(w0))``, all detached.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown attack target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -80,7 +88,9 @@ def pgd_attack(
         for _ in range(steps):
             x_in = x_in.detach().requires_grad_(True)
             w = w.detach().requires_grad_(target == "equivariance")
-            j = attack_objective(model(x_in, t), eps_clean, w, target)
+            raw = model(x_in, t)
+            pred = model_output(raw) if output is None else output(raw, x_in)
+            j = attack_objective(pred, eps_clean, w, target)
             inputs = [x_in, w] if target == "equivariance" else [x_in]
             # A model whose output ignores its input gives J no path to it: the gradient is zero.
             grads = torch.autograd.grad(j.sum(), inputs, allow_unused=True) if j.requires_grad else [None] * 2

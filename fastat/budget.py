@@ -11,6 +11,9 @@ sigma=0.2) needed an x-space radius at small t comparable to the data noise (r_m
 
 For ``norm="l2"`` the same number means the per-element RMS bound, so the radius of the L2 ball is
 scaled by ``sqrt(numel per sample)`` and one setting means the same at any resolution.
+
+    budget = Budget()                        # r_min=0.2, r_scale=0.3, rho=1, space="x", norm="linf"
+    r = budget.radius_at(schedule, t)        # (B,) bound on w at the timesteps t: what ops.noise_inject takes
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ class Budget:
         if self.norm == "l2":
             r = r * math.sqrt(numel)
         return r
+
+    def radius_at(self, schedule, t: torch.Tensor, numel: int = 1) -> torch.Tensor:
+        """Per-sample bound on ``w`` at integer timesteps ``t`` of ``schedule`` (float32, on ``t``'s device).
+
+        The same as ``radius(schedule.coeffs(t)[1], numel)``: for loops written with :mod:`fastat.ops`.
+        """
+        return self.radius(schedule.coeffs(t)[1], numel)
 
     def random_start(self, r: torch.Tensor, shape, generator: torch.Generator | None) -> torch.Tensor:
         """``w0`` uniform in the budget: the box ``[-r, r]`` (linf) or the ball of radius ``r`` (l2).

@@ -1,7 +1,8 @@
-"""The equivariant adversarial-training objective (SPEC section 1) for any eps-model ``model(x, t)``.
+"""The equivariant adversarial-training objective (SPEC section 1) for any denoiser ``model(x, t)``.
 
-    objective = ATObjective(mode="adv")
-    out = objective(model, x0, generator)      # draws t, eps, w; attacks; returns the loss
+    objective = ATObjective(mode="adv")                    # an eps-model, fastat's schedule
+    objective = ATObjective(schedule=ddpm_scheduler, prediction="v")   # a diffusers / lucidrains setup
+    out = objective(model, x0, generator)                  # draws t, eps, w; attacks; returns the loss
     out.loss.backward()
 
 One call: ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = a_t x0 + s_t eps``, clean prediction
@@ -15,6 +16,17 @@ One call: ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = a_t x0 + s_t eps``, clea
 | adv  | random start + 1 signed-gradient step of size 1.25 r, projected (FGSM) |
 | pgd  | random start + ``pgd_steps`` steps of size 2.5 r / k, projected after each |
 | inv  | as adv, but the target ignores w: || eps_theta(x_t + s_t w) - eps_theta(x_t) ||^2 (ablation) |
+
+**Any model, any parameterisation.** The model may return a tensor, a tuple (first element) or an object
+with ``.sample`` (diffusers). With ``prediction="v"`` or ``"x0"`` the model's output ``o`` is not eps:
+
+- the denoising term is the one the model's own library trains, ``mean|| o(x_t) - target ||^2`` with
+  target ``eps``, ``v = a eps - s x0`` or ``x0``, optionally weighted per timestep (``dm_weight``);
+- the equivariance term is the *same function* as for an eps-model, evaluated on the implied noise
+  estimate ``eps_hat(o) = alpha_t o + beta_t x_t``; it equals ``lambda_t alpha_t^2 mean|| o(x~_t) - o(x_t)
+  - c_w w ||^2`` with ``(c_w, alpha_t^2) = (1, 1), (a, a^2), (0, a^2/s^2)`` for eps, v, x0 (derivation in
+  :mod:`fastat.prediction`), so the fused loss runs on the model's outputs directly;
+- the attack maximises the same eps-space ``J`` (the model's output converted before ``J``).
 """
 
 from __future__ import annotations
@@ -22,16 +34,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fastat import ops
+from fastat import prediction as P
 from fastat.attack import TARGETS, attack_objective, pgd_attack
 from fastat.budget import Budget
-from fastat.schedule import NoiseSchedule
+from fastat.schedule import NoiseSchedule, as_schedule
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv")
 LAM_SCALES = ("const", "radius")
+DM_WEIGHTS = ("none", "eps")
 
 
 @dataclass
@@ -47,7 +62,9 @@ class ATObjective:
     """Equivariant AT loss with its noise sampling and attack.
 
     Args:
-        schedule: the DDPM noise schedule.
+        schedule: the DDPM noise schedule: a :class:`NoiseSchedule`, or another codebase's scheduler
+            (a diffusers scheduler, a denoising-diffusion-pytorch ``GaussianDiffusion``), read with
+            :meth:`NoiseSchedule.from_scheduler`.
         mode: one of ``ddpm | rand | adv | pgd | inv`` (see module docstring).
         lam: weight of the equivariance regulariser (>= 0).
         lam_scale: ``const`` (lambda_t = lam) or ``radius`` (lambda_t = lam / r_elem(t)^2 with
@@ -58,6 +75,13 @@ class ATObjective:
         attack_target: ``prediction`` (maximise the change of the prediction) or ``equivariance``
             (maximise the equivariance residual).
         detach_clean: treat eps_theta(x_t) inside the equivariance target as a constant.
+        prediction: what the model outputs: ``eps``, ``v`` or ``x0`` (diffusers' and lucidrains' names
+            are accepted too). None: the schedule's (when read from a scheduler that declares one), else
+            ``eps``. A value that contradicts the scheduler's is an error.
+        dm_weight: per-timestep weight of the denoising term. ``None`` / ``"none"``: plain MSE of the
+            output against its target (diffusers' training scripts); ``"eps"``: ``alpha_t^2``, i.e. the
+            MSE of the implied noise (denoising-diffusion-pytorch's default weighting); or a ``(T,)``
+            tensor of weights (e.g. lucidrains' ``diffusion.loss_weight``, min-SNR weights).
     """
 
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -69,8 +93,11 @@ class ATObjective:
     step_size: float | None = None
     attack_target: str = "prediction"
     detach_clean: bool = False
+    prediction: str | None = None
+    dm_weight: str | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.schedule = as_schedule(self.schedule)
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
@@ -82,7 +109,35 @@ class ATObjective:
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
             raise ValueError(f"step_size must be > 0, got {self.step_size!r}")
         if self.attack_target not in TARGETS:
-            raise ValueError(f"unknown attack target {self.attack_target!r}; choose one of {', '.join(TARGETS)}")
+            raise ValueError(
+                f"unknown attack target {self.attack_target!r}; choose one of {', '.join(TARGETS)}"
+            )
+        self.prediction = P.resolve_prediction(self.prediction, self.schedule.prediction)
+        self._dm_table: torch.Tensor | None = None
+        self._check_dm_weight()
+
+    def _check_dm_weight(self) -> None:
+        w = self.dm_weight
+        if w is None or (isinstance(w, str) and w in DM_WEIGHTS):
+            return
+        if isinstance(w, str):
+            raise ValueError(
+                f"unknown dm_weight {w!r}; choose one of {', '.join(DM_WEIGHTS)} or a (T,) tensor"
+            )
+        try:
+            table = torch.as_tensor(
+                w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=torch.float64
+            )
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"dm_weight must be None, a name or a (T,) tensor, got {type(w).__name__}"
+            ) from None
+        if tuple(table.shape) != (self.schedule.T,):
+            raise ValueError(f"a dm_weight table needs shape ({self.schedule.T},) (one weight per timestep), "
+                             f"got {tuple(table.shape)}")  # fmt: skip
+        if not (torch.isfinite(table).all() and (table >= 0).all()):
+            raise ValueError("dm_weight must be finite and >= 0")
+        self._dm_table = table
 
     @property
     def attack_steps(self) -> int:
@@ -102,21 +157,34 @@ class ATObjective:
         r_elem = radius / math.sqrt(numel) if self.budget.norm == "l2" else radius
         return self.lam / r_elem.square()
 
+    def dm_weight_at(self, t: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor | float:
+        """Per-sample weight of the denoising term at timesteps ``t`` (1.0 when unweighted)."""
+        if self._dm_table is not None:
+            return self._dm_table.to(device=t.device, dtype=torch.float32)[t]
+        if self.dm_weight == "eps":
+            return P.regulariser_coeffs(self.prediction, a, s)[1]
+        return 1.0
+
     def __call__(
         self,
-        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        model: Callable[[torch.Tensor, torch.Tensor], Any],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
-        attack_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        attack_model: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> ATOutput:
         """The AT loss of ``model`` on the clean batch ``x0`` (all randomness from ``generator``).
 
+        ``model(x, t)`` may return a tensor, a tuple/list (first element) or an object with ``.sample``.
         ``attack_model``: the same function as ``model`` for the attack's forwards (default: ``model``);
         the fast step passes a compiled copy whose parameters are detached, so that the attack's
         backward computes the input gradient only.
         """
-        if not isinstance(x0, torch.Tensor) or not x0.dtype.is_floating_point or x0.dim() < 2:
+        if not isinstance(x0, torch.Tensor) or x0.dim() < 2:
             raise ValueError("x0 must be a floating tensor of shape (B, ...)")
+        if x0.dtype not in ops.FLOAT_DTYPES:
+            raise TypeError(
+                f"x0 must be float32, bfloat16 or float16 (the fused ops compute in float32), got {x0.dtype}"
+            )
         with ops.trusted_values():  # radii and weights are built here: no host sync to check them
             return self._loss(model, model if attack_model is None else attack_model, x0, generator)
 
@@ -131,27 +199,37 @@ class ATObjective:
         numel = math.prod(x0.shape[1:])
         radius = self.budget.radius(s, numel)
         x_t, x_adv, eps, w = ops.noise_inject(x0, a, s, radius if self.budget.norm == "linf" else 0.0, seed)
-        eps_pred = model(x_t, t).to(eps.dtype)
+        # The model's output in its own parameterisation, and what it is trained to output.
+        out = P.model_output(model(x_t, t)).to(eps.dtype)
+        target = P.target(self.prediction, x0, eps, a, s)
+        dm_weight = self.dm_weight_at(t, a, s)
         if self.mode == "ddpm":
-            dm = ops.ddpm_loss(eps_pred, eps)
+            dm = ops.ddpm_loss(out, target, dm_weight)
             return ATOutput(dm, {"loss_dm": dm.detach(), "reg": torch.zeros_like(dm.detach())})
 
         if self.budget.norm == "l2":  # uniform in the ball; the noise kernel draws box starts only
             w = self.budget.random_start(radius, tuple(x0.shape), generator).to(dev, x0.dtype)
             x_adv = ops.q_sample(x_t, 1.0, s, w)
+        eps_clean = self._eps(out, x_t, a, s)
         j_start = None
         if self.attack_steps:
+            read = (
+                None if self.prediction == "eps" else (lambda raw, x: self._eps(P.model_output(raw), x, a, s))
+            )
             w, x_adv, j_start = pgd_attack(
-                attack_model, x_t, t, s, eps_pred, w, radius, self.step_multiple * radius,
-                self.attack_steps, self.budget.norm, self.attack_target, x_start=x_adv,
+                attack_model, x_t, t, s, eps_clean, w, radius, self.step_multiple * radius,
+                self.attack_steps, self.budget.norm, self.attack_target, x_start=x_adv, output=read,
             )  # fmt: skip
-        eps_adv_pred = model(x_adv, t).to(eps.dtype)
-        target_w = torch.zeros_like(w) if self.mode == "inv" else w
-        lam = self.lam_per_sample(radius, numel)
-        loss, dm = ops.at_loss_parts(eps_pred, eps_adv_pred, eps, target_w, lam, detach_clean=self.detach_clean)
+        out_adv = P.model_output(model(x_adv, t)).to(eps.dtype)
+        # The eps-space equivariance residual, written on the outputs: lam alpha^2 ||o~ - o - c_w w||^2.
+        c_w, lam_factor = P.regulariser_coeffs(self.prediction, a, s, equivariant=self.mode != "inv")
+        lam = self.lam_per_sample(radius, numel) * lam_factor
+        loss, dm = ops.at_loss_parts(
+            out, out_adv, target, _scaled(w, c_w), lam, detach_clean=self.detach_clean, dm_weight=dm_weight
+        )
 
         with torch.no_grad():
-            j_end = attack_objective(eps_adv_pred, eps_pred, w, self.attack_target)
+            j_end = attack_objective(self._eps(out_adv, x_adv, a, s), eps_clean, w, self.attack_target)
             stats = {
                 "loss_dm": dm,
                 "reg": loss.detach() - dm,
@@ -162,3 +240,20 @@ class ATObjective:
             if j_start is not None:
                 stats["gain"] = j_end.mean() / j_start.mean().clamp_min(1e-30)
         return ATOutput(loss, stats)
+
+    def _eps(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The noise estimate implied by the output ``out`` at input ``x`` (``out`` itself for eps)."""
+        if self.prediction == "eps":
+            return out
+        return P.to_eps(self.prediction, out.float(), x.float(), a, s).to(out.dtype)
+
+
+def _scaled(w: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """``c * w`` with a per-sample ``c`` (float32 arithmetic, ``w``'s dtype); 1 and 0 without arithmetic."""
+    if isinstance(c, float):
+        if c == 1.0:
+            return w
+        if c == 0.0:
+            return torch.zeros_like(w)
+        return (w.float() * c).to(w.dtype)
+    return (w.float() * c.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)

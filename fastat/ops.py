@@ -5,9 +5,13 @@
     w = ops.pgd_step(w, grad, radius, alpha, norm="linf")   # ascent step + projection
     loss = ops.at_loss(eps_pred, eps_adv_pred, eps, w, lam) # DDPM loss + equivariance regulariser
     x_t, x_adv, eps, w0 = ops.noise_inject(x0, a, s, radius, seed, offset)  # draws eps, w0 in-kernel
+    x_t, x_adv, eps, w0 = ops.noise_inject(x0, a, s, radius, stream)        # ops.NoiseStream: offset advances
 
-Every op validates its arguments (clear ``TypeError``/``ValueError``), computes in float32 and returns
-the input's dtype. Per-sample coefficients are Python floats, 0-dim tensors or ``(B,)`` tensors.
+Every op validates its arguments (clear ``TypeError``/``ValueError``), takes float32, bfloat16 or float16
+tensors, computes in float32 and returns the input's dtype. Per-sample coefficients are Python floats,
+0-dim tensors or ``(B,)`` tensors. For loops written with the ops alone: ``Budget.radius_at(schedule, t)``
+is the budget r(t), :class:`NoiseStream` a Philox seed whose offset advances by itself, and
+:func:`rank_generator` a per-rank ``torch.Generator`` (both from :mod:`fastat.seeding`).
 
 Dispatch: CUDA tensors run the fused Triton kernels of :mod:`fastat.kernels`; CPU tensors run the
 ``*_ref`` references there (the definitions). ``FASTAT_FORCE_TRITON=1`` (read at call time) sends CPU
@@ -27,19 +31,24 @@ from numbers import Real
 import torch
 
 from fastat import kernels as K
+from fastat.seeding import NoiseStream, rank_generator
 
 __all__ = [
+    "NoiseStream",
     "at_loss",
     "at_loss_parts",
     "ddpm_loss",
     "noise_inject",
     "pgd_step",
     "q_sample",
+    "rank_generator",
     "trusted_values",
     "uses_triton",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The dtypes the ops take (arithmetic in float32). float64 is refused rather than silently rounded.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = "float32, bfloat16 or float16"
 
 
 def uses_triton(x: torch.Tensor) -> bool:
@@ -78,8 +87,11 @@ def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be a floating tensor (float32 or bfloat16), got {x.dtype}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{op}: {name} must be a floating tensor, {_DTYPE_NAMES} (the ops compute in float32), "
+                f"got {x.dtype}"
+            )
         if first is None:
             first_name, first = name, x
             if x.dim() == 0:
@@ -148,8 +160,8 @@ def noise_inject(
     a,
     s,
     radius,
-    seed: int | torch.Tensor,
-    offset: int | torch.Tensor = 0,
+    seed: int | torch.Tensor | NoiseStream,
+    offset: int | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     store_noise: bool = True,
 ):
@@ -158,7 +170,9 @@ def noise_inject(
         x_t = a*x0 + s*eps,   x~_t = x_t + s*w0
 
     ``seed``/``offset``: ints or one-element integer tensors (device tensors let a CUDA graph advance
-    them between replays). Same (seed, offset), same numbers; another offset, an independent stream.
+    them between replays; ``offset`` defaults to 0). Same (seed, offset), same numbers; another offset, an
+    independent stream: a loop that passes the same pair twice gets the same noise twice. ``seed`` may
+    instead be a :class:`NoiseStream` (no ``offset``): its offset is used, then advanced on the device.
     ``out``: an optional ``[2B, ...]`` buffer that receives ``x_t`` (first half) and ``x~_t``.
     ``store_noise=False`` skips writing eps and w0 on the Triton path (they are returned as None).
     """
@@ -166,6 +180,14 @@ def noise_inject(
     a = _check_coeff("noise_inject", "a", a, x0, finite=True)
     s = _check_coeff("noise_inject", "s", s, x0, finite=True)
     radius = _check_coeff("noise_inject", "radius", radius, x0, nonneg=True, finite=True)
+    stream = seed if isinstance(seed, NoiseStream) else None
+    if stream is not None:
+        if offset is not None:
+            raise ValueError("noise_inject: a NoiseStream carries its own offset; do not pass offset")
+        if stream.seed.device != x0.device:
+            raise ValueError(f"noise_inject: the NoiseStream is on {stream.seed.device}, x0 on {x0.device}")
+        seed, offset = stream.seed, stream.offset
+    offset = 0 if offset is None else offset
     _check_seed("noise_inject", "seed", seed)
     _check_seed("noise_inject", "offset", offset)
     if out is not None:
@@ -175,9 +197,13 @@ def noise_inject(
         if out.device != x0.device:
             raise ValueError(f"noise_inject: out is on {out.device} but x0 is on {x0.device}")
     if uses_triton(x0):
-        return K.noise_inject_triton(x0, a, s, radius, seed, offset, out=out, store_noise=store_noise)
-    xt, xadv, eps, w0 = K.noise_inject_ref(x0, a, s, radius, seed, offset, out=out)
-    return (xt, xadv, eps, w0) if store_noise else (xt, xadv, None, None)
+        res = K.noise_inject_triton(x0, a, s, radius, seed, offset, out=out, store_noise=store_noise)
+    else:
+        xt, xadv, eps, w0 = K.noise_inject_ref(x0, a, s, radius, seed, offset, out=out)
+        res = (xt, xadv, eps, w0) if store_noise else (xt, xadv, None, None)
+    if stream is not None:
+        stream.advance()  # after the launch, in stream order: the kernel has read the old offset
+    return res
 
 
 def pgd_step(
@@ -216,10 +242,11 @@ def pgd_step(
     return w_new, (x_out.copy_(x_next) if x_out is not None else x_next)
 
 
-def ddpm_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The standard DDPM loss ``sum((eps_pred - eps)^2) / N``, in the input's dtype."""
+def ddpm_loss(eps_pred: torch.Tensor, eps: torch.Tensor, dm_weight=1.0) -> torch.Tensor:
+    """The standard DDPM loss ``sum(dm_weight_b * (eps_pred - eps)^2) / N``, in the input's dtype."""
     eps_pred = _check_tensors("ddpm_loss", eps_pred=eps_pred, eps=eps)
-    return K.ddpm_loss_ref(eps_pred, eps).to(eps_pred.dtype)
+    dm_weight = _check_coeff("ddpm_loss", "dm_weight", dm_weight, eps_pred, nonneg=True, finite=True)
+    return K.ddpm_loss_ref(eps_pred, eps, dm_weight).to(eps_pred.dtype)
 
 
 def at_loss_parts(
@@ -229,13 +256,15 @@ def at_loss_parts(
     w: torch.Tensor,
     lam,
     detach_clean: bool = False,
+    dm_weight=1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, ddpm_loss)``: :func:`at_loss` and, detached, its DDPM term from the same pass."""
+    """``(loss, ddpm_loss)``: :func:`at_loss` and, detached, its (weighted) DDPM term from the same pass."""
     eps_pred = _check_tensors("at_loss", eps_pred=eps_pred, eps_adv_pred=eps_adv_pred, eps=eps, w=w)
     lam = _check_coeff("at_loss", "lam", lam, eps_pred, nonneg=True, finite=True)
+    dm_weight = _check_coeff("at_loss", "dm_weight", dm_weight, eps_pred, nonneg=True, finite=True)
     if uses_triton(eps_pred):
-        return K.ATLossFunction.apply(eps_pred, eps_adv_pred, eps, w, lam, detach_clean)
-    return K.at_loss_parts_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean=detach_clean)
+        return K.ATLossFunction.apply(eps_pred, eps_adv_pred, eps, w, lam, detach_clean, dm_weight)
+    return K.at_loss_parts_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean, dm_weight)
 
 
 def at_loss(
@@ -245,10 +274,13 @@ def at_loss(
     w: torch.Tensor,
     lam,
     detach_clean: bool = False,
+    dm_weight=1.0,
 ) -> torch.Tensor:
     """The equivariant AT loss ``L_DM + sum(lam_b * (eps_adv_pred - eps_pred - w)^2) / N``.
 
     ``lam`` is a float or a ``(B,)`` tensor; ``lam = 0`` gives exactly :func:`ddpm_loss` (on the
-    Triton path: exactly the kernel's own DDPM term). Differentiable in both predictions.
+    Triton path: exactly the kernel's own DDPM term). ``dm_weight`` (float or ``(B,)``) weighs each
+    sample's DDPM term: ``L_DM = sum(dm_weight_b * (eps_pred - eps)^2) / N``. Differentiable in both
+    predictions.
     """
-    return at_loss_parts(eps_pred, eps_adv_pred, eps, w, lam, detach_clean)[0]
+    return at_loss_parts(eps_pred, eps_adv_pred, eps, w, lam, detach_clean, dm_weight)[0]

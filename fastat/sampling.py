@@ -1,8 +1,14 @@
-"""Samplers for ``forward(x, t) -> eps`` models: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021).
+"""Samplers for denoisers ``model(x, t)``: DDPM ancestral (Ho et al. 2020) and DDIM (Song et al. 2021).
 
     gen = torch.Generator().manual_seed(0)
     x = ddpm_sample(ema_model, sched, (64, 3, 32, 32), generator=gen, clip_x0=1.0)
     x = ddim_sample(ema_model, sched, fixed_noise, steps=50, eta=0.0, clip_x0=1.0)
+    x = ddim_sample(unet, ddpm_scheduler, (16, 3, 32, 32), prediction="v")   # a diffusers model and scheduler
+
+The model may return a tensor, a tuple (first element) or an object with ``.sample``, and predict
+``eps``, ``v`` or ``x0`` (``prediction``; default: what the schedule's source declares, else eps): each
+step reads the noise and clean-sample estimates from the output (:mod:`fastat.prediction`). The schedule
+may be a :class:`NoiseSchedule` or another codebase's scheduler (read by ``NoiseSchedule.from_scheduler``).
 
 Both run under ``torch.no_grad`` in float32 with the whole batch at once, in eval mode (each module's
 previous train/eval flag is restored afterwards). Every random draw comes from ``generator`` on its own
@@ -20,7 +26,8 @@ from numbers import Real
 import torch
 from torch import nn
 
-from fastat.schedule import NoiseSchedule
+from fastat.prediction import model_output, resolve_prediction, to_eps, to_x0
+from fastat.schedule import NoiseSchedule, as_schedule
 
 __all__ = ["ddim_sample", "ddim_timesteps", "ddpm_sample"]
 
@@ -68,11 +75,12 @@ def _initial_noise(shape_or_noise: ShapeOrNoise, generator: torch.Generator | No
     return _randn(shape, generator, device)
 
 
-def _check_common(schedule: NoiseSchedule, clip_x0: float | None) -> None:
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a fastat NoiseSchedule, got {type(schedule).__name__}")
+def _check_common(schedule, clip_x0: float | None, prediction: str | None) -> tuple[NoiseSchedule, str]:
+    """The schedule as a NoiseSchedule and the resolved prediction type; checks ``clip_x0``."""
+    schedule = as_schedule(schedule)
     if clip_x0 is not None and not (isinstance(clip_x0, Real) and clip_x0 > 0):
         raise ValueError(f"clip_x0 must be None or a positive number, got {clip_x0!r}")
+    return schedule, resolve_prediction(prediction, schedule.prediction)
 
 
 def _progress(it: Sequence[int], progress: bool, desc: str):
@@ -83,18 +91,21 @@ def _progress(it: Sequence[int], progress: bool, desc: str):
     return tqdm(it, desc=desc, total=len(it))
 
 
-def _predict_x0(model, x, t, a_t, s_t, clip_x0):
-    """Model's ``eps`` and implied ``x0 = (x - s_t eps) / a_t``, optionally clamped (eps then re-derived)."""
+def _predict_x0(model, x, t, a_t, s_t, clip_x0, prediction="eps"):
+    """The noise and clean-sample estimates ``(eps, x0)`` from the model's output (for an eps-model
+    ``x0 = (x - s_t eps) / a_t``); x0 optionally clamped, eps then re-derived from it."""
     tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    eps = model(x, tb).float()
-    x0 = (x - s_t * eps) / a_t
+    out = model_output(model(x, tb)).float()
+    eps, x0 = to_eps(prediction, out, x, a_t, s_t), to_x0(prediction, out, x, a_t, s_t)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = (x - a_t * x0) / s_t
     return eps, x0
 
 
-def sampling_plan(schedule: NoiseSchedule, sampler: str = "ddim", steps: int = 50, eta: float = 0.0) -> list[tuple]:
+def sampling_plan(
+    schedule: NoiseSchedule, sampler: str = "ddim", steps: int = 50, eta: float = 0.0
+) -> list[tuple]:
     """Per step, newest timestep first: ``(t, a_t, s_t, c0, c1, sigma, kind)`` as float64-derived floats.
 
     One step is ``x <- c0 * x0_hat + c1 * (eps if kind == "ddim" else x) + sigma * z``:
@@ -139,16 +150,18 @@ def run_plan(
     before_step: Callable[[torch.Tensor, tuple], torch.Tensor] | None = None,
     progress: bool = False,
     desc: str = "sample",
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """Run a :func:`sampling_plan` from ``x`` (``x_T``) in eval mode. ``before_step(x, step)`` may replace
-    ``x`` before a step (the trajectory attack); it runs outside ``no_grad``."""
+    ``x`` before a step (the trajectory attack); it runs outside ``no_grad``. ``prediction``: what the
+    model outputs (``eps``, ``v``, ``x0``)."""
     with _eval_mode(model):
         for step in _progress(plan, progress, desc):
             t, a_t, s_t, c0, c1, sigma, kind = step
             if before_step is not None:
                 x = before_step(x, step)
             with torch.no_grad():
-                eps, x0 = _predict_x0(model, x, t, a_t, s_t, clip_x0)
+                eps, x0 = _predict_x0(model, x, t, a_t, s_t, clip_x0, prediction)
                 x = c0 * x0 + c1 * (eps if kind == "ddim" else x)
                 if sigma > 0:
                     x = x + sigma * _randn(tuple(x.shape), generator, x.device)
@@ -164,6 +177,7 @@ def ddpm_sample(
     device: torch.device | str | None = None,
     clip_x0: float | None = None,
     progress: bool = False,
+    prediction: str | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling over all ``schedule.T`` steps with the posterior variance ``beta_tilde``.
 
@@ -172,11 +186,12 @@ def ddpm_sample(
     ``x_{t-1} ~ N(mu_tilde(x_t, x0), beta_tilde_t I)``; no noise is added at ``t = 0``.
     Returns float32 samples on the model's device (or ``device``).
     """
-    _check_common(schedule, clip_x0)
+    schedule, prediction = _check_common(schedule, clip_x0, prediction)
     dev = _model_device(model, device)
     plan = sampling_plan(schedule, "ddpm")
     x = _initial_noise(shape_or_noise, generator, dev)
-    return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddpm")
+    return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddpm",
+                    prediction=prediction)  # fmt: skip
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
@@ -201,14 +216,16 @@ def ddim_sample(
     device: torch.device | str | None = None,
     clip_x0: float | None = None,
     progress: bool = False,
+    prediction: str | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12) on ``steps`` evenly spaced timesteps (``ddim_timesteps``).
 
     ``eta = 0`` is the deterministic sampler; ``eta = 1`` with ``steps = T`` is DDPM ancestral sampling with
     ``beta_tilde`` (same noise draws, so the same samples up to rounding). The last step jumps to ``x0``.
     """
-    _check_common(schedule, clip_x0)
+    schedule, prediction = _check_common(schedule, clip_x0, prediction)
     plan = sampling_plan(schedule, "ddim", steps, eta)
     dev = _model_device(model, device)
     x = _initial_noise(shape_or_noise, generator, dev)
-    return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddim")
+    return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddim",
+                    prediction=prediction)  # fmt: skip

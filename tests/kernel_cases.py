@@ -24,7 +24,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, *sample) — a single element, primes, sizes that are not a multiple of the block, B=1 with a
 # sample spanning many blocks.
 SHAPES = [(1,), (1, 1), (7, 13), (3, 1500), (2, 3, 5, 7), (1, 3, 37, 41), (5, 1031)]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +53,8 @@ def coeff(B, lo, hi, seed):
 
 
 def check(out, ref, dtype, same_dtype_ref=None):
-    """``out`` close to the float64 ``ref``: fp32 to accumulation error; bf16 no worse than twice the
-    error of the same computation done by PyTorch and rounded to bf16, plus one bf16 ulp (2^-7
+    """``out`` close to the float64 ``ref``: fp32 to accumulation error; bf16 / fp16 no worse than twice
+    the error of the same computation done by PyTorch and rounded to that dtype, plus one bf16 ulp (2^-7
     relative: the interpreter truncates where the GPU rounds to nearest)."""
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "an output element was not written (NaN prefill survived)"
@@ -218,15 +218,16 @@ def loss_inputs(shape, dtype):
 def test_at_loss_kernel_value_and_gradients(shape, dtype, detach_clean):
     p, q, e, w = loss_inputs(shape, dtype)
     lam = coeff(shape[0], 0.1, 2.0, 20)
+    dmw = coeff(shape[0], 0.2, 3.0, 21)  # per-sample weight of the DDPM term
     p.requires_grad_(True)
     q.requires_grad_(True)
-    loss = ops.at_loss(p, q, e, w, lam, detach_clean=detach_clean)
+    loss = ops.at_loss(p, q, e, w, lam, detach_clean=detach_clean, dm_weight=dmw)
     gp, gq = torch.autograd.grad(loss, [p, q])
     p64, q64 = p.detach().double().requires_grad_(True), q.detach().double().requires_grad_(True)
-    ref = at_loss_formula(p64, q64, e, w, lam.double(), detach_clean)
+    ref = at_loss_formula(p64, q64, e, w, lam.double(), detach_clean, dmw.double())
     rp, rq = torch.autograd.grad(ref, [p64, q64])
     pr, qr = p.detach().clone().requires_grad_(True), q.detach().clone().requires_grad_(True)
-    same = K.at_loss_ref(pr, qr, e, w, lam, detach_clean)
+    same = K.at_loss_ref(pr, qr, e, w, lam, detach_clean, dmw)
     sp, sq = torch.autograd.grad(same, [pr, qr])
     check(loss, ref.detach(), dtype, same.detach())
     check(gp, rp, dtype, sp)
@@ -242,6 +243,21 @@ def test_at_loss_kernel_is_deterministic_and_lam_zero_is_its_ddpm_term(monkeypat
     l0, dm0 = ops.at_loss_parts(p, q, e, w, 0.0)
     assert torch.equal(l0, dm0) and torch.equal(dm0, dm1)
     torch.testing.assert_close(dm1.double(), ((p.double() - e.double()) ** 2).mean(), atol=1e-6, rtol=1e-6)
+
+
+def test_at_loss_fp16_gradients_survive_a_loss_scale():
+    """fp16 inputs with many elements: 2 (p - e) / N is below fp16's normal range, so the kernel keeps
+    its gradients in float32 until the (scaled) upstream gradient has been applied, as a GradScaler does."""
+    p, q, e, w = loss_inputs((2, 200_000), torch.float16)
+    p.requires_grad_(True)
+    q.requires_grad_(True)
+    scale = 2.0**12  # the loss itself must stay below fp16's max (65504) once scaled
+    gp, gq = torch.autograd.grad(ops.at_loss(p, q, e, w, 0.5) * scale, [p, q])
+    assert gp.dtype == gq.dtype == torch.float16
+    p64, q64 = p.detach().double().requires_grad_(True), q.detach().double().requires_grad_(True)
+    rp, rq = torch.autograd.grad(at_loss_formula(p64, q64, e, w, 0.5) * scale, [p64, q64])
+    for g, r in ((gp, rp), (gq, rq)):  # within a few fp16 ulps of the exact value, element by element
+        assert ((g.double() - r).abs() <= 2**-9 * r.abs() + 1e-6).all()
 
 
 def test_at_loss_backward_uses_stored_gradients_times_upstream():
@@ -309,3 +325,35 @@ def test_objective_runs_on_the_kernels(mode, norm):
     assert torch.equal(obj(model, x0, gen_()).loss, out.loss)
     if mode in ("adv", "pgd", "inv"):
         assert out.stats["gain"] > 1
+
+
+@pytest.mark.parametrize("prediction,dm_weight", [("v", None), ("x0", "eps")])
+def test_objective_prediction_types_on_the_kernels(prediction, dm_weight, monkeypatch):
+    """v- and x0-models on the Triton path: the fused loss on the model's own outputs equals the reference
+    ops' loss of the same inputs (the model's inputs are recorded, the loss recomputed on the CPU path)."""
+    from fastat import prediction as P
+    from fastat.objective import ATObjective, _scaled
+    from fastat.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).to(DEV)
+    calls = []
+
+    def model(x, t):
+        calls.append(x.detach())
+        return (net(torch.cat([x, t.float()[:, None] / 100], 1)),)  # a tuple, as with return_dict=False
+
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv", prediction=prediction, dm_weight=dm_weight)
+    x0 = randn((16, 3), seed=3)
+    t = obj.schedule.sample_t(16, torch.Generator(device=DEV).manual_seed(5), device=DEV)  # what it draws
+    out = obj(model, x0, torch.Generator(device=DEV).manual_seed(5))
+    assert torch.isfinite(out.loss) and out.stats["gain"] > 1
+    x_t, x_adv = calls[0], calls[-1]
+    a, s = obj.schedule.coeffs(t)
+    eps, w = (x_t - bshape(a, x0) * x0) / bshape(s, x0), (x_adv - x_t) / bshape(s, x0)
+    c_w, factor = P.regulariser_coeffs(prediction, a, s)
+    o, o_adv = model(x_t, t)[0], model(x_adv, t)[0]
+    monkeypatch.delenv("FASTAT_FORCE_TRITON")  # the same loss on the reference path
+    ref = ops.at_loss(o, o_adv, P.target(prediction, x0, eps, a, s), _scaled(w, c_w), 0.3 * factor,
+                      dm_weight=obj.dm_weight_at(t, a, s))  # fmt: skip
+    torch.testing.assert_close(out.loss.detach(), ref.detach(), atol=1e-4, rtol=1e-3)

@@ -154,3 +154,64 @@ def test_trusted_values_skips_only_the_tensor_value_checks():
             ops.pgd_step(x, y, torch.ones(3), 1.0)
     with pytest.raises(ValueError, match="finite"):
         ops.pgd_step(x, y, bad, 1.0)
+
+
+# -- dtypes, weights and the helpers for loops written with the ops --------------------------------------
+
+
+def test_float64_is_refused_with_a_true_message():
+    x = randn((4, 3)).double()
+    for call in (lambda: ops.q_sample(x, 1.0, 1.0, x), lambda: ops.at_loss(x, x, x, x, 0.1),
+                 lambda: ops.noise_inject(x, 1.0, 1.0, 0.1, 0)):  # fmt: skip
+        with pytest.raises(TypeError, match=r"float32, bfloat16 or float16 \(the ops compute in float32\)"):
+            call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dm_weight_weighs_each_sample_of_the_ddpm_term(dtype):
+    p, q, e, w = (randn((5, 2, 3), dtype, seed=20 + i) for i in range(4))
+    c = rand(5, 0.1, 3.0, 7).float()
+    assert_close(ops.ddpm_loss(p, e, c), at_loss_formula(p, q, e, w, 0.0, dm_weight=c.double()), dtype)
+    loss, dm = ops.at_loss_parts(p, q, e, w, 0.4, dm_weight=c)
+    assert_close(loss, at_loss_formula(p, q, e, w, 0.4, dm_weight=c.double()), dtype)
+    assert_close(dm, at_loss_formula(p, q, e, w, 0.0, dm_weight=c.double()), dtype)
+    with pytest.raises(ValueError, match="dm_weight must be >= 0"):
+        ops.at_loss(p, q, e, w, 0.4, dm_weight=-c)
+
+
+def test_noise_stream_advances_by_itself_and_is_per_rank():
+    x0 = randn((3, 50), seed=1)
+    a, s = torch.full((3,), 0.8), torch.full((3,), 0.6)
+    stream = ops.NoiseStream(7, rank=0)
+    first = ops.noise_inject(x0, a, s, 0.5, stream)
+    second = ops.noise_inject(x0, a, s, 0.5, stream)
+    assert int(stream.offset) == 2
+    assert not torch.equal(first[2], second[2]) and not torch.equal(first[3], second[3])
+    # exactly the (seed, offset) pairs 0 and 1 of the stream's seed
+    for off, got in ((0, first), (1, second)):
+        want = ops.noise_inject(x0, a, s, 0.5, stream.seed, off)
+        assert all(torch.equal(u, v) for u, v in zip(got, want, strict=True))
+    # a checkpointed stream continues where it was
+    again = ops.NoiseStream(0)
+    again.load_state_dict(stream.state_dict())
+    assert torch.equal(ops.noise_inject(x0, a, s, 0.5, again)[2], ops.noise_inject(x0, a, s, 0.5, stream)[2])
+    # every rank its own seed; the default rank is read from the environment at call time
+    assert int(ops.NoiseStream(7, rank=1).seed) != int(ops.NoiseStream(7, rank=0).seed)
+    with pytest.raises(ValueError, match="carries its own offset"):
+        ops.noise_inject(x0, a, s, 0.5, stream, 3)
+
+
+def test_rank_generator_gives_each_rank_its_own_stream(monkeypatch):
+    from fastat.seeding import current_rank, rank_seed
+
+    draws = [torch.randn(1000, generator=ops.rank_generator(3, rank=r)) for r in range(3)]
+    assert torch.equal(draws[0], torch.randn(1000, generator=ops.rank_generator(3, rank=0)))
+    for i in range(3):
+        for j in range(i):
+            assert abs(torch.corrcoef(torch.stack([draws[i], draws[j]]))[0, 1]) < 0.15
+    monkeypatch.setenv("RANK", "2")
+    assert current_rank() == 2 and rank_seed(3) == rank_seed(3, 2) != rank_seed(3, 0)
+    assert torch.equal(torch.randn(1000, generator=ops.rank_generator(3)), draws[2])
+    assert rank_seed(3, 0, tag="a") != rank_seed(3, 0, tag="b")
+    with pytest.raises(ValueError, match="rank must be"):
+        rank_seed(3, -1)

@@ -1,0 +1,202 @@
+"""What a denoiser's output means: reading it (any output type) and converting between parameterisations.
+
+    out = model_output(unet(x_t, t))         # a tensor, a tuple, diffusers' UNet2DOutput -> the tensor
+    eps_hat = to_eps("v", out, x_t, a, s)    # a v-model's noise estimate
+    x0_hat = to_x0("v", out, x_t, a, s)
+    model = EpsModel(unet, "v", schedule)    # any model -> forward(x, t) -> eps tensor
+
+With ``x_t = a x0 + s eps`` (``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``, ``a^2 + s^2 = 1``), a network
+output ``o`` is read according to its prediction type:
+
+| prediction | o is | eps_hat | x0_hat | training target |
+| ``eps`` | the noise | ``o`` | ``(x_t - s o) / a`` | ``eps`` |
+| ``v`` | ``v = a eps - s x0`` | ``a o + s x_t`` | ``a x_t - s o`` | ``a eps - s x0`` |
+| ``x0`` | the clean sample | ``(x_t - a o) / s`` | ``o`` | ``x0`` |
+
+Every row is ``eps_hat = alpha o + beta x_t`` with per-sample ``(alpha, beta)`` = ``(1, 0)``, ``(a, s)``,
+``(-a/s, 1/s)``. The equivariance residual of fastat's objective, written in eps space, is then a residual
+in the model's own space (``x~_t = x_t + s w``):
+
+    eps_hat(x~_t) - eps_hat(x_t) - w = alpha * (o(x~_t) - o(x_t) - c_w w),   c_w = (1 - beta s) / alpha
+
+so ``lam ||eps_hat(x~_t) - eps_hat(x_t) - w||^2 = (lam alpha^2) ||o(x~_t) - o(x_t) - c_w w||^2``:
+``c_w = 1, a, 0`` and ``alpha^2 = 1, a^2, a^2/s^2`` for eps, v, x0 (an x0-model must keep its x0 estimate
+*invariant*; a v-model must move by ``a w``). The invariance ablation (target ``eps_hat(x_t)``, no ``w``)
+has ``c_w = -beta s / alpha = 0, -s^2/a, s/a``. :func:`regulariser_coeffs` returns ``(c_w, alpha^2)``.
+
+Model outputs are read by :func:`model_output`: a tensor as it is, a tuple or list by its first element
+(``return_dict=False``), an object with a tensor ``.sample`` (diffusers' ``UNet2DOutput``) by that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PREDICTIONS",
+    "EpsModel",
+    "canonical_prediction",
+    "eps_coeffs",
+    "model_output",
+    "regulariser_coeffs",
+    "resolve_prediction",
+    "target",
+    "to_eps",
+    "to_x0",
+]
+
+PREDICTIONS = ("eps", "v", "x0")
+
+# Names other codebases use: diffusers' prediction_type, denoising-diffusion-pytorch's objective.
+ALIASES = {
+    "epsilon": "eps",
+    "pred_noise": "eps",
+    "v_prediction": "v",
+    "pred_v": "v",
+    "sample": "x0",
+    "pred_x0": "x0",
+}
+
+
+def canonical_prediction(name: Any) -> str:
+    """``eps``, ``v`` or ``x0`` for any accepted name (also ``epsilon``, ``v_prediction``, ``sample``,
+    ``pred_noise``, ``pred_v``, ``pred_x0``); ValueError otherwise."""
+    if isinstance(name, str):
+        key = name.strip().lower()
+        if key in PREDICTIONS:
+            return key
+        if key in ALIASES:
+            return ALIASES[key]
+    raise ValueError(
+        f"unknown prediction type {name!r}; choose one of {', '.join(PREDICTIONS)} "
+        f"(also accepted: {', '.join(ALIASES)})"
+    )
+
+
+def resolve_prediction(requested: Any, declared: str | None) -> str:
+    """The prediction type to use: ``requested`` (canonicalised) or, when None, the one ``declared`` by
+    the schedule's source (``NoiseSchedule.prediction``), else ``eps``. A contradiction is an error."""
+    if requested is None:
+        return declared or "eps"
+    pred = canonical_prediction(requested)
+    if declared is not None and pred != declared:
+        raise ValueError(
+            f"prediction={requested!r} contradicts the scheduler, which trains {declared}-prediction "
+            f"(leave prediction unset to use the scheduler's)"
+        )
+    return pred
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The prediction tensor inside a model's output: a tensor, a tuple/list (its first element) or an
+    object with a tensor ``.sample`` (diffusers' ``UNet2DOutput``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(
+        f"the model returned {type(out).__name__}; expected a tensor, a tuple or list whose first element "
+        f"is the prediction, or an object with a tensor .sample (e.g. diffusers' UNet2DOutput)"
+    )
+
+
+def _b(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """A per-sample coefficient shaped ``(B, 1, ...)`` to broadcast over ``like`` (numbers unchanged)."""
+    if not isinstance(c, torch.Tensor) or c.dim() == 0:
+        return c
+    return c.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def eps_coeffs(prediction: str, a: torch.Tensor, s: torch.Tensor):
+    """Per-sample ``(alpha, beta)`` with ``eps_hat = alpha * o + beta * x_t`` (numbers for ``eps``)."""
+    p = canonical_prediction(prediction)
+    if p == "eps":
+        return 1.0, 0.0
+    if p == "v":
+        return a, s
+    return -a / s, 1.0 / s
+
+
+def to_eps(
+    prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """The noise estimate implied by the output ``out`` of a ``prediction``-model at ``x_t``."""
+    p = canonical_prediction(prediction)
+    if p == "eps":
+        return out
+    a, s = _b(a, out), _b(s, out)
+    if p == "v":
+        return a * out + s * x_t
+    return (x_t - a * out) / s
+
+
+def to_x0(
+    prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """The clean-sample estimate implied by the output ``out`` of a ``prediction``-model at ``x_t``."""
+    p = canonical_prediction(prediction)
+    if p == "x0":
+        return out
+    a, s = _b(a, out), _b(s, out)
+    if p == "v":
+        return a * x_t - s * out
+    return (x_t - s * out) / a
+
+
+def target(
+    prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """What a ``prediction``-model is trained to output at ``x_t = a x0 + s eps``."""
+    p = canonical_prediction(prediction)
+    if p == "eps":
+        return eps
+    if p == "x0":
+        return x0
+    from fastat import ops  # v = a eps - s x0, one fused pass
+
+    return ops.q_sample(x0, -s, a, eps)
+
+
+def regulariser_coeffs(prediction: str, a: torch.Tensor, s: torch.Tensor, equivariant: bool = True):
+    """``(c_w, lam_factor)`` such that the eps-space residual ``||eps_hat(x~) - eps_hat(x) - [w]||^2``
+    equals ``lam_factor * ||o(x~) - o(x) - c_w w||^2`` (``[w]`` dropped when not ``equivariant``).
+
+    Per-sample tensors (numbers for ``eps``); see the module docstring for the algebra.
+    """
+    p = canonical_prediction(prediction)
+    if p == "eps":
+        return (1.0 if equivariant else 0.0), 1.0
+    if p == "v":
+        return (a if equivariant else -(s * s) / a), a * a
+    return (0.0 if equivariant else s / a), (a / s).square()
+
+
+class EpsModel(nn.Module):
+    """``model`` seen as an eps-model: ``forward(x, t)`` returns the noise estimate as a tensor, whatever
+    the model's output type and prediction type. ``schedule`` gives ``a_t``, ``s_t`` for the conversion.
+
+    The wrapped model is a submodule, so ``.eval()``/``.train()`` and batch-norm handling reach it.
+    """
+
+    def __init__(self, model: nn.Module, prediction: str = "eps", schedule=None) -> None:
+        super().__init__()
+        self.model = model
+        self.prediction = canonical_prediction(prediction)
+        if self.prediction != "eps" and schedule is None:
+            raise ValueError(f"EpsModel: a {self.prediction}-prediction model needs the noise schedule")
+        self.schedule = schedule
+        if hasattr(model, "sample_shape"):
+            self.sample_shape = model.sample_shape
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model_output(self.model(x, t))
+        if self.prediction == "eps":
+            return out
+        a, s = self.schedule.coeffs(t)
+        return to_eps(self.prediction, out.float(), x.float(), a, s).to(out.dtype)

@@ -1,10 +1,11 @@
-"""The ``fastat`` command: ``fastat train`` and ``fastat sample``.
+"""The ``fastat`` command: ``fastat train``, ``sample``, ``prepare``, ``export`` (``bench`` and ``eval`` elsewhere).
 
     fastat train                                   # default: known subspace data, tiny UNet, adv, CPU
     fastat train --config exp.yaml --steps 50000 --out runs/exp
     fastat train --out runs/exp --resume auto      # continue exactly where runs/exp stopped
     fastat train --dry-run                         # validate and print the resolved config, write nothing
     fastat sample --run runs/exp --n 64 --out grid.png
+    fastat export --run runs/exp --format diffusers out/exp   # a DDPMPipeline folder (--model diffusers runs)
 
 Bad input (unknown dataset or mode, missing folder, bad YAML, unknown key, ...) is reported as one
 line ``fastat: error: ...`` on stderr with exit code 2; ``--traceback`` shows the full traceback
@@ -47,7 +48,7 @@ TRAIN_FLAGS = {
     "image_size": ("data.image_size", int, "image size (required for folders; resizes others)"),
     "corrupt_frac": ("data.corrupt_frac", float, "fraction of training samples made noisy (default 0.9)"),
     "corrupt_sigma": ("data.corrupt_sigma", float, "std of that noise in data units (default 0.2)"),
-    "model": ("model.name", str, "auto | tiny | cifar10 | celeba64 | lsun256 | mlp (default auto)"),
+    "model": ("model.name", str, "auto | tiny | cifar10 | celeba64 | lsun256 | mlp | diffusers"),
     "mode": ("objective.mode", str, "ddpm | rand | adv | pgd | inv (default adv)"),
     "lam": ("objective.lam", float, "weight of the equivariance regulariser (default 0.3)"),
     "steps": ("run.steps", int, "total training steps"),
@@ -163,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_prepare)
 
+    x = sub.add_parser(
+        "export",
+        help="write a trained run in another codebase's format (diffusers)",
+        description=(
+            "Write the newest checkpoint of a run (EMA weights unless --no-ema) in another codebase's "
+            "format. "
+            "diffusers: a DDPMPipeline folder (model_index.json, unet/, scheduler/) that "
+            "DDPMPipeline.from_pretrained(OUT) and UNet2DModel.from_pretrained(OUT, subfolder='unet') load; "
+            "the run must have been trained with --model diffusers."
+        ),
+    )
+    x.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+    x.add_argument("--run", required=True, metavar="DIR", help="run folder (or one of its checkpoints)")
+    x.add_argument("--format", default="diffusers", choices=("diffusers",), help="format (default diffusers)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw (non-EMA) weights")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    x.set_defaults(func=cmd_export)
+
     # listed for --help; main() hands "fastat bench ..." to fastat.bench's own parser
     sub.add_parser(
         "bench",
@@ -254,6 +273,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastat.config import TrainConfig, check_seed
     from fastat.data import derive_seed
     from fastat.models import build_model
+    from fastat.prediction import as_eps_model
     from fastat.samples import SAMPLE_SUFFIXES, generate, write_samples
     from fastat.train import resolve_device
 
@@ -298,8 +318,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = build_model(spec["name"], **spec["kwargs"])
     load_weights(model, weights, str(ckpt.path))
-    model = model.to(device).eval()
     schedule = cfg.build_objective().schedule
+    model = as_eps_model(model, cfg.objective.prediction, schedule).to(device).eval()
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
     x = generate(
         model,
@@ -337,6 +357,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"files; "
         f"{time.perf_counter() - t0:.1f} s{'; checksums verified' if args.verify else ''}"
     )
+    return 0
+
+
+# -- export --------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastat.export import export_run
+
+    out = export_run(args.run, args.out, format=args.format, ema=not args.no_ema, overwrite=args.overwrite)
+    print(out)
     return 0
 
 
@@ -396,7 +427,7 @@ def _main(argv: list[str] | None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, ValueError) as e:
+    except (ConfigError, DatasetError, CheckpointError, ValueError, ImportError) as e:  # ImportError: extras
         if args.traceback:
             raise
         print(f"fastat: error: {_one_line(e)}", file=sys.stderr)

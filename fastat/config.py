@@ -69,8 +69,10 @@ class DataConfig:
 class ModelConfig:
     """The denoiser (see :func:`fastat.models.build_model`)."""
 
-    name: str = "auto"  # auto | tiny | cifar10 | celeba64 | lsun256 | mlp
-    kwargs: dict = field(default_factory=dict)  # UNetConfig fields (e.g. dropout) or MLP arguments
+    name: str = "auto"  # auto | tiny | cifar10 | celeba64 | lsun256 | mlp | diffusers
+    # UNetConfig fields (e.g. dropout), MLP arguments, or diffusers' UNet2DModel arguments (``config``: a
+    # JSON/YAML file or model folder to read them from)
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,12 @@ class ObjectiveConfig:
     step_size: float | None = None  # ascent step / radius (default 1.25 for one step, 2.5/k for k)
     attack_target: str = "prediction"  # prediction | equivariance
     detach_clean: bool = False  # detach eps_theta(x_t) inside the equivariance target
-    schedule: str = "linear"  # linear | cosine
+    schedule: str = "linear"  # linear | cosine | scaled_linear | squaredcos_cap_v2 (= cosine)
     T: int = 1000  # diffusion steps
+    beta_start: float = 1e-4  # linear / scaled_linear: first and last beta
+    beta_end: float = 0.02
+    prediction: str = "eps"  # what the model outputs: eps | v | x0
+    dm_weight: str = "none"  # denoising-term weight: none (MSE of the output) | eps (MSE of the implied eps)
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,8 @@ class TrainConfig:
         from fastat.data import DATASETS, KNOWN, OUTLIER_KINDS, PLACEMENTS, is_prepared, known_dataset
         from fastat.kernels.pgd import NORMS
         from fastat.models import MODEL_NAMES
-        from fastat.objective import LAM_SCALES, MODES
+        from fastat.objective import DM_WEIGHTS, LAM_SCALES, MODES
+        from fastat.prediction import PREDICTIONS
         from fastat.schedule import SCHEDULES
 
         d, m, o, op, e, r = self.data, self.model, self.objective, self.optim, self.ema, self.run
@@ -280,6 +287,8 @@ class TrainConfig:
         _one_of(o.attack_target, ("prediction", "equivariance"), "objective.attack_target")
         _one_of(o.schedule, SCHEDULES, "objective.schedule")
         _positive_int(o.T, "objective.T")
+        _one_of(o.prediction, PREDICTIONS, "objective.prediction")
+        _one_of(o.dm_weight, DM_WEIGHTS, "objective.dm_weight")
         # optim
         _positive(op.lr, "optim.lr (--lr)")
         _nonneg_int(op.warmup, "optim.warmup")
@@ -333,7 +342,7 @@ class TrainConfig:
         o = self.objective
         budget = Budget(o.r_min, o.r_scale, o.rho, o.space, o.norm) if o.mode != "ddpm" else Budget()
         return ATObjective(
-            schedule=NoiseSchedule(o.schedule, T=o.T),
+            schedule=NoiseSchedule(o.schedule, T=o.T, beta_start=o.beta_start, beta_end=o.beta_end),
             mode=o.mode,
             lam=o.lam,
             lam_scale=o.lam_scale,
@@ -342,6 +351,8 @@ class TrainConfig:
             step_size=o.step_size,
             attack_target=o.attack_target,
             detach_clean=o.detach_clean,
+            prediction=o.prediction,
+            dm_weight=None if o.dm_weight == "none" else o.dm_weight,
         )
 
     def to_dict(self) -> dict:

@@ -38,6 +38,7 @@ from torch import nn
 __all__ = [
     "PREDICTIONS",
     "EpsModel",
+    "as_eps_model",
     "canonical_prediction",
     "eps_coeffs",
     "model_output",
@@ -200,3 +201,8 @@ class EpsModel(nn.Module):
             return out
         a, s = self.schedule.coeffs(t)
         return to_eps(self.prediction, out.float(), x.float(), a, s).to(out.dtype)
+
+
+def as_eps_model(model: nn.Module, prediction: str = "eps", schedule=None) -> nn.Module:
+    """``model`` itself for an eps-model, else an :class:`EpsModel` view of it."""
+    return model if canonical_prediction(prediction) == "eps" else EpsModel(model, prediction, schedule)

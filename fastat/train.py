@@ -69,6 +69,7 @@ from fastat.data.placement import DeviceImages, StreamImages
 from fastat.engine import StepEngine
 from fastat.metrics import StatsAccumulator, peak_rss_mb
 from fastat.models import build_model
+from fastat.prediction import as_eps_model
 from fastat.run_folder import CONFIG_FILE, RunFolder
 from fastat.samples import generate, write_samples
 
@@ -176,9 +177,12 @@ def data_shape(cfg: TrainConfig) -> tuple[str, tuple[int, ...]]:
 def model_spec(cfg: TrainConfig) -> dict:
     """``{"name", "kwargs"}`` for :func:`fastat.models.build_model`, fitted to the data's shape:
     ``auto`` picks ``mlp`` for points and the UNet preset nearest the image size; the UNet gets
-    ``image_size``/``in_channels`` and the MLP ``dim`` from the data."""
+    ``image_size``/``in_channels`` and the MLP ``dim`` from the data; a diffusers UNet its ``config``
+    file inlined (so checkpoints are self-contained) and its sample size and channels from the data."""
     kind, shape = data_shape(cfg)
     name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
+    if name == "diffusers":
+        return _plain({"name": name, "kwargs": diffusers_kwargs(cfg, kind, shape, kwargs)})
     if name == "auto":
         if kind == "points":
             name = "mlp"
@@ -201,6 +205,28 @@ def model_spec(cfg: TrainConfig) -> dict:
             )
         kwargs.update(in_channels=shape[0], image_size=shape[-1])
     return _plain({"name": name, "kwargs": kwargs})
+
+
+def diffusers_kwargs(cfg: TrainConfig, kind: str, shape: tuple[int, ...], kwargs: dict) -> dict:
+    """``UNet2DModel`` arguments for ``--model diffusers``: the ``config`` file's, overridden by the other
+    ``model.kwargs``, with ``sample_size``, ``in_channels`` and ``out_channels`` set from the data."""
+    from fastat.models.diffusers_unet import INSTALL_HINT, diffusers_available, read_unet_config
+
+    if not diffusers_available():
+        raise ConfigError(f"--model diffusers needs the diffusers package: {INSTALL_HINT}")
+    if kind != "image":
+        raise ConfigError(f"model diffusers is a UNet2DModel for images; dataset {cfg.data.dataset!r} holds "
+                          f"points of shape {shape} (use --model mlp or auto)")  # fmt: skip
+    if "config" in kwargs:
+        try:
+            kwargs = {**read_unet_config(kwargs.pop("config")), **kwargs}
+        except ValueError as e:
+            raise ConfigError(f"model.kwargs.config: {e}") from None
+    for key in ("in_channels", "out_channels"):
+        if kwargs.get(key, shape[0]) != shape[0]:
+            raise ConfigError(f"model.kwargs.{key}={kwargs[key]} but the data has {shape[0]} channels")
+    kwargs.update(sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0])
+    return kwargs
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -358,6 +384,12 @@ class TrainState:
         """The EMA weights (what sampling uses)."""
         return self.engine.ema.module
 
+    def ema_eps_model(self) -> nn.Module:
+        """The EMA model as an eps-model (a v- or x0-model converted): what the samplers and the
+        evaluations take."""
+        obj = self.engine.objective
+        return as_eps_model(self.ema, obj.prediction, obj.schedule)
+
     def state_dict(self, step: int) -> dict:
         """Everything but the weights, for ``state.pt`` (tensors and plain values only)."""
         cuda = self.device.type == "cuda"
@@ -425,7 +457,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
     torch.manual_seed(r.seed)  # model initialisation and dropout
     try:
         model = build_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ImportError) as e:
         raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
     model = model.to(device)
     batches = build_batches(cfg, td, device)
@@ -553,7 +585,8 @@ def write_grid(
     noise_gen = torch.Generator().manual_seed(derive_seed(r.seed, "sample-noise"))
     noise = torch.randn((r.sample_n, *td.sample_shape), generator=noise_gen)
     ddpm_gen = torch.Generator(state.device).manual_seed(derive_seed(r.seed, "sample-ddpm"))
-    x = generate(state.ema, state.engine.objective.schedule, noise, sampler=r.sampler, steps=r.sample_steps,
+    model, schedule = state.ema_eps_model(), state.engine.objective.schedule
+    x = generate(model, schedule, noise, sampler=r.sampler, steps=r.sample_steps,
                  clip_x0=clip_for(td.kind, td.known is not None), device=state.device,
                  generator=ddpm_gen)  # fmt: skip
     if td.kind == "image":
@@ -644,9 +677,10 @@ def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData) -> t
     r = cfg.run
     if td.known is None or r.eval_n <= 0:
         return {}, {}
-    return evaluate_known(state.ema, state.engine.objective.schedule, td.known, td.data, td.clean, n=r.eval_n,
-                          sampler=r.sampler, steps=r.sample_steps, clip_x0=clip_for(td.kind, True),
-                          seed=r.seed, device=state.device)  # fmt: skip
+    model, schedule = state.ema_eps_model(), state.engine.objective.schedule
+    return evaluate_known(model, schedule, td.known, td.data, td.clean, n=r.eval_n, sampler=r.sampler,
+                          steps=r.sample_steps, clip_x0=clip_for(td.kind, True), seed=r.seed,
+                          device=state.device)  # fmt: skip
 
 
 def evaluate_known(

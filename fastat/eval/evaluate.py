@@ -143,12 +143,16 @@ def known_metrics(
     return out
 
 
-def load_run(run: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu"):
+def load_run(
+    run: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu", eps_model: bool = True
+):
     """``(model, cfg, checkpoint)`` of a run folder (or checkpoint folder): the model with its EMA (or
-    raw) weights, in eval mode on ``device``, and the run's :class:`~fastat.config.TrainConfig`."""
+    raw) weights, in eval mode on ``device`` (with ``eps_model``, a v- or x0-model is seen as an eps-model),
+    and the run's :class:`~fastat.config.TrainConfig`."""
     from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
     from fastat.config import ConfigError, TrainConfig
     from fastat.models import build_model
+    from fastat.prediction import as_eps_model
 
     ckpt = load_checkpoint(run, weights=not ema)
     try:
@@ -159,6 +163,8 @@ def load_run(run: str | os.PathLike, *, ema: bool = True, device: torch.device |
     require_finite(weights, f"the {'EMA' if ema else 'raw'} weights of {ckpt.path} (the run diverged)")
     model = build_model(spec["name"], **spec["kwargs"])
     load_weights(model, weights, str(ckpt.path))
+    if eps_model:
+        model = as_eps_model(model, cfg.objective.prediction, cfg.build_objective().schedule)
     return model.to(device).eval(), cfg, ckpt
 
 

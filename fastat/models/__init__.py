@@ -1,7 +1,9 @@
-"""Noise-prediction networks ``forward(x, t) -> eps``: the DDPM UNet (presets) and an MLP for points.
+"""Noise-prediction networks ``forward(x, t) -> eps``: the DDPM UNet (presets) and an MLP for points,
+and diffusers' ``UNet2DModel`` (optional package) behind the same interface.
 
     model = build_model("cifar10")            # or "celeba64", "lsun256", "tiny", "mlp"
     model = build_model("mlp", dim=2)
+    model = build_model("diffusers", **unet2d_config)   # needs diffusers; see fastat.models.diffusers_unet
     count_parameters(model)
 
 Every model has ``sample_shape`` (one sample's shape, for samplers and trainers).
@@ -26,13 +28,18 @@ __all__ = [
     "timestep_embedding",
 ]
 
-MODEL_NAMES = (*PRESETS, "mlp")
+MODEL_NAMES = (*PRESETS, "mlp", "diffusers")
 
 
 def build_model(name: str, **kw) -> nn.Module:
-    """A UNet preset (``PRESETS`` key, ``kw`` override :class:`UNetConfig` fields) or ``"mlp"``."""
+    """A UNet preset (``PRESETS`` key, ``kw`` override :class:`UNetConfig` fields), ``"mlp"``, or
+    ``"diffusers"`` (``kw`` are ``UNet2DModel`` arguments)."""
     if name == "mlp":
         return MLP(**kw)
+    if name == "diffusers":
+        from fastat.models.diffusers_unet import DiffusersUNet
+
+        return DiffusersUNet(**kw)
     if name in PRESETS:
         return UNet(name, **kw)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -1,0 +1,124 @@
+"""Handing a trained run to another codebase: ``fastat export --run R --format diffusers OUT``.
+
+    export_run("runs/exp", "out/exp-diffusers")        # EMA weights by default (ema=False: raw weights)
+    pipe = DDPMPipeline.from_pretrained("out/exp-diffusers")
+    unet = UNet2DModel.from_pretrained("out/exp-diffusers", subfolder="unet")
+
+The diffusers format is a ``DDPMPipeline`` folder: ``model_index.json``, ``unet/`` (``config.json`` and
+``diffusion_pytorch_model.safetensors``) and ``scheduler/scheduler_config.json``, a ``DDPMScheduler``
+with the run's schedule (by name where diffusers has it, else its exact ``trained_betas``), its prediction
+type (``epsilon``, ``v_prediction``, ``sample``) and the run's clamp of the predicted x0. Only runs trained
+with ``--model diffusers`` can be exported this way: fastat's own UNet has no diffusers class.
+
+The folder is written next to ``OUT`` under a temporary name and renamed into place: an interrupted
+export leaves no half-written ``OUT``. An existing, non-empty ``OUT`` is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from fastat.config import ConfigError
+from fastat.schedule import NoiseSchedule
+
+__all__ = ["DIFFUSERS_PREDICTION", "FORMATS", "ExportError", "diffusers_scheduler_config", "export_run"]
+
+FORMATS = ("diffusers",)
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_DIFFUSERS_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+    "squaredcos_cap_v2": "squaredcos_cap_v2",
+}
+
+
+class ExportError(ConfigError):
+    """The run cannot be exported in the requested format (one line saying why)."""
+
+
+def diffusers_scheduler_config(
+    schedule: NoiseSchedule, prediction: str = "eps", clip_x0: float | None = 1.0
+) -> dict:
+    """``DDPMScheduler`` arguments that reproduce ``schedule`` (``alphas_cumprod`` equal to float32
+    rounding), the prediction type and the x0 clamp used when sampling."""
+    cfg: dict = {
+        "num_train_timesteps": schedule.T,
+        "prediction_type": DIFFUSERS_PREDICTION[prediction],
+        "clip_sample": clip_x0 is not None,
+        "clip_sample_range": float(clip_x0) if clip_x0 is not None else 1.0,
+        "variance_type": "fixed_small",  # beta_tilde: fastat's DDPM sampler
+    }
+    name = _DIFFUSERS_SCHEDULES.get(schedule.kind)
+    if name is None:
+        cfg["trained_betas"] = schedule.betas.tolist()
+    else:
+        cfg["beta_schedule"] = name
+        if name != "squaredcos_cap_v2":
+            cfg.update(beta_start=schedule.beta_start, beta_end=schedule.beta_end)
+    return cfg
+
+
+def export_run(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "diffusers",
+    ema: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write the newest checkpoint of ``run`` (a run or checkpoint folder) to ``out`` in ``format``;
+    returns ``out``. ConfigError (ExportError) on a run or destination that does not fit."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    from fastat.eval.evaluate import load_run
+    from fastat.models.diffusers_unet import require_diffusers
+
+    diffusers = require_diffusers("fastat export --format diffusers")
+    dest = Path(out).expanduser()
+    if dest.exists() and not (dest.is_dir() and (overwrite or not any(dest.iterdir()))):
+        raise ExportError(f"{dest} already exists and is not empty; choose another OUT or pass --overwrite")
+    model, cfg, ckpt = load_run(run, ema=ema, eps_model=False)
+    if cfg.model.name != "diffusers":
+        raise ExportError(
+            f"run {ckpt.run_dir} trained model {cfg.model.name!r} (fastat's own network, which has no "
+            f"diffusers class); --format diffusers needs a run trained with --model diffusers"
+        )
+    clip_x0 = ckpt.state.get("data", {}).get("clip_x0", 1.0)  # what fastat's own sampling clamps to
+    sched_cfg = diffusers_scheduler_config(cfg.build_objective().schedule, cfg.objective.prediction, clip_x0)
+    scheduler = diffusers.DDPMScheduler(**sched_cfg)
+    pipe = diffusers.DDPMPipeline(unet=model.unet, scheduler=scheduler)
+    return _write_folder(dest, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+
+def _write_folder(dest: Path, write) -> Path:
+    """``write(tmp)`` into a temporary folder beside ``dest``, then rename it to ``dest`` (replacing an
+    old one only after the new one is complete)."""
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {parent}: {e.strerror or e}") from None
+    tmp = parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if dest.exists():
+            trash = parent / f".trash-{dest.name}-{os.getpid()}"
+            os.replace(dest, trash)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(trash, dest)  # the old folder back where it was
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write {dest}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,4 +1,4 @@
-"""The ``fastat`` command: ``fastat train``, ``sample``, ``prepare``, ``export`` (``bench`` and ``eval`` elsewhere).
+"""The ``fastat`` command: ``train``, ``sample``, ``prepare``, ``export`` (``bench`` and ``eval`` elsewhere).
 
     fastat train                                   # default: known subspace data, tiny UNet, adv, CPU
     fastat train --config exp.yaml --steps 50000 --out runs/exp

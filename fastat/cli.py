@@ -57,7 +57,7 @@ TRAIN_FLAGS = {
     "out": ("run.out", str, "run folder (default runs/<date>-<time>-<dataset>-<mode>)"),
     "seed": ("run.seed", int, "seed of the run (init, dropout, loss noise, batch order)"),
     "device": ("run.device", str, "auto | cpu | cuda | cuda:N"),
-    "precision": ("run.precision", str, "auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)"),
+    "precision": ("run.precision", str, "auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)"),
     "save_every": ("run.save_every", int, "checkpoint every N steps (0: only at the end)"),
     "sample_every": ("run.sample_every", int, "sample grid every N steps (0: only at the end)"),
     "log_every": ("run.log_every", int, "metrics every N steps"),

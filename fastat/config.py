@@ -129,7 +129,7 @@ class RunConfig:
     batch_size: int = 32
     seed: int = 0  # model init, dropout, loss noise, batch order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast) | fp16 (+ GradScaler)
     fast: bool | None = None  # compiled step (+ CUDA graph on CUDA); None: on for CUDA, off on the CPU
     log_every: int = 25  # metrics.jsonl / TensorBoard / progress-bar interval (steps)
     save_every: int = 1000  # checkpoint interval (0: only at the end)
@@ -154,7 +154,7 @@ SECTIONS: dict[str, type] = {
 
 DEVICES = ("auto", "cpu", "cuda")
 SEED_LIMIT = 2**53  # seeds stay exact in YAML/JSON numbers and in the seeds derived from them
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "ddpm")
 
 

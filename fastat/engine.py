@@ -22,6 +22,14 @@ tensor, like every statistic; ``stats["loss"]`` is then the non-finite loss itse
 ``engine.skip_streak`` (0-dim int64 device tensor, updated inside the step) counts the consecutive
 skipped steps up to the last one. Reading either is the caller's host sync.
 
+**Precision.** ``fp32``; ``bf16`` (autocast); ``fp16``: autocast to float16 with a
+``torch.amp.GradScaler``: the loss is multiplied by the scale before backward, the gradients are unscaled
+(``unscale_``: a fused non-finite check, on the device) before their norm and clipping, a step whose
+gradients overflowed is skipped by the same ``found_inf`` as above, and ``update`` halves the scale after
+an overflow and doubles it after 2000 good steps, all in place on the device (nothing of the scaler reads
+a device value on the host, so it is captured with the step). ``stats["loss_scale"]`` is the scale used.
+Weights, optimizer state and the objective's noise stay float32 in every precision.
+
 ``fast=False`` runs the step eagerly: the reference. ``fast=True`` computes the same function faster:
 
 - the model is ``torch.compile``d (static shapes: a new batch size is a fresh compile, not a dynamic-shape
@@ -56,7 +64,9 @@ from fastat.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.ema import EMA
 from fastat.objective import ATObjective
 
-__all__ = ["DetachedParams", "StepEngine"]
+__all__ = ["PRECISIONS", "DetachedParams", "StepEngine"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class DetachedParams(nn.Module):
@@ -99,7 +109,7 @@ class StepEngine:
         clip: float = 1.0,  # gradient-norm clipping (0: off)
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
-        precision: str = "fp32",  # "fp32" | "bf16" (autocast)
+        precision: str = "fp32",  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
         fast: bool = False,  # torch.compile the model
         graph: bool | None = None,  # capture the step in a CUDA graph (None: when fast on CUDA)
         compile_mode: str | None = None,  # torch.compile mode (None: the default)
@@ -128,6 +138,10 @@ class StepEngine:
             fused=True, capturable=self.use_graph and cuda,
         )  # fmt: skip
         self.ema = EMA(model, ema_decay, ema_warmup)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        # fp16: dynamic loss scaling; its scale and growth tracker are device tensors updated in place
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.forward, self.attack_forward = model, model
         if fast:
             try:
@@ -196,10 +210,11 @@ class StepEngine:
     # -- internals ------------------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.precision != "bf16":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is None:
             return contextlib.nullcontext()
         # A captured graph must not use autocast's weight cache (it would hold stale casts).
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.use_graph)
 
     def _body(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step itself; what a CUDA graph captures (the backward then allocates the gradients in the
@@ -209,15 +224,22 @@ class StepEngine:
             x0 = self.prepare_batch(x0)
         with self._autocast():
             out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward)
-        out.loss.backward()
-        loss = out.loss.detach()
+        loss, scale = out.loss.detach(), {}
+        if self.scaler is None:
+            out.loss.backward()
+        else:  # fp16: scaled backward, then the true gradients back (non-finite ones show in the norm)
+            self.scaler.scale(out.loss).backward()
+            scale["loss_scale"] = self.scaler._get_scale_async().clone()  # the device tensor: no host read
+            self.scaler.unscale_(self.optimizer)
         norm = grad_norm_(list(self.model.parameters()), self.clip)
         found_inf = torch.logical_not(torch.isfinite(loss) & torch.isfinite(norm)).float()
         self.optimizer.found_inf = found_inf  # read by fused AdamW: 1.0 skips the whole update
         self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # in place: backs off after an overflow, grows after good steps
         self.ema.lerp_(self.model, self._ema_w * (1.0 - found_inf))
         self.skip_streak.add_(1).mul_(found_inf.to(torch.int64))
-        return {"loss": loss, **out.stats, "grad_norm": norm, "skipped": found_inf}
+        return {"loss": loss, **out.stats, "grad_norm": norm, "skipped": found_inf, **scale}
 
     def _first_compiled_step(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compilation happens on the first call: if it fails, say why and redo the step eagerly

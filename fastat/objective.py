@@ -114,6 +114,7 @@ class ATObjective:
             )
         self.prediction = P.resolve_prediction(self.prediction, self.schedule.prediction)
         self._dm_table: torch.Tensor | None = None
+        self._dm_cache: dict[torch.device, torch.Tensor] = {}
         self._check_dm_weight()
 
     def _check_dm_weight(self) -> None:
@@ -160,7 +161,10 @@ class ATObjective:
     def dm_weight_at(self, t: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor | float:
         """Per-sample weight of the denoising term at timesteps ``t`` (1.0 when unweighted)."""
         if self._dm_table is not None:
-            return self._dm_table.to(device=t.device, dtype=torch.float32)[t]
+            table = self._dm_cache.get(t.device)
+            if table is None:  # one copy per device (the first, uncaptured steps make it)
+                table = self._dm_cache[t.device] = self._dm_table.to(device=t.device, dtype=torch.float32)
+            return table[t]
         if self.dm_weight == "eps":
             return P.regulariser_coeffs(self.prediction, a, s)[1]
         return 1.0

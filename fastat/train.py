@@ -404,6 +404,7 @@ class TrainState:
                 "objective": self.generator.get_state(),
             },
             "fastat_version": __version__,
+            **({"scaler": self.engine.scaler.state_dict()} if self.engine.scaler is not None else {}),
             **self.extra,
         }
 
@@ -423,6 +424,8 @@ class TrainState:
             if self.device.type == "cuda" and st["rng"].get("cuda"):
                 torch.cuda.set_rng_state_all(st["rng"]["cuda"])
             self.generator.set_state(st["rng"]["objective"])
+            if self.engine.scaler is not None and "scaler" in st:  # fp16: the loss scale goes on
+                self.engine.scaler.load_state_dict(st["scaler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
         return ckpt.step

@@ -30,6 +30,9 @@ CASES = [  # (mode, objective options, precision, clip): every branch of the obj
     ("inv", {"lam_scale": "radius", "detach_clean": True}, "fp32", 0.0),
     ("rand", {}, "bf16", 1.0),
     ("ddpm", {}, "fp32", 0.0),
+    ("adv", {"prediction": "v", "dm_weight": torch.linspace(0.5, 1.5, 100)}, "fp32", 1.0),
+    ("rand", {"prediction": "x0", "dm_weight": "eps"}, "fp32", 1.0),
+    ("adv", {}, "fp16", 1.0),  # GradScaler: scale, unscale_, update
 ]
 
 
@@ -52,7 +55,9 @@ def uint8_batches():
     return prepare, x, Batch(images, torch.tensor([3, 39]), x.flip)
 
 
-@pytest.mark.parametrize("mode,opts,precision,clip", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "mode,opts,precision,clip", CASES, ids=[f"{c[0]}-{c[1].get('prediction', 'eps')}-{c[2]}" for c in CASES]
+)
 def test_step_makes_no_host_read(mode, opts, precision, clip):
     torch.manual_seed(0)
     model = build_model("tiny", image_size=8).train()

@@ -186,15 +186,16 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
-def make_cuda(fast, mode="adv", graph=None):
+def make_cuda(fast, mode="adv", graph=None, precision="fp32"):
     torch.manual_seed(0)
     model = MLP(3, hidden=64, depth=2, time_dim=16).cuda()
     obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, budget=Budget(r_min=0.1, r_scale=0.2))
     gen = torch.Generator(device="cuda").manual_seed(1)
     logs = []
     eng = StepEngine(
-        model, obj, generator=gen, lr=1e-3, ema_decay=0.9, fast=fast, graph=graph, log=logs.append
-    )
+        model, obj, generator=gen, lr=1e-3, ema_decay=0.9, fast=fast, graph=graph, log=logs.append,
+        precision=precision,
+    )  # fmt: skip
     return eng, logs
 
 
@@ -237,6 +238,26 @@ def test_cuda_graph_step_matches_eager_step_and_advances_rng(mode):
     assert not torch.equal(s_f[-1]["loss"], s_f[-2]["loss"])  # replays draw new noise
     assert [float(s["skipped"]) for s in s_f] == [0] * 7 + [1, 0] and int(fast.skip_streak) == 0
     assert_runs_agree(s_e, s_f, eager, fast, {"atol": 1e-4, "rtol": 1e-3})
+
+
+@needs_cuda
+def test_cuda_graph_fp16_step_with_grad_scaler():
+    """fp16 on CUDA: the GradScaler's scale, unscale_ and update are captured with the step (no host sync
+    in the eager step or the replays) and the replays track the eager fp16 step; an overflow is skipped
+    and halves the scale in both."""
+    xs = [x.cuda() for x in batches(9, bad_at=(7,), bad=float("inf"))]
+    eager, _ = make_cuda(False, precision="fp16")
+    fast, logs = make_cuda(True, precision="fp16")
+    with no_host_sync():
+        s_e = run(eager, xs)
+    s_f = run(fast, xs[:5])
+    assert fast.mode == "compiled+graph" and fast._graph is not None, logs
+    with no_host_sync():
+        s_f += run(fast, xs[5:])
+    for s in (s_e, s_f):
+        assert [float(x["skipped"]) for x in s] == [0] * 7 + [1, 0]
+        assert float(s[7]["loss_scale"]) == 2.0**16 and float(s[8]["loss_scale"]) == 2.0**15
+    assert_runs_agree(s_e, s_f, eager, fast, {"atol": 2e-3, "rtol": 2e-2})
 
 
 @needs_cuda

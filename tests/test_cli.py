@@ -242,7 +242,7 @@ BAD = {
     "unwritable out": (_out_under_a_file, "cannot write to the run folder"),
     "unknown flag": (lambda p: ["--stepz", "3"], "unrecognized arguments"),
     "non-int flag": (lambda p: ["--steps", "many"], "invalid int value"),
-    "bf16 typo": (lambda p: ["--precision", "fp16"], "unknown run.precision"),
+    "precision typo": (lambda p: ["--precision", "fp8"], "unknown run.precision"),
     "bad device": (lambda p: ["--device", "tpu"], "run.device"),
     "resume missing": (lambda p: ["--resume", p / "nothing"], "does not exist"),
     "points with unet": (lambda p: ["--dataset", "plane3d", "--model", "tiny"], "use --model mlp"),

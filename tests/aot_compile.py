@@ -6,14 +6,14 @@
 Which specialisations: the launchers themselves say. Each ``@triton.jit`` kernel in ``fastat.kernels``
 is swapped for a recorder, and the launchers run on ``meta`` tensors (no memory, no kernel) over the
 settings the trainer meets: per-sample sizes 3x32x32, 3x64x64, 3x256x256 and 1 element, batch 1, 32 and
-128, fp32 and bf16, and every option (``store_noise``, ``x_t``, ``norm``, ``detach_clean``, gradients or
+128, fp32, bf16 and fp16, and every option (``store_noise``, ``x_t``, ``norm``, ``detach_clean``, gradients or
 not). Each launch becomes the signature the JIT would build at run time (pointer dtypes; integers equal
 to 1 as constants, multiples of 16 and 16-byte aligned pointers marked divisible by 16) with its
 constexprs (``STORE_NOISE``, ``WRITE_X``, ``DETACH``, ``GRAD``, ``BLOCK``, ``RBLOCK``).
 
 The covering set compiles each specialisation once, for sm_80 or sm_90, alternating so that every
-combination of constexprs and integer specialisations is compiled in fp32 and in bf16, and for sm_80 and
-for sm_90 (half the compiles of ``--full``). ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+combination of constexprs and integer specialisations is compiled in every dtype, and for sm_80 and for
+sm_90 (half the compiles of ``--full``). ``triton.compile(ASTSource(...), target=GPUTarget(...))``
 runs the whole pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas) in a pool of processes, using triton's cache.
 Prints one JSON object: the cases, failures and timing.
 """
@@ -35,7 +35,7 @@ import torch
 TARGETS = (80, 90)
 SIZES = [(3, 32, 32), (3, 64, 64), (3, 256, 256), (1,)]
 BATCHES = (1, 32, 128)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
                  torch.int32: "i32"}  # fmt: skip
 
@@ -150,7 +150,7 @@ def choose_cases(launches: set, full: bool) -> list[dict]:
     cases = []
     for i, members in enumerate(combos.values()):
         for label, key, sig, const, attrs in members:
-            targets = TARGETS if full else [TARGETS[(i + (label == "bf16")) % 2]]
+            targets = TARGETS if full else [TARGETS[(i + list(DTYPES).index(label)) % 2]]
             case = {
                 "kernel": key,
                 "dtype": label,

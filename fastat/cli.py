@@ -15,6 +15,7 @@ instead. Ctrl-C during training saves a checkpoint and exits with code 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -223,24 +224,46 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastat.run_folder import RunFolder
-    from fastat.train import TrainingInterrupted, resolve_config, resolve_device, resolve_precision, train
+    from fastat.distributed import DistContext
+    from fastat.train import resolve_config
 
-    cfg, ckpt = resolve_config(train_overrides(args), args.resume)
+    cfg = ckpt = failure = None
+    try:
+        cfg, ckpt = resolve_config(train_overrides(args), args.resume)
+    except Exception as e:  # noqa: BLE001 - raised below, once the ranks of a torchrun job agree
+        failure = e
+    # Under torchrun: join the job (world 1 without it); every rank runs what follows, rank 0 speaks.
+    with DistContext.from_env(timeout_s=cfg.run.dist_timeout if cfg else None) as ctx:
+        with ctx.together("the config"):
+            if failure is not None:
+                raise failure
+        return _train(args, cfg, ckpt, ctx)
+
+
+def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
+    from fastat.run_folder import RunFolder
+    from fastat.train import TrainingInterrupted, resolve_device, resolve_precision, train
+
     if args.dry_run:
-        device = resolve_device(cfg.run.device)
-        RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take this run
+        with ctx.together("the dry run"):
+            device = resolve_device(cfg.run.device, ctx)
+            RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take it
+        if not ctx.is_main:
+            return 0
         print(cfg.to_yaml(), end="")
         what = f"resume from {ckpt}" if ckpt is not None else f"start {cfg.run.out}"
+        ranks = f" x {ctx.world_size} ranks" if ctx.enabled else ""
         print(
-            f"# dry run: would {what} on {device} ({resolve_precision(cfg.run.precision, device)}); "
+            f"# dry run: would {what} on {device}{ranks} ({resolve_precision(cfg.run.precision, device)}); "
             f"nothing was written",
             file=sys.stderr,
         )
         return 0
     try:
-        result = train(cfg, resume=ckpt, progress=not args.no_progress)
+        result = train(cfg, resume=ckpt, progress=not args.no_progress, ctx=ctx)
     except TrainingInterrupted as e:
+        if not ctx.is_main:
+            return EXIT_INTERRUPTED
         if e.checkpoint is None:
             print(f"fastat: interrupted at step {e.step}; no checkpoint written", file=sys.stderr)
         else:
@@ -251,6 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
+    if not ctx.is_main:
+        return 0
     print(f"run:        {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")
@@ -391,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C anywhere outside the training loop (start-up, imports, data)
-        print("fastat: interrupted", file=sys.stderr)
+        if _rank()[0] == 0:  # every rank of a torchrun job got it
+            print("fastat: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -399,6 +425,7 @@ def _main(argv: list[str] | None) -> int:
     _passive_openmp()
     from fastat.checkpoint import CheckpointError
     from fastat.data import DatasetError
+    from fastat.distributed import DistributedError
     from fastat.train import TrainingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -430,25 +457,48 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, DatasetError, CheckpointError, ValueError, ImportError) as e:  # ImportError: extras
         if args.traceback:
             raise
-        print(f"fastat: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except TrainingError as e:  # the run failed (diverged, a write failed): says what is left
+        return _error(e, _one_line(e), EXIT_USAGE)
+    except (TrainingError, DistributedError) as e:  # the run failed (diverged, a write failed, a rank ended)
         if args.traceback:
             raise
-        print(f"fastat: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _error(e, _one_line(e), getattr(e, "exit_code", EXIT_FAILURE))
     except OSError as e:
         if args.traceback:
             raise
         where = f": {e.filename}" if e.filename else ""
-        msg = f"{_one_line(e.strerror or e)}{where}"
-        print(f"fastat: error: {msg} (--traceback for details)", file=sys.stderr)
-        return EXIT_FAILURE
+        return _error(e, f"{_one_line(e.strerror or e)}{where} (--traceback for details)", EXIT_FAILURE)
     except RuntimeError as e:
         if args.traceback:
             raise
-        print(f"fastat: error: {type(e).__name__}: {_one_line(e)} (--traceback for details)", file=sys.stderr)
-        return EXIT_FAILURE
+        return _error(e, f"{type(e).__name__}: {_one_line(e)} (--traceback for details)", EXIT_FAILURE)
+
+
+def _rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in a torchrun job (``(0, 1)`` outside one)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 0, 1
+
+
+def _error(e: BaseException, message: str, code: int) -> int:
+    """Say ``fastat: error: MESSAGE`` (one line) and return ``code``. In a torchrun job one rank says it:
+    the rank it happened on (``rank R:`` in front), or rank 0 for what every rank raised alike (see
+    :func:`fastat.distributed.who_says`); torchrun's failure report gets the line too (its error file)."""
+    from fastat.distributed import who_says
+
+    rank, world = _rank()
+    who = who_says(e)
+    line = f"fastat: error: {f'rank {rank}: ' if world > 1 and who == 'self' else ''}{message}"
+    if who == "self" or (who == "main" and rank == 0):
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and world > 1:
+        import json
+
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    return code
 
 
 def _run_bench_data(argv: list[str]) -> int:

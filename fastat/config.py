@@ -141,6 +141,7 @@ class RunConfig:
     eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
     max_skipped: int = 20  # stop (exit 1) after this many consecutive steps skipped as non-finite
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    dist_timeout: float = 900.0  # torchrun: seconds a collective waits for the other ranks, then fails
 
 
 SECTIONS: dict[str, type] = {
@@ -325,6 +326,7 @@ class TrainConfig:
             raise ConfigError(f"run.sample_steps must be <= objective.T = {o.T}, got {r.sample_steps}")
         _nonneg_int(r.eval_n, "run.eval_n")
         _positive_int(r.max_skipped, "run.max_skipped")
+        _positive(r.dist_timeout, "run.dist_timeout")
         # the objects themselves (catches anything the checks above missed)
         try:
             self.build_objective()

@@ -116,9 +116,11 @@ class StepEngine:
         warmup_steps: int = 3,  # uncaptured steps before the CUDA graph is captured (>= 1)
         log: Callable[[str], None] = print,
         prepare_batch: Callable | None = None,  # loader batch -> float x0, at the start of the step
+        reduce_grads: Callable[[torch.Tensor], torch.Tensor] | None = None,  # data parallel: see below
+        ranks=None,  # data parallel: the DistContext (all_true, broadcast_) the ranks agree through
     ) -> None:
         self.model, self.objective, self.generator = model, objective, generator
-        self.prepare_batch = prepare_batch
+        self.prepare_batch, self.reduce_grads, self.ranks = prepare_batch, reduce_grads, ranks
         self.device = next(model.parameters()).device
         self.clip, self.precision, self.fast = clip, precision, fast
         self.log = log
@@ -143,6 +145,7 @@ class StepEngine:
         # fp16: dynamic loss scaling; its scale and growth tracker are device tensors updated in place
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.forward, self.attack_forward = model, model
+        self._agree_compile = fast  # the ranks agree after the first step that every one compiled
         if fast:
             try:
                 self.forward = torch.compile(model, mode=compile_mode, dynamic=False)
@@ -179,6 +182,8 @@ class StepEngine:
         self._ema_w.fill_(1.0 - self.ema.current_decay())
         if self.use_graph and self._graph is None and self.steps_done > self.warmup_steps:
             self._capture(x0)
+            if not self._everywhere(self._graph is not None) and self._graph is not None:
+                self._drop_graph("the CUDA graph was not captured on every rank")
         if self._graph is not None and self._fits_graph(x0):
             tree_map(lambda dst, src: dst.copy_(src), self._static_x0, x0)
             self._graph.replay()
@@ -188,14 +193,15 @@ class StepEngine:
         precheck = side and self.steps_done == self.warmup_steps
         with self._graphs.side_stream() if side else contextlib.nullcontext():
             with self._graphs.sync_check() if precheck else contextlib.nullcontext([]) as syncs:
-                if self.fast and self.compile_seconds is None:
-                    stats = self._first_compiled_step(x0)
-                else:
-                    stats = self._body(x0)
-        if precheck and syncs:
-            self._fallback(
-                f"the step synchronises with the host ({syncs[0]}); not capturing it", keep_compiled=True
-            )
+                first_compiled = self.fast and self.compile_seconds is None
+                stats = self._first_compiled_step(x0) if first_compiled else self._body(x0)
+        agree_compile, self._agree_compile = self._agree_compile, False
+        if agree_compile and self.ranks is not None and not self.ranks.all_true(self.fast):
+            self._resync("the compiled step failed on another rank")
+        if precheck and not self._everywhere(not syncs):
+            where = syncs[0] if syncs else "on another rank"
+            self._fallback(f"the step synchronises with the host ({where}); not capturing it",
+                           keep_compiled=True)  # fmt: skip
         self.ema.num_updates += 1
         return stats
 
@@ -230,6 +236,9 @@ class StepEngine:
         else:  # fp16: scaled backward, then the true gradients back (non-finite ones show in the norm)
             self.scaler.scale(out.loss).backward()
             scale["loss_scale"] = self.scaler._get_scale_async().clone()  # the device tensor: no host read
+        if self.reduce_grads is not None:  # data parallel: gradients (and loss) averaged over the ranks;
+            loss = self.reduce_grads(loss)  # still scaled, so every rank's scaler sees the same overflow
+        if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = grad_norm_(list(self.model.parameters()), self.clip)
         found_inf = torch.logical_not(torch.isfinite(loss) & torch.isfinite(norm)).float()
@@ -285,6 +294,22 @@ class StepEngine:
             self._fallback(f"CUDA-graph capture failed ({e})", keep_compiled=True)
             return
         self.capture_seconds = time.perf_counter() - t0
+
+    def _everywhere(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (data parallel: a collective, so every rank asks at the
+        same step), so that all ranks run the same kind of step."""
+        return bool(flag) if self.ranks is None else self.ranks.all_true(flag)
+
+    def _drop_graph(self, why: str) -> None:
+        self._graph = self._static_stats = self._static_x0 = None
+        self._fallback(why, keep_compiled=True)
+
+    def _resync(self, why: str) -> None:
+        """Some ranks ran their first step compiled and others eagerly (same function, other rounding):
+        all go eager, with rank 0's weights, EMA and optimizer state."""
+        if self.fast:
+            self._fallback(why)
+        self.ranks.broadcast_(self.model, self.ema.module, self.optimizer)
 
     def _fallback(self, why: str, keep_compiled: bool = False) -> None:
         kind = "compiled" if keep_compiled and self.fast else "eager"

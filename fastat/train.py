@@ -66,6 +66,7 @@ from fastat.data import (
     read_manifest,
 )
 from fastat.data.placement import DeviceImages, StreamImages
+from fastat.distributed import DistContext, mark
 from fastat.engine import StepEngine
 from fastat.metrics import StatsAccumulator, peak_rss_mb
 from fastat.models import build_model
@@ -124,8 +125,11 @@ class TrainResult:
 # -- configuration -> things -------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA raises ConfigError."""
+def resolve_device(name: str, ctx: DistContext | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA raises ConfigError. Under
+    ``torchrun`` (``ctx``) each rank gets ``cuda:LOCAL_RANK``."""
+    if ctx is not None and ctx.enabled:
+        return ctx.cuda_device(resolve_device(name))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -390,44 +394,71 @@ class TrainState:
         obj = self.engine.objective
         return as_eps_model(self.ema, obj.prediction, obj.schedule)
 
-    def state_dict(self, step: int) -> dict:
-        """Everything but the weights, for ``state.pt`` (tensors and plain values only)."""
+    def rng_state(self) -> dict:
+        """This process's random states: the global generators (initialisation, dropout) and the
+        objective's (noise, timesteps, perturbations)."""
         cuda = self.device.type == "cuda"
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            "objective": self.generator.get_state(),
+        }
+
+    def set_rng_state(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["objective"])
+
+    def state_dict(self, step: int, rngs: list[dict] | None = None) -> dict:
+        """Everything but the weights, for ``state.pt`` (tensors and plain values only). ``rngs``: the
+        random states of every rank (data parallel), kept beside rank 0's (``rng``) with the world size."""
+        rngs = rngs or [self.rng_state()]
         return {
             "step": step,
             "optimizer": self.engine.optimizer.state_dict(),
             "ema": self.engine.ema.state_dict(),
             "loader": self.batches.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if cuda else [],
-                "objective": self.generator.get_state(),
-            },
+            "rng": rngs[0],
+            **({"world_size": len(rngs), "rng_ranks": rngs} if len(rngs) > 1 else {}),
             "fastat_version": __version__,
             **({"scaler": self.engine.scaler.state_dict()} if self.engine.scaler is not None else {}),
             **self.extra,
         }
 
-    def restore(self, ckpt: Checkpoint) -> int:
+    def restore(self, ckpt: Checkpoint, ctx: DistContext, seed: int) -> int:
         """Load a checkpoint's weights and state (CheckpointError if they do not fit or are not finite);
-        returns its step."""
+        returns its step. Saved by as many ranks as this run has: every rank continues its own random
+        streams, exactly. By another number: the same weights, optimizer, step and data position (in
+        samples), with new random streams per rank: a continuation, not bit-exact (said on stderr)."""
         require_finite(ckpt.model, f"the weights of {ckpt.path}")
         require_finite(ckpt.ema, f"the EMA weights of {ckpt.path}")
         load_weights(self.model, ckpt.model, f"{ckpt.path}/model.safetensors")
         load_weights(self.ema, ckpt.ema, f"{ckpt.path}/ema.safetensors")
         st = ckpt.state
+        saved_world = int(st.get("world_size", 1))
+        exact = saved_world == ctx.world_size
         try:
             self.engine.load_optimizer_state(st["optimizer"])
-            self.batches.load_state_dict(st["loader"])
+            self.batches.load_state_dict(st["loader"], strict=exact)
             self.engine.ema.load_state_dict(st["ema"])
-            torch.set_rng_state(st["rng"]["torch"])
-            if self.device.type == "cuda" and st["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-            self.generator.set_state(st["rng"]["objective"])
+            if exact:
+                self.set_rng_state(st["rng_ranks"][ctx.rank] if ctx.enabled else st["rng"])
+            else:  # new streams for the new ranks, not those of the run's start
+                torch.manual_seed(ctx.rank_seed(seed, f"dropout@{ckpt.step}"))
+                self.generator.manual_seed(ctx.rank_seed(seed, f"objective@{ckpt.step}"))
             if self.engine.scaler is not None and "scaler" in st:  # fp16: the loss scale goes on
                 self.engine.scaler.load_state_dict(st["scaler"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
+        if not exact and ctx.is_main:
+            tqdm.write(
+                f"fastat: {ckpt.path} was written by {saved_world} rank(s), this run has {ctx.world_size}: "
+                f"it continues from step {ckpt.step} with the same weights, optimizer state and data "
+                f"position (samples seen), but not bit-exactly (new random streams per rank, batches split "
+                f"anew)",
+                file=sys.stderr,
+            )
         return ckpt.step
 
 
@@ -448,63 +479,93 @@ def build_batches(
     loader = image_loader(td.images, r.batch_size, seed=r.seed, device=device, placement=d.placement,
                           flip=flip, corruption=td.corruption, rank=rank, world_size=world_size,
                           workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget)  # fmt: skip
-    tqdm.write(f"fastat: data: {len(td.images)} images {'x'.join(map(str, td.images.shape))} on {device}, "
-               f"placement {loader.placement}: {loader.reason}", file=sys.stderr)  # fmt: skip
+    if rank == 0:
+        shape = "x".join(map(str, td.images.shape))
+        tqdm.write(f"fastat: data: {len(td.images)} images {shape} on {device}, "
+                   f"placement {loader.placement}: {loader.reason}", file=sys.stderr)  # fmt: skip
     return loader
 
 
-def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra: dict) -> TrainState:
-    """The model (initialised from ``run.seed``), its engine, the batches and the objective's generator."""
+def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra: dict,
+                ctx: DistContext | None = None) -> TrainState:  # fmt: skip
+    """The model (initialised from ``run.seed``: the same on every rank), its engine, this rank's
+    batches and the objective's generator (this rank's own stream, as dropout)."""
     r, op = cfg.run, cfg.optim
+    ctx = ctx or DistContext()
     spec = extra["model"]
-    torch.manual_seed(r.seed)  # model initialisation and dropout
+    torch.manual_seed(r.seed)  # model initialisation and (one rank) dropout
     try:
         model = build_model(spec["name"], **spec["kwargs"])
     except (TypeError, ValueError, ImportError) as e:
         raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
     model = model.to(device)
-    batches = build_batches(cfg, td, device)
-    generator = torch.Generator(device=device).manual_seed(derive_seed(r.seed, "objective"))
+    if ctx.enabled:
+        torch.manual_seed(ctx.rank_seed(r.seed, "dropout"))
+    batches = build_batches(cfg, td, device, rank=ctx.rank, world_size=ctx.world_size)
+    generator = torch.Generator(device=device).manual_seed(ctx.rank_seed(r.seed, "objective"))
     engine = StepEngine(
         model, cfg.build_objective(), generator=generator, lr=op.lr, betas=tuple(op.betas), eps=op.eps,
         weight_decay=op.weight_decay, clip=op.clip, ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup,
         precision=resolve_precision(r.precision, device),
         fast=device.type == "cuda" if r.fast is None else r.fast,
-        log=lambda msg: tqdm.write(msg, file=sys.stderr),
+        log=_say if ctx.is_main else _quiet,
         prepare_batch=getattr(batches, "transform", None),  # uint8 image batches -> float, in the step
+        reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
     )  # fmt: skip
     return TrainState(model, engine, batches, generator, device, extra)
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _quiet(msg: str) -> None:
+    """Ranks other than 0 keep the messages every rank would print alike."""
 
 
 # -- what the loop does between steps ------------------------------------------------------------------
 
 
-class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step (and save); the second quits at once."""
+class StopFlag:
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
+    second one quits at once. Under ``torchrun`` the ranks stop at the same step (:meth:`agreed`), and a
+    repeat within ``DUPLICATE_S`` counts as the same request (torchrun forwards the terminal's Ctrl-C to
+    workers that already got it)."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    DUPLICATE_S = 2.0
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx, self._at = ctx, 0.0
+        self.requested = False  # a signal came to this process
+        self.stopping = False  # the ranks agreed to stop
 
     def __call__(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.requested:
+            if self.ctx.enabled and now - self._at < self.DUPLICATE_S:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(
-            "fastat: interrupted; saving a checkpoint after this step (Ctrl-C again to quit now)",
-            file=sys.stderr,
-        )
+        self.requested, self._at = True, now
+        if self.ctx.is_main:
+            name = "terminated" if signum == signal.SIGTERM else "interrupted"
+            _say(f"fastat: {name}; saving a checkpoint after this step (Ctrl-C again to quit now)")
 
+    def agreed(self, last: bool) -> bool:
+        """Whether every rank stops after this step (the same answer on all of them)."""
+        self.stopping = self.ctx.agree_stop(self.requested, last=last)
+        return self.stopping
 
-@contextlib.contextmanager
-def _sigint(flag: _StopFlag):
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, flag)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
 
 class Interval:
@@ -524,10 +585,12 @@ class Interval:
         self.acc.add({k: v for k, v in stats.items() if k != "skipped"}, weight=1 - skipped)
         self.acc.add({"skipped": skipped})
 
-    def pop(self, step: int, streak: torch.Tensor, **extra: float) -> dict[str, float]:
-        """Means since the last pop, the skipped steps, the engine's ``skip_streak``, throughput and
-        ``extra``: one host sync for all of it."""
+    def pop(self, step: int, streak: torch.Tensor, ctx: DistContext | None = None,
+            **extra: float) -> dict[str, float]:  # fmt: skip
+        """Means since the last pop (over all ranks: ``ctx``), the skipped steps, the engine's
+        ``skip_streak``, throughput (of the global batch) and ``extra``: one host sync for all of it."""
         means = self.acc.pop_means({"skip_streak": streak})
+        means = ctx.average(means) if ctx is not None else means
         now = time.perf_counter()
         dt, n = max(now - self.t0, 1e-9), max(step - self.step0, 1)
         for k in ("skipped", "skip_streak"):
@@ -544,54 +607,63 @@ def due(step: int, every: int, steps: int) -> bool:
     return every > 0 and step % every == 0 and step < steps
 
 
-def save(
-    run: RunFolder, state: TrainState, cfg: TrainConfig, step: int, *, periodic: bool = False
-) -> Path | None:
-    """Checkpoint ``step`` into the run folder, unless the run is failing: too many skipped steps in a
-    row, or non-finite weights (TrainingError naming the last good checkpoint; nothing written).
+def save(run: RunFolder, state: TrainState, cfg: TrainConfig, step: int, ctx: DistContext, *,
+         periodic: bool = False) -> Path | None:  # fmt: skip
+    """Checkpoint ``step`` into the run folder (rank 0 writes, with every rank's random states; the
+    others wait), unless the run is failing: too many skipped steps in a row, non-finite weights
+    (TrainingError naming the last good checkpoint; nothing written) or ranks whose weights differ.
 
     A ``periodic`` save while the last step was skipped is postponed (returns None): a run that went
     bad (e.g. a huge learning rate made the weights garbage, then every step non-finite) must not push
-    its good checkpoints out with garbage ones before ``run.max_skipped`` stops it."""
+    its good checkpoints out with garbage ones before ``run.max_skipped`` stops it. (The streak is the
+    same on every rank: a step is skipped everywhere or nowhere.)"""
     streak = int(state.engine.skip_streak)  # a host sync, once per save
     check_skips(streak, cfg, step, run)
     if periodic and streak > 0:
         return None
-    try:
-        return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step),
-                        metadata={"fastat_version": __version__})  # fmt: skip
-    except NonFiniteWeights as e:
-        raise TrainingError(
-            f"{e}; no checkpoint written at step {step}. The last good checkpoint is "
-            f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
-        ) from None
+    ctx.check_identical({"model": state.model, "EMA": state.ema}, step)
+    rngs = ctx.gather_objects(state.rng_state(), "the random states")
+    with ctx.together("the checkpoint"):
+        try:
+            return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step, rngs),
+                            metadata={"fastat_version": __version__})  # fmt: skip
+        except NonFiniteWeights as e:
+            raise TrainingError(
+                f"{e}; no checkpoint written at step {step}. The last good checkpoint is "
+                f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
+            ) from None
 
 
 def check_skips(streak: int, cfg: TrainConfig, step: int, run: RunFolder) -> None:
     """Stop (TrainingError) once ``run.max_skipped`` steps in a row were skipped as non-finite."""
-    if streak >= cfg.run.max_skipped:
-        raise TrainingError(
+    if streak >= cfg.run.max_skipped:  # the same on every rank (a global step is skipped everywhere)
+        raise mark(TrainingError(
             f"stopped at step {step}: the last {streak} steps were skipped (non-finite loss or gradients; "
             f"run.max_skipped = {cfg.run.max_skipped}). The last good checkpoint is "
             f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
-        )
+        ), "main")
 
 
 def write_grid(
-    run: RunFolder, state: TrainState, cfg: TrainConfig, td: TrainingData, step: int
+    run: RunFolder, state: TrainState, cfg: TrainConfig, td: TrainingData, step: int, ctx: DistContext
 ) -> Path | None:
     """EMA samples from the run's fixed noise batch: ``samples/step-N.png`` (points: ``.npy`` and, for
-    2-D/3-D points with matplotlib, a scatter ``.png``)."""
-    if not run.writer:
-        return None
+    2-D/3-D points with matplotlib, a scatter ``.png``). Each rank samples its share; rank 0 writes."""
     r = cfg.run
     noise_gen = torch.Generator().manual_seed(derive_seed(r.seed, "sample-noise"))
     noise = torch.randn((r.sample_n, *td.sample_shape), generator=noise_gen)
-    ddpm_gen = torch.Generator(state.device).manual_seed(derive_seed(r.seed, "sample-ddpm"))
     model, schedule = state.ema_eps_model(), state.engine.objective.schedule
-    x = generate(model, schedule, noise, sampler=r.sampler, steps=r.sample_steps,
-                 clip_x0=clip_for(td.kind, td.known is not None), device=state.device,
-                 generator=ddpm_gen)  # fmt: skip
+
+    def sample(part: torch.Tensor, start: int) -> torch.Tensor:  # this rank's rows, its own DDPM noise
+        g = torch.Generator(state.device)
+        g.manual_seed(derive_seed(r.seed, "sample-ddpm" + (f"@{start}" if start else "")))
+        return generate(model, schedule, part, sampler=r.sampler, steps=r.sample_steps,
+                        clip_x0=clip_for(td.kind, td.known is not None), device=state.device,
+                        generator=g)  # fmt: skip
+
+    x = ctx.spread(sample, noise)
+    if not run.writer or x is None:
+        return None
     if td.kind == "image":
         return write_samples(x, run.samples_file(step, ".png"), td.kind)
     npy = write_samples(x, run.samples_file(step, ".npy"), td.kind)
@@ -617,16 +689,18 @@ def training_loop(
     *,
     start: int = 0,  # the step the state is at
     progress: bool = True,  # tqdm progress bar
+    ctx: DistContext | None = None,  # the ranks of a torchrun job (None: this process alone)
 ) -> TrainResult:
     """Train from ``start`` to ``cfg.run.steps``: log, sample and save on their intervals, save and
-    evaluate at the end. Ctrl-C finishes the step, saves, and raises :class:`TrainingInterrupted`."""
+    evaluate at the end. Ctrl-C (or SIGTERM) finishes the step, saves, and raises
+    :class:`TrainingInterrupted`; under torchrun every rank runs this loop and stops at the same step."""
     t_start = time.perf_counter()
-    r, op = cfg.run, cfg.optim
-    interval, stop, bar = Interval(start, r.batch_size), _StopFlag(), progress_bar(cfg, start, progress)
+    r, op, ctx = cfg.run, cfg.optim, ctx or DistContext()
+    interval, stop, bar = Interval(start, r.batch_size), StopFlag(ctx), progress_bar(cfg, start, progress)
     step, in_step = start, False
     state.model.train()
     try:
-        with _sigint(stop):
+        with stop.installed():
             while step < r.steps:
                 in_step = True
                 x0 = state.batches.next_batch()
@@ -635,27 +709,27 @@ def training_loop(
                 interval.add(stats)
                 bar.update(1)
                 if step % r.log_every == 0 or step == r.steps:
-                    log_interval(run, interval, bar, state, cfg, step)
-                if stop.requested:
+                    log_interval(run, interval, bar, state, cfg, step, ctx)
+                if stop.agreed(last=step == r.steps):
                     break
                 if due(step, r.sample_every, r.steps):
-                    write_grid(run, state, cfg, td, step)
+                    write_grid(run, state, cfg, td, step, ctx)
                 if due(step, r.save_every, r.steps):
-                    save(run, state, cfg, step, periodic=True)
+                    save(run, state, cfg, step, ctx, periodic=True)
     except KeyboardInterrupt:  # the second Ctrl-C
-        if in_step:  # the step was cut in half: its state is not consistent, keep the last checkpoint
+        if in_step or ctx.enabled:  # a step cut in half (or ranks out of step): keep the last checkpoint
             raise TrainingInterrupted(step, run.last_checkpoint, saved=False) from None
-        stop.requested = True
+        stop.stopping = True
     finally:
         bar.close()
 
-    if stop.requested:
-        ckpt = run.last_checkpoint if run.holds(step) else save(run, state, cfg, step)
+    if stop.stopping:
+        ckpt = run.last_checkpoint if run.holds(step) else save(run, state, cfg, step, ctx)
         raise TrainingInterrupted(step, ckpt, saved=True)
     if not run.holds(step):
-        save(run, state, cfg, step)
-    samples = write_grid(run, state, cfg, td, step)
-    summary, eval_metrics = final_evaluation(state, cfg, td)
+        save(run, state, cfg, step, ctx)
+    samples = write_grid(run, state, cfg, td, step, ctx)
+    summary, eval_metrics = final_evaluation(state, cfg, td, ctx)
     if summary:
         run.log(step, summary, kind="eval")
     return TrainResult(run.path, step, run.last_checkpoint, samples, run.metrics_path, summary,
@@ -664,26 +738,29 @@ def training_loop(
 
 
 def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainState, cfg: TrainConfig,
-                 step: int) -> None:  # fmt: skip
-    """Read the interval's statistics and the engine's skip streak (the interval's one host sync), write
-    them, and stop (TrainingError) once ``run.max_skipped`` steps in a row were skipped as non-finite."""
+                 step: int, ctx: DistContext) -> None:  # fmt: skip
+    """Read the interval's statistics (averaged over the ranks) and the engine's skip streak (the
+    interval's one host sync), write them (rank 0), and stop (TrainingError) once ``run.max_skipped``
+    steps in a row were skipped as non-finite."""
     op = cfg.optim
-    means = interval.pop(step, state.engine.skip_streak, lr=lr_at(step - 1, op.lr, op.warmup),
+    means = interval.pop(step, state.engine.skip_streak, ctx, lr=lr_at(step - 1, op.lr, op.warmup),
                          epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb())  # fmt: skip
     run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
     check_skips(means["skip_streak"], cfg, step, run)
 
 
-def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData) -> tuple[dict, dict]:
-    """Known distributions: :func:`evaluate_known` of the EMA model; ``({}, {})`` for real images."""
+def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData,
+                     ctx: DistContext) -> tuple[dict, dict]:  # fmt: skip
+    """Known distributions: :func:`evaluate_known` of the EMA model (the samples spread over the ranks,
+    the metrics on rank 0); ``({}, {})`` for real images and on the other ranks."""
     r = cfg.run
     if td.known is None or r.eval_n <= 0:
         return {}, {}
     model, schedule = state.ema_eps_model(), state.engine.objective.schedule
     return evaluate_known(model, schedule, td.known, td.data, td.clean, n=r.eval_n, sampler=r.sampler,
                           steps=r.sample_steps, clip_x0=clip_for(td.kind, True), seed=r.seed,
-                          device=state.device)  # fmt: skip
+                          device=state.device, spread=ctx.spread)  # fmt: skip
 
 
 def evaluate_known(
@@ -699,15 +776,19 @@ def evaluate_known(
     clip_x0: float | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    spread=None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The final evaluation on a known distribution: :func:`fastat.eval.known_metrics` of ``n`` samples
     (what ``fastat eval --run`` reports, from the same seeded noise), and its summary for metrics.jsonl:
-    the mean exact distance to the clean support of the samples, the training data and its clean copy."""
+    the mean exact distance to the clean support of the samples, the training data and its clean copy.
+    ``spread``: :meth:`fastat.distributed.DistContext.spread` (``({}, {})`` on ranks other than 0)."""
     from fastat.eval.evaluate import known_metrics
 
     t0 = time.perf_counter()
     m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=sampler, steps=steps, eta=0.0,
-                      seed=seed, device=device, clip_x0=clip_x0)  # fmt: skip
+                      seed=seed, device=device, clip_x0=clip_x0, spread=spread)  # fmt: skip
+    if not m:
+        return {}, {}
     summary = {
         "dist_samples": m["dist_mean"],
         "dist_data": m["data_dist_mean"],
@@ -721,33 +802,49 @@ def evaluate_known(
 # -- config -> run -------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress: bool = True,
+          ctx: DistContext | None = None) -> TrainResult:  # fmt: skip
     """Build everything ``cfg`` describes and run :func:`training_loop` (from ``resume`` if given).
 
     ``cfg`` should come from :func:`resolve_config` (or :func:`finalize`). The run folder is locked
     for the whole run, and nothing in it changes before every check has passed (folder ownership, data,
     model, checkpoint contents); then ``RUN/config.yaml`` is written. Raises ConfigError / DatasetError /
     CheckpointError on bad input, :class:`TrainingInterrupted` on Ctrl-C (after saving).
+
+    Under ``torchrun`` every rank calls this (``ctx``; None: joined here from the environment): rank 0
+    alone takes and writes the run folder, each node's local rank 0 builds the data first (it may
+    prepare a cache the others read), and a failed check on any rank stops all of them with one message.
     """
-    cfg = finalize(cfg)
-    device = resolve_device(cfg.run.device)
-    ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
+    if ctx is None:
+        with DistContext.from_env(timeout_s=cfg.run.dist_timeout) as ctx:
+            return train(cfg, resume=resume, progress=progress, ctx=ctx)
+    progress = progress and ctx.is_main
+    with ctx.together("the config"):
+        cfg = finalize(cfg)
+    cfg = ctx.from_main(cfg)  # rank 0's (a default run folder is named by rank 0's clock)
     r = cfg.run
-    with RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps, keep=r.keep,
-                        tensorboard=r.tensorboard) as run:  # fmt: skip
-        td = build_training_data(cfg, progress=progress)
-        spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
-        info = data_info(td)
-        if ckpt is not None:
-            _check_compatible(ckpt, spec, info)
-        state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info})
-        try:
-            start = state.restore(ckpt) if ckpt is not None else 0
+    with contextlib.ExitStack() as stack:
+        with ctx.together("start-up"):
+            ctx.check_batch(r.batch_size)
+            device = resolve_device(r.device, ctx)
+            ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
+            run = stack.enter_context(RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps,
+                                                     keep=r.keep, tensorboard=r.tensorboard,
+                                                     writer=ctx.is_main))  # fmt: skip
+        td = ctx.in_turn(lambda: build_training_data(cfg, progress=progress), "reading the data")
+        with ctx.together("building the model"):
+            spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+            info = data_info(td)
+            if ckpt is not None:
+                _check_compatible(ckpt, spec, info)
+            state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info}, ctx)
+            stack.callback(state.batches.close)  # the stream placement's reader threads
+            start = state.restore(ckpt, ctx, r.seed) if ckpt is not None else 0
             with _write_errors(run):
                 run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
-                return training_loop(run, state, cfg, td, start=start, progress=progress)
-        finally:
-            state.batches.close()  # the stream placement's reader threads
+        ctx.broadcast_(state.model, state.ema)  # one model: rank 0's (the same seed built it everywhere)
+        with _write_errors(run):
+            return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx)
 
 
 @contextlib.contextmanager

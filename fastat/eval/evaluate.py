@@ -43,21 +43,19 @@ def _seeded_noise(n: int, shape: Sequence[int], seed: int, what: str) -> torch.T
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1000 + _SEEDS[what]))
 
 
-def _generate(model, schedule, noise, *, sampler, steps, eta, clip_x0, seed, device):
+def _generate(model, schedule, noise, *, sampler, steps, eta, clip_x0, seed, device, spread=None):
+    """Samples from ``noise``; with ``spread`` (:meth:`fastat.distributed.DistContext.spread`) each rank
+    samples its rows (with its own sampler noise) and rank 0 gets them all, the others ``None``."""
+    from fastat.data import derive_seed
     from fastat.samples import generate
 
-    g = torch.Generator().manual_seed(seed * 1000 + _SEEDS["sampler"])
-    return generate(
-        model,
-        schedule,
-        noise,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        clip_x0=clip_x0,
-        generator=g,
-        device=device,
-    )
+    def part(rows: torch.Tensor, start: int) -> torch.Tensor:
+        s = seed * 1000 + _SEEDS["sampler"]
+        g = torch.Generator().manual_seed(derive_seed(s, f"rows@{start}") if start else s)
+        return generate(model, schedule, rows, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
+                        generator=g, device=device)  # fmt: skip
+
+    return part(noise, 0) if spread is None else spread(part, noise)
 
 
 def _attack(model, schedule, shape, sampler, steps, eta, clip_x0, seed, device,
@@ -91,8 +89,10 @@ def known_metrics(
     attack_radius: float = 0.05,
     attack_steps: int = 10,
     attack_target: str = "eps",
+    spread=None,
 ) -> dict[str, float]:
     """Exact metrics of ``model`` on the known distribution ``known`` (all draws seeded from ``seed``).
+    ``spread``: the samples drawn by all ranks of a torchrun job, measured on rank 0 (``{}`` elsewhere).
 
     - ``dist_mean|median|p90``: distance of ``n`` samples to the clean support (``data_dist_*``: of the
       training data, the level a model that copies its data reaches);
@@ -109,7 +109,9 @@ def known_metrics(
     """
     shape = tuple(known.sample_shape)
     x = _generate(model, schedule, _seeded_noise(n, shape, seed, "noise"), sampler=sampler, steps=steps,
-                  eta=eta, clip_x0=clip_x0, seed=seed, device=device)  # fmt: skip
+                  eta=eta, clip_x0=clip_x0, seed=seed, device=device, spread=spread)  # fmt: skip
+    if x is None:  # another rank measures
+        return {}
     out: dict[str, float] = {"n": n}
     out.update(distance_summary(support_distance(known, x), "dist"))
     out["nonfinite"] = int((~torch.isfinite(x.reshape(n, -1))).any(dim=1).sum().item())

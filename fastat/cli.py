@@ -497,7 +497,8 @@ def _error(e: BaseException, message: str, code: int) -> int:
         import json
 
         with contextlib.suppress(OSError):
-            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}  # what torchrun's report shows
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
     return code
 
 

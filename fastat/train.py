@@ -22,6 +22,10 @@ generators (the objective's own ``torch.Generator`` on the device, the loader's 
 generator for initialisation and dropout), and all of their states go into every checkpoint, so a
 resumed run continues exactly (bit for bit on the CPU). What a run folder holds: see
 :mod:`fastat.run_folder` and :mod:`fastat.checkpoint`.
+
+Under ``torchrun`` every rank runs all of this with its :class:`fastat.distributed.DistContext`: the
+same model, its own shard of each batch and its own random streams, gradients averaged in the step;
+rank 0 alone writes the run folder, and the ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -691,9 +695,8 @@ def training_loop(
     progress: bool = True,  # tqdm progress bar
     ctx: DistContext | None = None,  # the ranks of a torchrun job (None: this process alone)
 ) -> TrainResult:
-    """Train from ``start`` to ``cfg.run.steps``: log, sample and save on their intervals, save and
-    evaluate at the end. Ctrl-C (or SIGTERM) finishes the step, saves, and raises
-    :class:`TrainingInterrupted`; under torchrun every rank runs this loop and stops at the same step."""
+    """Train from ``start`` to ``cfg.run.steps`` (every rank): log, sample and save on their intervals,
+    save and evaluate at the end. Ctrl-C or SIGTERM finishes the step, saves, raises TrainingInterrupted."""
     t_start = time.perf_counter()
     r, op, ctx = cfg.run, cfg.optim, ctx or DistContext()
     interval, stop, bar = Interval(start, r.batch_size), StopFlag(ctx), progress_bar(cfg, start, progress)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import run_cli
 
-from fastat.config import ConfigError
+from fastat.config import ConfigError, TrainConfig
 from fastat.data import build_dataset
 from fastat.distributed import DistContext, fingerprint
 from fastat.engine import StepEngine
@@ -27,6 +27,7 @@ from fastat.metrics import read_metrics
 from fastat.models import build_model
 from fastat.objective import ATObjective
 from fastat.schedule import NoiseSchedule
+from fastat.train import evaluate_known
 
 CHILD = Path(__file__).with_name("dist_child.py")
 TIMEOUT = 150  # seconds for one torchrun job (they take ~10-20 s)
@@ -197,6 +198,15 @@ def test_two_ranks_write_one_run_folder(two_ranks):
     assert not torch.equal(r0, r1)  # each rank its own noise, timesteps and perturbations
     assert torch.equal(state["rng"]["objective"], r0)
     assert not (out / "tb").exists() and len(list(out.glob("**/*.tmp*"))) == 0
+    # the final evaluation, sampled by both ranks and measured on rank 0 == one process's (DDIM)
+    cfg = TrainConfig.from_dict(state["config"])
+    ema = build_model("mlp", dim=2, hidden=32, depth=1, time_dim=16).eval()
+    ema.load_state_dict(load_file(out / "checkpoints" / "ckpt-000060" / "ema.safetensors"))
+    td = build_dataset("gmm2d", n=512, seed=0, noise_p=0.9, noise_sigma=0.2)
+    summary, _ = evaluate_known(ema, cfg.build_objective().schedule, td.known, td.data, td.clean, n=16,
+                                steps=4, seed=0)  # fmt: skip
+    (record,) = [r for r in records if r["kind"] == "eval"]
+    assert record["dist_samples"] == pytest.approx(summary["dist_samples"], rel=1e-6)
 
 
 def _fixed_set_loss(run: Path, step: int, x_t, t, eps) -> float:

@@ -120,10 +120,20 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastat.config import ConfigError, check_seed
-
     if args.eval_command == "compare":
         return _cmd_compare(args)
+    from fastat.distributed import DistContext
+
+    # under torchrun every rank samples its share; rank 0 measures, writes and prints
+    with DistContext.from_env() as ctx:
+        with ctx.together("the options"):
+            _check_eval_args(args)
+        return _eval_run(args, ctx)
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    from fastat.config import ConfigError, check_seed
+
     if not args.run:
         raise ConfigError("fastat eval needs --run DIR (or the subcommand 'compare')")
     for name in ("n", "attack_n", "attack_steps"):
@@ -142,6 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def _eval_run(args: argparse.Namespace, ctx) -> int:
+    from fastat.config import ConfigError
     from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
     from fastat.eval.fid import FIDUnavailable
 
@@ -164,9 +178,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             fid=args.fid,
             inception_weights=args.inception_weights,
             fid_cache=args.fid_cache,
+            ctx=ctx,
         )
     except FIDUnavailable as e:
         raise ConfigError(str(e)) from None
+    if report is None:  # another rank measured
+        return 0
     if args.json:
         from fastat.eval.evaluate import _finite
 

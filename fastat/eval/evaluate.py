@@ -190,8 +190,12 @@ def evaluate_run(
     inception_weights: str | os.PathLike | None = None,
     fid_cache: str | os.PathLike | None = None,
     write: bool = True,
-) -> dict:
+    ctx=None,
+) -> dict | None:
     """Evaluate the newest checkpoint of ``run`` and (``write``) save ``RUN/eval.json``.
+
+    Under ``torchrun`` (``ctx``, a :class:`fastat.distributed.DistContext`) every rank samples its share
+    of the ``n`` samples; rank 0 measures them and returns the report, the other ranks ``None``.
 
     ``sampler``/``steps`` default to the run's own (``run.sampler``, ``run.sample_steps``). The training
     data are rebuilt from the run's config (the known sets and their corruption are seeded, so they are
@@ -199,26 +203,29 @@ def evaluate_run(
     "metrics", "seconds"}``.
     """
     from fastat.data import KNOWN
+    from fastat.distributed import DistContext
     from fastat.train import build_training_data, clip_for, resolve_device
 
     t0 = time.perf_counter()
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    model, cfg, ckpt = load_run(run, ema=ema, device=dev)
-    if fid and cfg.data.dataset in KNOWN:
-        raise ValueError(
-            f"--fid is for real image sets; {ckpt.path} was trained on the known set {cfg.data.dataset!r}, "
-            f"whose report is exact (distance to the support, sliced W2)"
-        )
-    schedule = cfg.build_objective().schedule
-    sampler = sampler or cfg.run.sampler
-    steps = steps or cfg.run.sample_steps
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
-    if sampler == "ddim" and not 1 <= steps <= schedule.T:
-        raise ValueError(f"--steps must be in [1, T={schedule.T}], got {steps}")
-    if n < 2:
-        raise ValueError(f"--n must be >= 2, got {n}")
-    td = build_training_data(cfg)
+    ctx = ctx or DistContext()
+    with ctx.together("loading the run"):  # a bad run or option: one message, not one per rank
+        dev = resolve_device(device, ctx) if isinstance(device, str) else torch.device(device)
+        model, cfg, ckpt = load_run(run, ema=ema, device=dev)
+        if fid and cfg.data.dataset in KNOWN:
+            raise ValueError(
+                f"--fid is for real image sets; {ckpt.path} was trained on the known set "
+                f"{cfg.data.dataset!r}, whose report is exact (distance to the support, sliced W2)"
+            )
+        schedule = cfg.build_objective().schedule
+        sampler = sampler or cfg.run.sampler
+        steps = steps or cfg.run.sample_steps
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+        if sampler == "ddim" and not 1 <= steps <= schedule.T:
+            raise ValueError(f"--steps must be in [1, T={schedule.T}], got {steps}")
+        if n < 2:
+            raise ValueError(f"--n must be >= 2, got {n}")
+        td = build_training_data(cfg, progress=ctx.is_main)
     settings = {
         "n": n,
         "sampler": sampler,
@@ -249,6 +256,7 @@ def evaluate_run(
             seed=seed,
             device=dev,
             attack=attack,
+            spread=ctx.spread,
             **attack_kw,
         )
     else:
@@ -267,8 +275,11 @@ def evaluate_run(
             fid=fid,
             inception_weights=inception_weights,
             fid_cache=fid_cache,
+            spread=ctx.spread,
             **attack_kw,
         )
+    if not ctx.is_main:  # rank 0 measured the samples
+        return None
     if attack:
         settings.update(
             attack_n=attack_n,
@@ -323,10 +334,13 @@ def _image_metrics(
     fid,
     inception_weights,
     fid_cache,
+    spread=None,
 ) -> dict:
     shape = tuple(td.sample_shape)
     x = _generate(model, schedule, _seeded_noise(n, shape, seed, "noise"), sampler=sampler, steps=steps,
-                  eta=eta, clip_x0=clip_x0, seed=seed, device=device)  # fmt: skip
+                  eta=eta, clip_x0=clip_x0, seed=seed, device=device, spread=spread)  # fmt: skip
+    if x is None:  # another rank measures
+        return {}
     out: dict = {"n": n}
     held_out = None  # real images have no fresh clean samples; the training set's clean copies are the data
     out.update(memorization(x, td.train_view(), reference=held_out, device=device))

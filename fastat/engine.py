@@ -34,9 +34,9 @@ Weights, optimizer state and the objective's noise stay float32 in every precisi
 training backward (fp16: before ``unscale_``, so every rank's scaler sees the same overflow) the step
 calls ``reduce_grads(loss)``, which averages the gradients over the ranks (explicit all-reduces, captured
 in the graph with the rest of the step on CUDA) and returns the mean loss, so a non-finite step on any
-rank is skipped on all of them. The attack's input-only backwards come
-before it and touch no parameter gradient. The ranks agree (``ranks.all_true``) after the first compiled
-step, at the host-sync pre-check and after capture, so that all of them run the same kind of step.
+rank is skipped on all of them. The attack's input-only backwards come before it and touch no parameter
+gradient. The ranks agree (``ranks.all_true``) after the first compiled step, at the host-sync pre-check
+and after capture, so that all of them run the same kind of step.
 
 ``fast=False`` runs the step eagerly: the reference. ``fast=True`` computes the same function faster:
 

@@ -86,7 +86,8 @@ def scenario(out: Path) -> int:
     # Inductor's code generation (minutes on two busy cores; it changes no collective).
     compile_ = torch.compile
     torch.compile = lambda m, **kw: compile_(m, backend="aot_eager", dynamic=kw.get("dynamic"))
-    for mode, fast in (("adv", False), ("pgd", False), ("adv", True)):
+    for mode, fast, precision in (("adv", False, "fp32"), ("pgd", False, "fp32"), ("adv", True, "fp32"),
+                                  ("adv", False, "fp16")):  # fmt: skip
         torch.manual_seed(0)
         model = build_model("mlp", dim=2, hidden=16, depth=1, time_dim=8)
         loader = TensorLoader(data, 8, generator_seed=0, rank=r, world_size=ctx.world_size)
@@ -94,8 +95,9 @@ def scenario(out: Path) -> int:
         obj = ATObjective(schedule=schedule, mode=mode, pgd_steps=3)
         # AdamW's eps and no clipping make the update depend on the gradients' scale (the mean, not sum)
         engine = StepEngine(model, obj, generator=gen, lr=1e-2, eps=1.0, clip=0.0, ema_decay=0.9, fast=fast,
-                            log=print, reduce_grads=ctx.grad_sync(model), ranks=ctx)  # fmt: skip
-        key = f"{mode}{'-fast' if fast else ''}"
+                            precision=precision, log=print, reduce_grads=ctx.grad_sync(model),
+                            ranks=ctx)  # fmt: skip
+        key = f"{mode}{'-fast' if fast else ''}{'-fp16' if precision == 'fp16' else ''}"
         batches, states, ops = [], [], None
         for step in range(2):
             x0 = loader.next_batch()
@@ -111,6 +113,7 @@ def scenario(out: Path) -> int:
             "gen": states,
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "fast": engine.fast,
+            "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
         }
         if ops is not None:
             res[key]["collectives"] = [n for n in ops.names if n.startswith("c10d.")]

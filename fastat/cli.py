@@ -4,6 +4,7 @@
     fastat train --config exp.yaml --steps 50000 --out runs/exp
     fastat train --out runs/exp --resume auto      # continue exactly where runs/exp stopped
     fastat train --dry-run                         # validate and print the resolved config, write nothing
+    torchrun --standalone --nproc_per_node=8 -m fastat train ...   # data parallel (README: Many GPUs)
     fastat sample --run runs/exp --n 64 --out grid.png
     fastat export --run runs/exp --format diffusers out/exp   # a DDPMPipeline folder (--model diffusers runs)
 

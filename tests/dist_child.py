@@ -2,6 +2,7 @@
 
     torchrun ... tests/dist_child.py fault train ARGS...   # fastat, with a fault injected on one rank
     torchrun ... tests/dist_child.py scenario OUT          # the distributed units, results in OUT/rank<R>.pt
+    RANK=0 WORLD_SIZE=1 ... python tests/dist_child.py cuda OUT   # one GPU: NCCL all-reduce in a graph
 
 ``fault``: ``FASTAT_TEST_FAULT`` = ``kill`` (SIGKILL itself), ``term`` (SIGTERM itself: a scheduler
 stopping one rank) or ``raise`` (an exception inside the step) on rank ``FASTAT_TEST_FAULT_RANK``
@@ -149,6 +150,47 @@ def scenario(out: Path) -> int:
     return 0
 
 
+def cuda_capture(out: Path) -> int:
+    """One GPU: the gradient all-reduce (NCCL, a group of one; the average pretends 2 ranks, so the
+    gradients are halved after it) captured in the step's CUDA graph, against the same step eagerly."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from fastat.distributed import DistContext, GradSync
+    from fastat.engine import StepEngine
+    from fastat.models import build_model
+    from fastat.objective import ATObjective
+    from fastat.schedule import NoiseSchedule
+
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
+    ctx = DistContext(rank=0, world_size=2)  # GradSync divides by 2: visible in the weights
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1).cuda()
+    res = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny", image_size=8, ch=8, groups=4).cuda()
+        gen = torch.Generator("cuda").manual_seed(1)
+        calls, sync = [], GradSync(list(model.parameters()), ctx)
+
+        def counted(loss, sync=sync, calls=calls):  # Python calls: a replay makes none
+            calls.append(1)
+            return sync(loss)
+
+        obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv")
+        engine = StepEngine(model, obj, generator=gen, lr=1e-3, eps=1.0, clip=0.0, graph=graph, log=print,
+                            reduce_grads=counted)  # fmt: skip
+        losses = [float(engine.step(x, 1e-3)["loss"]) for _ in range(7)]
+        res[graph] = {"captured": engine.captured, "calls": len(calls), "losses": losses,
+                      "weights": {k: v.cpu() for k, v in model.state_dict().items()}}  # fmt: skip
+    torch.save(res, out / "cuda.pt")
+    dist.destroy_process_group()
+    return 0
+
+
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
-    sys.exit(fault(rest) if what == "fault" else scenario(Path(rest[0])))
+    run = {"fault": lambda: fault(rest), "scenario": lambda: scenario(Path(rest[0])),
+           "cuda": lambda: cuda_capture(Path(rest[0]))}  # fmt: skip
+    sys.exit(run[what]())

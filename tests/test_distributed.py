@@ -10,6 +10,7 @@ fails the test instead of the suite.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,24 @@ def test_resume_with_another_world_size_continues_and_says_so(two_ranks, tmp_pat
     state = torch.load(tmp_path / "one" / "checkpoints" / "ckpt-000060" / "state.pt", weights_only=True)
     assert (state["loader"]["epoch"], state["loader"]["samples"]) == divmod(60 * 32, 512)  # by samples seen
     assert "world_size" not in state  # one rank now
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
+def test_cuda_nccl_all_reduce_is_captured_with_the_step(tmp_path):
+    """On one GPU (an NCCL group of one): the step with its gradient all-reduce is captured in a CUDA
+    graph (not a fallback), and its replays give the weights and losses of the same step run eagerly."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
+    p = subprocess.run([sys.executable, CHILD, "cuda", tmp_path], env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = torch.load(tmp_path / "cuda.pt", weights_only=False)
+    eager, graph = res[False], res[True]
+    assert graph["captured"] and not eager["captured"], p.stdout[-2000:]
+    assert eager["calls"] == 7 and graph["calls"] == 4  # 3 warm-up steps and the capture; replays after
+    assert graph["losses"] == pytest.approx(eager["losses"], rel=1e-5, abs=1e-6)
+    for k, w in eager["weights"].items():
+        torch.testing.assert_close(graph["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)

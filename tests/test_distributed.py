@@ -305,7 +305,7 @@ def test_resume_with_another_world_size_continues_and_says_so(two_ranks, tmp_pat
     assert "world_size" not in state  # one rank now
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pytest -k cuda on a GPU machine)")
 def test_cuda_nccl_all_reduce_is_captured_with_the_step(tmp_path):
     """On one GPU (an NCCL group of one): the step with its gradient all-reduce is captured in a CUDA
     graph (not a fallback), and its replays give the weights and losses of the same step run eagerly."""

@@ -56,7 +56,9 @@ def main(argv=None) -> None:
         "eager_seconds": round(eager["seconds"], 2), "fast_seconds": round(fast["seconds"], 2),
         "fast_mode": fast["mode"], "eager_losses": eager["losses"], "fast_losses": fast["losses"],
         "max_loss_diff": max(abs(a - b) for a, b in zip(eager["losses"], fast["losses"], strict=True)),
-        "max_weight_diff": max(float((a - b).abs().max()) for a, b in zip(eager["weights"], fast["weights"], strict=True)),
+        "max_weight_diff": max(
+            float((a - b).abs().max()) for a, b in zip(eager["weights"], fast["weights"], strict=True)
+        ),
     }  # fmt: skip
     print(json.dumps(out))
 

@@ -76,13 +76,3 @@ def at_loss_formula(p, q, e, w, lam, detach_clean=False, dm_weight=1.0):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one intra-op thread, and on a shared CPU a second, spin-waiting OpenMP
-    thread costs up to 100x: keep a test's time independent of the machine's load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -242,6 +242,7 @@ def test_export_refuses_a_fastat_unet_run(tmp_path, capsys):
 
 
 def test_model_diffusers_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    needs("diffusers")  # without it, the install hint comes first (checked last, below)
     import fastat.models.diffusers_unet as du
 
     code, _, err = run_cli(capsys, "train", "--dataset", "gmm2d", "--model", "diffusers", "--dry-run")

@@ -79,9 +79,12 @@ class ModelConfig:
 class ObjectiveConfig:
     """The loss (see :class:`fastat.ATObjective`), its noise schedule and perturbation budget."""
 
-    mode: str = "adv"  # ddpm | rand | adv | pgd | inv
+    mode: str = "adv"  # ddpm | rand | adv | pgd | inv | free
     lam: float = 0.3  # weight of the equivariance regulariser
     lam_scale: str = "const"  # const | radius
+    lam_s_min: float = 0.0  # regularise only at noise levels s_t >= lam_s_min (0: every t)
+    reg_frac: float = 1.0  # the regulariser on the first ceil(reg_frac * B) samples of a batch only
+    replays: int = 2  # mode free: optimizer steps per batch (m)
     r_min: float = 0.2  # budget r(t) = r_min + r_scale * s_t ** rho, in `space` units
     r_scale: float = 0.3
     rho: float = 1.0
@@ -273,6 +276,11 @@ class TrainConfig:
         _one_of(o.mode, MODES, "objective.mode (--mode)")
         _nonneg(o.lam, "objective.lam (--lam)")
         _one_of(o.lam_scale, LAM_SCALES, "objective.lam_scale")
+        if not (_finite(o.lam_s_min) and 0 <= o.lam_s_min < 1):
+            _fail("objective.lam_s_min", "a noise level in [0, 1)", o.lam_s_min)
+        if not (_finite(o.reg_frac) and 0 < o.reg_frac <= 1):
+            _fail("objective.reg_frac", "a fraction in (0, 1]", o.reg_frac)
+        _positive_int(o.replays, "objective.replays")
         _nonneg(o.r_min, "objective.r_min (budget radius)")
         _nonneg(o.r_scale, "objective.r_scale (budget radius)")
         _positive(o.rho, "objective.rho")
@@ -355,6 +363,9 @@ class TrainConfig:
             detach_clean=o.detach_clean,
             prediction=o.prediction,
             dm_weight=None if o.dm_weight == "none" else o.dm_weight,
+            lam_s_min=o.lam_s_min,
+            replays=o.replays,
+            reg_frac=o.reg_frac,
         )
 
     def to_dict(self) -> dict:

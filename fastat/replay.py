@@ -1,0 +1,118 @@
+"""Minibatch replay for ``--mode free``: the device state that carries one batch across its m steps.
+
+    replay = Replay(m=2)
+    fresh = replay.begin(x0)                     # 0-dim bool on the device: this step starts a batch
+    x0 = replay.keep("x0", fresh, x0)            # the new batch on a fresh step, the kept one otherwise
+    t = replay.keep("t", fresh, t_drawn)         # ... and so for every value the replays share
+    replay.end()                                 # the position moves on (on the device)
+
+Nothing here reads a device value on the host: the position ``k`` (0 .. m-1) is a 0-dim int64 tensor
+advanced in place, a step learns whether it is fresh as the 0-dim bool ``k == 0``, and every kept value
+is ``torch.where(fresh, new, kept)`` written back into its buffer. So the same step body serves fresh
+steps and replays, and a CUDA graph captured once replays both. The buffers are allocated on first use
+(an uncaptured warm-up step) and then only rewritten, one set per batch shape (a batch of another shape,
+which the engine runs uncaptured, gets its own set and starts its own replay cycle; the set a graph was
+captured with stays alive and untouched).
+
+``state_dict()`` holds the position and the current set's buffers (plain tensors, safe for
+``torch.load(weights_only=True)``): a checkpoint taken between two replays resumes bit-exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Replay"]
+
+
+class Replay:
+    """The replay position and the values one batch shares across its ``m`` steps."""
+
+    def __init__(self, m: int) -> None:
+        if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+            raise ValueError(f"replays must be an integer >= 1, got {m!r}")
+        self.m = m
+        self._sets: dict[tuple, dict[str, torch.Tensor]] = {}  # batch key -> {"k": position, name: buffer}
+        self._key: tuple | None = None  # the set of the last batch seen
+
+    @staticmethod
+    def _batch_key(x0: torch.Tensor) -> tuple:
+        return (tuple(x0.shape), x0.dtype, x0.device)
+
+    def begin(self, x0: torch.Tensor | None) -> torch.Tensor:
+        """Select the buffers of ``x0``'s shape (``None``: the last batch's) and return the 0-dim bool
+        device tensor ``k == 0``: whether this step starts a new batch."""
+        if x0 is not None:
+            self._key = self._batch_key(x0)
+            if self._key not in self._sets:
+                self._sets[self._key] = {"k": torch.zeros((), dtype=torch.int64, device=x0.device)}
+        elif self._key is None:
+            raise ValueError("mode free: x0 is None (replay the last batch) but no batch was given yet")
+        return self._sets[self._key]["k"] == 0
+
+    def keep(self, name: str, fresh: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
+        """``new`` on a fresh step, the kept value otherwise; the result is kept for the next replays.
+        ``new=None`` returns the kept value itself (only once one was kept)."""
+        bufs = self._sets[self._key]
+        buf = bufs.get(name)
+        if new is None:
+            if buf is None:
+                raise ValueError(f"mode free: nothing kept under {name!r} to replay")
+            return buf
+        if buf is None or buf.shape != new.shape or buf.dtype != new.dtype:
+            buf = bufs[name] = torch.zeros_like(new, memory_format=torch.contiguous_format)
+        value = torch.where(fresh, new, buf)
+        buf.copy_(value)
+        return value
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """The kept buffer ``name`` of the current batch (to write the next replay's value into)."""
+        return self._sets[self._key][name]
+
+    def end(self) -> None:
+        """Move the position on: ``k = (k + 1) % m`` in place on the device."""
+        self._sets[self._key]["k"].add_(1).remainder_(self.m)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The current batch's position and buffers (clones: a later step does not change them)."""
+        if self._key is None:
+            return {"m": self.m}
+        return {"m": self.m, **{k: v.detach().clone() for k, v in self._sets[self._key].items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Continue from ``state`` (its tensors moved to ``device``, default: where they are): copied into
+        the existing buffers of that shape (a captured graph keeps reading them), else allocated.
+        ``{"m": m}`` alone (nothing kept yet) resets to the start. Saved with another ``m``, a position
+        that does not exist under this one starts a new batch."""
+        if "x0" not in state:
+            self._sets, self._key = {}, None
+            return
+        values = {}
+        for name, value in state.items():
+            if name == "m":
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"replay state {name!r} is not a tensor")
+            values[name] = value.detach().to(device if device is not None else value.device)
+        if values["k"].shape != () or values["k"].dtype != torch.int64:
+            raise ValueError("replay state 'k' must be a 0-dim int64 tensor")
+        if int(values["k"]) >= self.m:
+            values["k"] = torch.zeros_like(values["k"])
+        key = self._batch_key(values["x0"])
+        bufs = self._sets.setdefault(key, {})
+        for name, value in values.items():
+            old = bufs.get(name)
+            if old is not None and old.shape == value.shape and old.dtype == value.dtype:
+                old.copy_(value)
+            else:
+                bufs[name] = value.clone()
+        self._key = key
+
+    @property
+    def position(self) -> int:
+        """The replay index of the next step (a host read: for checkpoints and tests, not the step)."""
+        if self._key is None:
+            return 0
+        return int(self._sets[self._key]["k"])

@@ -7,6 +7,10 @@
 and flips) when ``prepare_batch`` turns that into the float batch: it is then the first thing the step
 does, so it is captured with the step, and the static input buffers keep the loader's dtypes.
 
+``--mode free`` trains each batch on ``m`` consecutive steps (:mod:`fastat.replay`): ``engine.wants_batch``
+says whether the next step starts a new batch; pass ``None`` for the others (nothing is copied: the
+objective replays the batch it kept on the device), or the same batch again.
+
 A step is: ATObjective (noise kernel -> model -> attack gradient -> PGD kernel -> model -> fused loss)
 -> backward -> gradient norm (and clipping) -> fused AdamW -> EMA update. Every mode runs the same step
 body, the one a CUDA graph captures: the learning rate and the EMA weight are 0-dim device tensors filled
@@ -164,6 +168,8 @@ class StepEngine:
         self._static_x0 = None  # the captured step's input: x0's structure, dtypes and shapes
         self._static_stats: dict[str, torch.Tensor] | None = None
         self._odd_batch_logged = False
+        self._replay_fits = False  # free: whether the batch being replayed fits the captured graph
+        self._replay_pos = 0  # free: the host's copy of the replay position (which steps want a batch)
         self.steps_done = 0
         self.compile_seconds: float | None = None  # the first compiled step, compilation included
         self.capture_seconds: float | None = None
@@ -177,23 +183,50 @@ class StepEngine:
         return base + "+graph" if self.use_graph else base
 
     @property
+    def replays(self) -> int:
+        """Steps per batch: the objective's ``replays`` in ``free`` mode, else 1."""
+        return self.objective.replay.m if self.objective.replay is not None else 1
+
+    @property
+    def wants_batch(self) -> bool:
+        """Whether the next step starts a new batch (always, but for ``free``'s replays 1..m-1)."""
+        return self._replay_pos == 0
+
+    def objective_state_dict(self) -> dict:
+        """The objective's state for a checkpoint (``free``: the replay; ``{}`` for other modes)."""
+        return self.objective.state_dict()
+
+    def load_objective_state(self, state: dict) -> None:
+        """Continue the objective from a checkpoint (``free``: mid-replay too)."""
+        self.objective.load_state_dict(state, self.device)
+        replay = self.objective.replay
+        self._replay_pos = replay.position if replay is not None else 0  # a host read, once, at load
+
+    @property
     def captured(self) -> bool:
         """Whether the step is captured (the next steps of the captured shape replay the graph)."""
         return self._graph is not None
 
-    def step(self, x0: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+    def step(self, x0, lr: float) -> dict[str, torch.Tensor]:
         """One optimisation step on the batch ``x0`` at learning rate ``lr``: detached device stats
         (``loss``, ``grad_norm``, ``skipped`` and the objective's). Once captured, every step returns the
-        same tensors, rewritten by each replay: copy what you keep."""
+        same tensors, rewritten by each replay: copy what you keep. ``free``: ``x0=None`` on the steps
+        that do not want a batch replays the kept one."""
+        if x0 is None and self.wants_batch:
+            raise ValueError("x0 is None, but this step starts a new batch (see engine.wants_batch)")
         self.steps_done += 1
+        self._replay_pos = (self._replay_pos + 1) % self.replays
         self._lr.fill_(lr)
         self._ema_w.fill_(1.0 - self.ema.current_decay())
-        if self.use_graph and self._graph is None and self.steps_done > self.warmup_steps:
-            self._capture(x0)
+        if self.use_graph and self._graph is None and self.steps_done > self.warmup_steps and x0 is not None:
+            self._capture(x0)  # free: a replay with x0=None waits for the next batch (on every rank alike)
             if not self._everywhere(self._graph is not None) and self._graph is not None:
                 self._drop_graph("the CUDA graph was not captured on every rank")
-        if self._graph is not None and self._fits_graph(x0):
-            tree_map(lambda dst, src: dst.copy_(src), self._static_x0, x0)
+        if x0 is not None:
+            self._replay_fits = self._graph is not None and self._fits_graph(x0)
+        if self._graph is not None and self._replay_fits:
+            if x0 is not None:
+                tree_map(lambda dst, src: dst.copy_(src), self._static_x0, x0)
             self._graph.replay()
             self.ema.num_updates += 1
             return self._static_stats
@@ -234,7 +267,7 @@ class StepEngine:
         """The step itself; what a CUDA graph captures (the backward then allocates the gradients in the
         graph's memory pool)."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.prepare_batch is not None:
+        if self.prepare_batch is not None and x0 is not None:
             x0 = self.prepare_batch(x0)
         with self._autocast():
             out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward)
@@ -261,13 +294,14 @@ class StepEngine:
     def _first_compiled_step(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compilation happens on the first call: if it fails, say why and redo the step eagerly
         (weights are only touched by the optimizer step at the end, so nothing was half-applied)."""
-        snapshot = self.generator.get_state()
+        snapshot, kept = self.generator.get_state(), self.objective.state_dict()
         t0 = time.perf_counter()
         try:
             stats = self._body(x0)
         except Exception as e:  # noqa: BLE001 - the eager retry raises again if the step itself is wrong
             self._fallback(f"the compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             self.generator.set_state(snapshot)
+            self.objective.load_state_dict(kept)  # free: the replay position and kept values as they were
             return self._body(x0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

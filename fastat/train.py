@@ -370,8 +370,9 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
-def train_step(engine: StepEngine, x0: torch.Tensor, *, lr: float) -> dict[str, torch.Tensor]:
-    """One optimisation step (see :class:`fastat.engine.StepEngine`); detached device statistics."""
+def train_step(engine: StepEngine, x0, *, lr: float) -> dict[str, torch.Tensor]:
+    """One optimisation step (see :class:`fastat.engine.StepEngine`; ``x0=None`` replays the batch in
+    ``free`` mode); detached device statistics."""
     return engine.step(x0, lr)
 
 
@@ -427,6 +428,7 @@ class TrainState:
             **({"world_size": len(rngs), "rng_ranks": rngs} if len(rngs) > 1 else {}),
             "fastat_version": __version__,
             **({"scaler": self.engine.scaler.state_dict()} if self.engine.scaler is not None else {}),
+            **({"objective": obj} if (obj := self.engine.objective_state_dict()) else {}),  # free: replay
             **self.extra,
         }
 
@@ -453,6 +455,7 @@ class TrainState:
                 self.generator.manual_seed(ctx.rank_seed(seed, f"objective@{ckpt.step}"))
             if self.engine.scaler is not None and "scaler" in st:  # fp16: the loss scale goes on
                 self.engine.scaler.load_state_dict(st["scaler"])
+            self.engine.load_objective_state(st.get("objective", {}))  # free: mid-replay too
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
         if not exact and ctx.is_main:
@@ -706,7 +709,7 @@ def training_loop(
         with stop.installed():
             while step < r.steps:
                 in_step = True
-                x0 = state.batches.next_batch()
+                x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: free replays
                 stats = train_step(state.engine, x0, lr=lr_at(step, op.lr, op.warmup))
                 step, in_step = step + 1, False
                 interval.add(stats)
@@ -747,10 +750,21 @@ def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainStat
     steps in a row were skipped as non-finite."""
     op = cfg.optim
     means = interval.pop(step, state.engine.skip_streak, ctx, lr=lr_at(step - 1, op.lr, op.warmup),
-                         epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb())  # fmt: skip
+                         epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb(),
+                         **cost_metrics(state.engine, cfg.run.batch_size, step))  # fmt: skip
     run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
     check_skips(means["skip_streak"], cfg, step, run)
+
+
+def cost_metrics(engine: StepEngine, batch_size: int, step: int) -> dict[str, float]:
+    """What ``step`` steps cost, in forward-pass equivalents (``flop_units``: per image seen, one step;
+    a backward counts 2; :meth:`fastat.ATObjective.flop_units`). Images seen count every step's batch,
+    ``free``'s replays included; ``fresh_images`` counts each batch once."""
+    units = engine.objective.flop_units(batch_size)
+    seen = step * batch_size
+    return {"flop_units": units, "images_seen": seen, "fresh_images": -(-step // engine.replays) * batch_size,
+            "flop_units_total": units * seen}  # fmt: skip
 
 
 def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData,

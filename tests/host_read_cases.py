@@ -33,6 +33,11 @@ CASES = [  # (mode, objective options, precision, clip): every branch of the obj
     ("adv", {"prediction": "v", "dm_weight": torch.linspace(0.5, 1.5, 100)}, "fp32", 1.0),
     ("rand", {"prediction": "x0", "dm_weight": "eps"}, "fp32", 1.0),
     ("adv", {}, "fp16", 1.0),  # GradScaler: scale, unscale_, update
+    # free: the replay state's where/keep, the ascent hook in the backward; with the regulariser on part
+    # of the batch (reg_frac) and a t-dependent lambda (lam_s_min)
+    ("free", {"replays": 2}, "fp32", 1.0),
+    ("free-uint8", {"replays": 2, "reg_frac": 0.5, "budget": Budget(norm="l2"), "prediction": "v"}, "fp16", 1.0),  # noqa: E501
+    ("adv", {"reg_frac": 0.5, "lam_s_min": 0.3, "prediction": "x0"}, "bf16", 0.0),
 ]
 
 
@@ -73,12 +78,14 @@ def test_step_makes_no_host_read(mode, opts, precision, clip):
     engine = StepEngine(model, obj, generator=gen, lr=1e-3, clip=clip, precision=precision, log=print,
                         prepare_batch=prepare)  # fmt: skip
     engine.step(x, 1e-3)  # lazy optimizer state (a graph is captured after warm-up steps too)
+    feed = [x, bad, x] if obj.mode != "free" else [None, bad, None, x]  # free: None replays the kept batch
     with HostReadCheck() as check:
-        stats = [engine.step(x, 1e-3), engine.step(bad, 2e-3), engine.step(x, 3e-3)]
+        stats = [engine.step(b, 1e-3 * (i + 1)) for i, b in enumerate(feed)]
     assert not check.reads, "host reads in the step body:\n" + check.report()
-    # the check watched real work: a finite step, a skipped one, a finite one
-    assert [float(s["skipped"]) for s in stats] == [0.0, 1.0, 0.0]
-    assert all(torch.isfinite(s["loss"]) for s in (stats[0], stats[2]))
+    # the check watched real work: a finite step, a skipped one (free: and its replay), a finite one
+    skipped = [0.0, 1.0, 0.0] if obj.mode != "free" else [0.0, 1.0, 1.0, 0.0]
+    assert [float(s["skipped"]) for s in stats] == skipped
+    assert all(torch.isfinite(s["loss"]) for s in (stats[0], stats[-1]))
 
 
 def test_check_sees_the_host_reads_it_is_meant_to_catch():

@@ -122,10 +122,12 @@ def stand_in(monkeypatch):
     StandInGraphs.fail = False
 
 
-def make(graph, seed=0, **kw):
+def make(graph, seed=0, mode="adv", **kw):
     torch.manual_seed(seed)
     model = _CaptureSensitive(MLP(3, hidden=32, depth=2, time_dim=16))
-    obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv", budget=Budget(r_min=0.1, r_scale=0.2))
+    budget = Budget(r_min=0.1, r_scale=0.2)
+    extra = {"replays": 3, "reg_frac": 0.5} if mode == "free" else {}
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, budget=budget, **extra)
     gen = torch.Generator().manual_seed(seed + 1)
     logs = []
     eng = StepEngine(model, obj, generator=gen, lr=1e-3, ema_decay=0.9, graph=graph, warmup_steps=2,
@@ -183,6 +185,26 @@ def test_captured_step_replays_the_eager_step(stand_in):
     odd = xs[6][:9]
     torch.testing.assert_close(eng.step(odd, 1e-3)["loss"], ref.step(odd, 1e-3)["loss"], rtol=0, atol=0)
     assert backend.replays == 4 and len(logs) == 1 and "does not fit the captured step" in logs[0]
+    assert_same_state(ref, eng)
+
+
+def test_captured_free_step_replays_kept_batches(stand_in):
+    """free (3 replays, the regulariser on half the batch): the graph is captured at a step that brings a
+    batch (step 3), its replays copy nothing (None), and a batch of another shape runs uncaptured with its
+    own replays, after which the captured batches go on: all as the eager reference."""
+    xs = batches(13)
+    xs[9] = xs[9][:9]
+    ref, _ = make(graph=False, mode="free")
+    eng, logs = make(graph=True, mode="free")
+    (backend,) = stand_in.made
+    for i, x in enumerate(xs):
+        fed = x if eng.wants_batch else None
+        assert (fed is None) == (i % 3 != 0)
+        a, b = ref.step(fed, 1e-3), eng.step(fed, 1e-3)
+        assert (b is eng._static_stats) == (3 <= i < 9 or i >= 12), i
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{k} at step {i}")
+    assert backend.captures == 1 and backend.replays == 7 and len(logs) == 1, logs
     assert_same_state(ref, eng)
 
 

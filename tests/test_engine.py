@@ -34,21 +34,30 @@ def batches(n, seed=5, bad_at=(), bad=float("nan")):
     return xs
 
 
-def run(eng, xs):
-    return [
-        {k: v.clone() for k, v in eng.step(x, lr=1e-3 * (i + 1) / len(xs)).items()} for i, x in enumerate(xs)
-    ]
+def run(eng, xs, first=0):
+    """Steps on ``xs`` (the ``first``-th step of a run first: the learning rate depends on the index),
+    passing None where the engine replays a kept batch (mode free)."""
+    out = []
+    for i, x in enumerate(xs, start=first):
+        stats = eng.step(x if eng.wants_batch else None, lr=1e-3 * (i + 1) / 10)
+        out.append({k: v.clone() for k, v in stats.items()})
+    return out
 
 
 @pytest.mark.slow
-def test_fast_step_matches_eager_step():
-    xs = batches(5, bad_at=(3,))  # a non-finite batch is skipped alike
-    eager, _ = make(fast=False)
-    fast, logs = make(fast=True)
+@pytest.mark.parametrize("mode", ["adv", "free"])
+def test_fast_step_matches_eager_step(mode):
+    """free: the compiled model's backward gives the perturbed input's gradient (the next replay's w)."""
+    xs = batches(5, bad_at=(3,) if mode == "adv" else (2,))  # skipped alike (free: and its replay)
+    eager, _ = make(fast=False, mode=mode)
+    fast, logs = make(fast=True, mode=mode)
     assert fast.mode == "compiled"
     s_e, s_f = run(eager, xs), run(fast, xs)
     assert not logs, logs  # no fallback happened
-    assert [float(s["skipped"]) for s in s_f] == [0, 0, 0, 1, 0] and fast.compile_seconds > 0
+    skipped = [0, 0, 0, 1, 0] if mode == "adv" else [0, 0, 1, 1, 0]  # free: step 3 replays batch 2
+    assert [float(s["skipped"]) for s in s_f] == skipped and fast.compile_seconds > 0
+    if mode == "free":
+        assert float(s_f[1]["gain"]) != 1.0 and float(s_f[4]["gain"]) == 1.0
     for a, b in zip(s_e, s_f, strict=True):
         assert a.keys() == b.keys()
         for k in a:
@@ -109,17 +118,24 @@ def test_nonfinite_step_is_skipped_on_the_device(bad, clip):
     assert not torch.equal(_state(eng)[0], before[0])  # and it did train
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+@pytest.mark.parametrize("mode", ["adv", "free"])
+def test_compile_failure_falls_back_to_eager(monkeypatch, mode):
+    calls = []
+
     def broken_compile(model, **kw):
         def fn(*a, **k):
-            raise RuntimeError("inductor exploded")
+            calls.append(1)
+            out = model(*a, **k)
+            if len(calls) == 2:  # fails in its backward (free: after the replay position moved on)
+                out.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("inductor exploded")))
+            return out
 
         return fn
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    xs = batches(2)
-    eng, logs = make(fast=True)
-    ref, _ = make(fast=False)
+    xs = batches(3)
+    eng, logs = make(fast=True, mode=mode)
+    ref, _ = make(fast=False, mode=mode)
     s, r = run(eng, xs), run(ref, xs)
     assert eng.mode == "eager" and len(logs) == 1 and "inductor exploded" in logs[0]
     assert all(
@@ -220,13 +236,15 @@ def assert_runs_agree(s_e, s_f, eager, fast, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["adv", "pgd"])
+@pytest.mark.parametrize("mode", ["adv", "pgd", "free"])
 def test_cuda_graph_step_matches_eager_step_and_advances_rng(mode):
     """On CUDA: the captured step (fused kernels, compiled model, CUDA graph) against the eager step with
     the same seeds. The registered generators give both the same random numbers, so after warm-up,
     capture and several replays the statistics and weights agree within compile's rounding. The eager
-    step and the replays run with CUDA's sync debug mode set to error: neither synchronises."""
-    xs = [x.cuda() for x in batches(9, bad_at=(7,))]
+    step and the replays run with CUDA's sync debug mode set to error: neither synchronises. free: the
+    ascent hook runs inside the captured backward, and its replay steps (None) copy no batch."""
+    bad = 7 if mode != "free" else 6  # free: batch 6 is also replayed by step 7
+    xs = [x.cuda() for x in batches(9, bad_at=(bad,))]
     eager, _ = make_cuda(False, mode)
     fast, logs = make_cuda(True, mode)
     with no_host_sync():
@@ -234,9 +252,10 @@ def test_cuda_graph_step_matches_eager_step_and_advances_rng(mode):
     s_f = run(fast, xs[:5])  # warm-up (compilation) and capture
     assert fast.mode == "compiled+graph" and fast._graph is not None and fast.capture_seconds, logs
     with no_host_sync():
-        s_f += run(fast, xs[5:])
+        s_f += run(fast, xs[5:], first=5)
     assert not torch.equal(s_f[-1]["loss"], s_f[-2]["loss"])  # replays draw new noise
-    assert [float(s["skipped"]) for s in s_f] == [0] * 7 + [1, 0] and int(fast.skip_streak) == 0
+    skipped = [0] * 7 + [1, 0] if mode != "free" else [0] * 6 + [1, 1, 0]
+    assert [float(s["skipped"]) for s in s_f] == skipped and int(fast.skip_streak) == 0
     assert_runs_agree(s_e, s_f, eager, fast, {"atol": 1e-4, "rtol": 1e-3})
 
 
@@ -253,7 +272,7 @@ def test_cuda_graph_fp16_step_with_grad_scaler():
     s_f = run(fast, xs[:5])
     assert fast.mode == "compiled+graph" and fast._graph is not None, logs
     with no_host_sync():
-        s_f += run(fast, xs[5:])
+        s_f += run(fast, xs[5:], first=5)
     for s in (s_e, s_f):
         assert [float(x["skipped"]) for x in s] == [0] * 7 + [1, 0]
         assert float(s[7]["loss_scale"]) == 2.0**16 and float(s[8]["loss_scale"]) == 2.0**15

@@ -33,13 +33,19 @@ def one_thread():
 # -- exact resume ------------------------------------------------------------------------------------
 
 
-def test_resume_is_bit_identical(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["adv", "free"])
+def test_resume_is_bit_identical(tmp_path, capsys, mode):
     """N steps, then resume to 2N == 2N straight: every tensor of the model, the EMA and the optimizer.
 
     Exercises every random stream: dropout (global RNG), the objective's generator (t, eps, attack
-    start), batch order across an epoch boundary (48 samples / batch 8 = 6 batches) and flips."""
+    start), batch order across an epoch boundary (48 samples / batch 8 = 6 batches) and flips. free
+    (3 replays): the checkpoint at step 4 is taken between two replays of a batch."""
     common = [
         *IMAGES,
+        "--mode",
+        mode,
+        "--replays",
+        "3",
         "--set",
         "model.kwargs={ch: 8, groups: 4, dropout: 0.2}",
         "--set",
@@ -71,7 +77,14 @@ def test_resume_is_bit_identical(tmp_path, capsys):
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa[i][k], sb[i][k])
     assert torch.equal(a.state["rng"]["objective"], b.state["rng"]["objective"])
-    assert a.state["loader"]["epoch"] == b.state["loader"]["epoch"] == 1
+    assert a.state["loader"]["epoch"] == b.state["loader"]["epoch"] == (1 if mode == "adv" else 0)
+    if mode == "free":
+        mid = load_checkpoint(split / "checkpoints" / "ckpt-000004").state["objective"]["replay"]
+        assert int(mid["k"]) == 1 and mid["x0"].shape == (8, 3, 8, 8)  # resumed between two replays
+        ra, rb = a.state["objective"]["replay"], b.state["objective"]["replay"]
+        assert ra.keys() == rb.keys() and ra.pop("m") == rb.pop("m") == 3
+        for k, v in ra.items():
+            assert torch.equal(v, rb[k]), k
 
     # the comparison can fail: a different seed gives different weights
     other = tmp_path / "other"
@@ -182,7 +195,7 @@ def test_metrics_samples_and_eval_of_a_points_run(tmp_path, capsys):
     assert saved.run.steps == 6 and saved.model.name == "mlp" and saved.model.kwargs["dim"] == 2
 
 
-@pytest.mark.parametrize("mode", ["ddpm", "rand", "pgd", "inv"])
+@pytest.mark.parametrize("mode", ["ddpm", "rand", "pgd", "inv", "free"])
 def test_every_mode_trains(tmp_path, capsys, mode):
     run = tmp_path / mode
     code, _, err = run_cli(
@@ -203,7 +216,11 @@ def test_every_mode_trains(tmp_path, capsys, mode):
     assert code == 0, err
     (r,) = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert math.isfinite(r["loss"])
-    assert ("gain" in r) == (mode in ("pgd", "inv"))
+    assert ("gain" in r) == (mode in ("pgd", "inv", "free"))
+    # the cost: forward-pass equivalents per image seen; free sees each batch twice (2 replays)
+    units = {"ddpm": 3, "rand": 6, "pgd": 3 + 2 * 2 + 3, "inv": 8, "free": 6}[mode]
+    assert (r["flop_units"], r["images_seen"], r["flop_units_total"]) == (units, 16, 16 * units)
+    assert r["fresh_images"] == (8 if mode == "free" else 16)
     if mode == "ddpm":
         assert r["reg"] == 0.0
     else:

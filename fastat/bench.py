@@ -12,14 +12,20 @@ fastat's DDPM step.
     kernels and a CUDA-graph captured step), same mode;
 (c) fastat with ``--mode ddpm``: the same engine without the regulariser, the cost AT is measured against.
 
+``--mode free`` (minibatch replay: every step is one replay of a batch) and ``--reg-frac f`` apply to (b);
+the naive rows run the paper's method on the whole batch (``adv`` for ``free``).
+
 Each run on one resident random batch: warm-up steps first, timed apart (the first compiles; fastat's
 engine reports its own compile and capture seconds, and the warm-up lasts until its graph is captured),
 then the timed steps with device events (CUDA) or a host clock (CPU). Reported: the median and p20/p80,
 img/s, peak memory of the timed steps (``reset_peak_memory_stats`` after warm-up), the engine mode that
 actually ran (a fallback shows), speedups, AT overhead (b)/(c) and model FLOP utilisation (FLOPs of one
-forward counted by ``torch.utils.flop_counter``; one step = 3 forward-equivalents for DDPM, 6 + 2k for
-k ascent steps). Every timed step's loss and gradient norm are checked on the device (one tiny kernel
-per step, read once at the end): a run with a non-finite one reports that instead of a time.
+forward counted by ``torch.utils.flop_counter``), and each run's cost per image seen in forward-pass
+equivalents (``units/img``: :meth:`fastat.ATObjective.flop_units`: 3 for DDPM, 3 + (2k + 3) f for k
+ascent passes with the regulariser on a share f of the batch, 3 + 3f for ``free``, whose every replay
+counts as a step that sees its batch) and GFLOP. Every timed step's loss and gradient norm are checked
+on the device (one tiny kernel per step, read once at the end): a run with a non-finite one reports that
+instead of a time.
 """
 
 from __future__ import annotations
@@ -59,17 +65,17 @@ class BenchSetting:
     precision: str = "fp32"
     mode: str = "adv"
     pgd_steps: int = 3
+    replays: int = 2  # mode free
+    reg_frac: float = 1.0
     steps: int = 20
     warmup: int = 5
     device: str = "auto"
 
 
-def forward_equivalents(objective: ATObjective) -> int:
-    """Forward-pass FLOP units of one step: fwd+bwd = 3; each ascent step fwd + input-only bwd = 2."""
-    k = objective.attack_steps
-    if objective.mode == "ddpm":
-        return 3
-    return 3 + 2 * k + 3
+def forward_equivalents(objective: ATObjective, batch_size: int | None = None) -> float:
+    """Forward-pass FLOP units per image of one step: fwd+bwd = 3; each ascent step fwd + input-only bwd
+    = 2 (:meth:`fastat.ATObjective.flop_units`)."""
+    return objective.flop_units(batch_size)
 
 
 def model_forward_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
@@ -113,8 +119,20 @@ def naive_at_step(model, opt, ema_params, x0, tables, objective: ATObjective, cl
     return loss.detach(), norm
 
 
-def _objective(setting: BenchSetting, mode: str) -> ATObjective:
-    return ATObjective(schedule=NoiseSchedule(), mode=mode, pgd_steps=setting.pgd_steps, budget=Budget())
+def _objective(setting: BenchSetting, mode: str, reg_frac: float | None = None) -> ATObjective:
+    return ATObjective(
+        schedule=NoiseSchedule(),
+        mode=mode,
+        pgd_steps=setting.pgd_steps,
+        budget=Budget(),
+        replays=setting.replays,
+        reg_frac=setting.reg_frac if reg_frac is None else reg_frac,
+    )
+
+
+def naive_objective(setting: BenchSetting) -> ATObjective:
+    """What the naive rows run: the paper's method on the whole batch (``adv`` in place of ``free``)."""
+    return _objective(setting, "adv" if setting.mode == "free" else setting.mode, reg_frac=1.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -158,10 +176,13 @@ def check_setting(setting: BenchSetting) -> None:
         raise ValueError(f"unknown model preset {setting.model!r}; choose one of {', '.join(PRESETS)}")
     if setting.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {setting.precision!r}; choose fp32 or bf16")
-    if setting.batch_size < 1 or setting.steps < 1 or setting.warmup < 1 or setting.pgd_steps < 1:
+    if min(setting.batch_size, setting.steps, setting.warmup, setting.pgd_steps, setting.replays) < 1:
         raise ValueError(
-            "--batch-size, --steps, --warmup (the first step compiles) and --pgd-steps must be >= 1"
+            "--batch-size, --steps, --warmup (the first step compiles), --pgd-steps and --replays "
+            "must be >= 1"
         )
+    if not 0 < setting.reg_frac <= 1:
+        raise ValueError(f"--reg-frac must be in (0, 1], got {setting.reg_frac}")
     if setting.image_size is not None and setting.image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {setting.image_size}")
     from fastat.train import resolve_device  # ConfigError (a ValueError) for an unusable device
@@ -213,23 +234,30 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, 
         torch.manual_seed(0)
         return build_model(setting.model, **kw).to(device).train()
 
-    obj_at = _objective(setting, setting.mode)
+    obj_at, obj_naive = _objective(setting, setting.mode), naive_objective(setting)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for (card, p), v in PEAK_FLOPS.items() if card in name and p == setting.precision), None)
     result = {
         "setting": setting.__dict__,
         "info": device_info(device),
         "fwd_gflops": fwd_flops / 1e9,
+        "naive_mode": obj_naive.mode,
         "runs": {},
     }
-    units = {"naive": forward_equivalents(obj_at), "naive_compiled": forward_equivalents(obj_at),
-             "fastat": forward_equivalents(obj_at), "fastat_ddpm": 3}  # fmt: skip
+    B = setting.batch_size
+    units = {"naive": obj_naive.flop_units(B), "naive_compiled": obj_naive.flop_units(B),
+             "fastat": obj_at.flop_units(B), "fastat_ddpm": 3.0}  # fmt: skip
 
     def add(key: str, row: dict, engine: str) -> None:
         sec = row["median_ms"] / 1e3 if row["median_ms"] else None
         achieved = fwd_flops * units[key] / sec if sec else None
         row["engine"] = engine
+        row["units_per_image"] = units[key]  # forward-pass equivalents per image seen
+        row["gflop_per_image"] = fwd_flops / B * units[key] / 1e9
         row["img_per_s"] = setting.batch_size / sec if sec else None
+        # free: every step replays its batch; a batch is new every `replays` steps
+        replays = setting.replays if key == "fastat" and setting.mode == "free" else 1
+        row["fresh_img_per_s"] = row["img_per_s"] / replays if sec else None
         row["tflops"] = achieved / 1e12 if sec else None
         row["mfu"] = achieved / peak if sec and peak else None
         result["runs"][key] = row
@@ -247,7 +275,7 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, 
         ema = [p.detach().clone() for p in m.parameters()]
 
         def naive_step():
-            loss, norm = naive_at_step(net, opt, ema, x0, tables, obj_at, 1.0, autocast)
+            loss, norm = naive_at_step(net, opt, ema, x0, tables, obj_naive, 1.0, autocast)
             return torch.logical_not(torch.isfinite(loss) & torch.isfinite(norm)).float()
 
         row = _time_run(naive_step, device, setting.warmup, setting.steps)
@@ -296,9 +324,9 @@ def _summarise(r: dict) -> None:
     r["speedup_vs_naive_compiled"] = ratio("naive_compiled", "fastat")
     r["compile_speedup_naive"] = ratio("naive", "naive_compiled")
     r["at_overhead"] = ratio("fastat", "fastat_ddpm")
-    r["flop_floor_overhead"] = (
-        forward_equivalents(ATObjective(mode=r["setting"]["mode"], pgd_steps=r["setting"]["pgd_steps"])) / 3
-    )
+    s = r["setting"]
+    at = ATObjective(mode=s["mode"], pgd_steps=s["pgd_steps"], replays=s["replays"], reg_frac=s["reg_frac"])
+    r["flop_floor_overhead"] = at.flop_units(s["batch_size"]) / 3
 
 
 def _ms(v: float | None) -> str:
@@ -311,13 +339,14 @@ def _ms(v: float | None) -> str:
 def format_result(r: dict) -> str:
     s = r["setting"]
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    k = f" k={s['pgd_steps']}" if s["mode"] == "pgd" else ""
+    k = f" k={s['pgd_steps']}" if s["mode"] == "pgd" else f" m={s['replays']}" if s["mode"] == "free" else ""
+    k += f" reg_frac={s['reg_frac']}" if s["reg_frac"] != 1 else ""
     card = r["info"].get("gpu", r["info"]["device"])
     lines = [
         f"{s['model']} B={s['batch_size']} {s['precision']} mode={s['mode']}{k} on {card}"
         f" (torch {r['info']['torch']}); forward {r['fwd_gflops']:.2f} GFLOP",
-        f"{'run':<15}{'engine':<16}{'ms/step':>9}{'p20-p80':>16}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>6}"
-        f"{'mem GiB':>9}{'compile s':>10}{'capture s':>10}",
+        f"{'run':<15}{'engine':<16}{'ms/step':>9}{'p20-p80':>16}{'img/s':>9}{'units/img':>10}{'GFLOP/img':>10}"
+        f"{'TFLOP/s':>9}{'MFU':>6}{'mem GiB':>9}{'compile s':>10}{'capture s':>10}",
     ]
     for key, run in r["runs"].items():
         spread = f"{_ms(run['p20_ms'])}-{_ms(run['p80_ms'])}" if run["median_ms"] else "-"
@@ -325,11 +354,18 @@ def format_result(r: dict) -> str:
         mem = f(run["peak_mem_gib"], ".2f")
         lines.append(
             f"{key:<15}{run['engine']:<16}{_ms(run['median_ms']):>9} {spread:>15}"
-            f"{f(run['img_per_s'], '.0f'):>9}{f(run['tflops'], '.2f'):>9}{mfu:>6}{mem:>9}"
+            f"{f(run['img_per_s'], '.0f'):>9}{run['units_per_image']:>10.3g}{run['gflop_per_image']:>10.3g}"
+            f"{f(run['tflops'], '.2f'):>9}{mfu:>6}{mem:>9}"
             f"{f(run['compile_s'], '.1f'):>10}{f(run['capture_s'], '.2f'):>10}"
         )
         if run["error"]:
             lines.append(f"  {key}: {run['error']}")
+    if s["mode"] == "free" and "fastat" in r["runs"]:
+        fresh = f(r["runs"]["fastat"]["fresh_img_per_s"], ".0f")
+        lines.append(f"free: units/img counts every replay as a step that sees its batch; new images: "
+                     f"{fresh}/s (1 batch in {s['replays']} steps)")  # fmt: skip
+    if r.get("naive_mode") != s["mode"] or s["reg_frac"] != 1:
+        lines.append(f"naive rows: the paper's {r.get('naive_mode')} on the whole batch")
     lines.append(
         f"speedup fastat/naive: {f(r['speedup_vs_naive'], '.2f')}x   fastat/naive+compile: "
         f"{f(r['speedup_vs_naive_compiled'], '.2f')}x   AT overhead fastat/ddpm: "
@@ -346,9 +382,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--image-size", type=int, default=None, help="override the preset's resolution")
     ap.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"])
-    ap.add_argument("--mode", nargs="+", default=[d.mode], choices=["rand", "adv", "pgd", "inv"],
+    ap.add_argument("--mode", nargs="+", default=[d.mode], choices=["rand", "adv", "pgd", "inv", "free"],
                     help="AT mode(s) to time against naive AT and DDPM")  # fmt: skip
     ap.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
+    ap.add_argument("--replays", type=int, default=d.replays, help="mode free: steps per batch")
+    ap.add_argument("--reg-frac", type=float, default=d.reg_frac,
+                    help="regularise this share of each batch (fastat's AT run)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=d.steps, help="timed steps (median reported)")
     warm = "untimed steps first (compile; fastat's last until its graph is captured)"
     ap.add_argument("--warmup", type=int, default=d.warmup, help=warm)
@@ -369,6 +408,8 @@ def run_from_args(args: argparse.Namespace, log=print) -> int:
             precision=args.precision,
             mode=mode,
             pgd_steps=args.pgd_steps,
+            replays=args.replays,
+            reg_frac=args.reg_frac,
             steps=args.steps,
             warmup=args.warmup,
             device=args.device,

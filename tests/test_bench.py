@@ -26,6 +26,23 @@ def test_forward_equivalents_match_the_flop_count_of_spec():
     assert forward_equivalents(ATObjective(mode="adv")) == 8  # SPEC: 3 + 2 + 3
     assert forward_equivalents(ATObjective(mode="pgd", pgd_steps=3)) == 12
     assert forward_equivalents(ATObjective(mode="rand")) == 6
+    assert forward_equivalents(ATObjective(mode="free")) == 6  # no attack passes
+    assert forward_equivalents(ATObjective(mode="adv", reg_frac=0.25), 8) == 3 + 5 * 2 / 8
+
+
+def test_bench_of_free_counts_units_per_image_seen():
+    """free with the regulariser on half the batch: 3 + 3 * 0.5 units per image seen; a new batch every 2
+    steps; the naive rows run the paper's adv on the whole batch (8 units)."""
+    setting = BenchSetting(model="tiny", image_size=8, batch_size=2, steps=2, warmup=1, device="cpu",
+                           mode="free", reg_frac=0.5)  # fmt: skip
+    r = run_bench(setting, fast=False, log=lambda s: None, runs=("fastat", "naive"))
+    fa, nv = r["runs"]["fastat"], r["runs"]["naive"]
+    assert fa["units_per_image"] == 4.5 and nv["units_per_image"] == 8 and r["naive_mode"] == "adv"
+    assert fa["gflop_per_image"] == pytest.approx(r["fwd_gflops"] / 2 * 4.5)
+    assert fa["fresh_img_per_s"] == pytest.approx(fa["img_per_s"] / 2)
+    assert r["flop_floor_overhead"] == pytest.approx(1.5)
+    text = format_result(r)
+    assert "mode=free m=2 reg_frac=0.5" in text and "naive rows: the paper's adv" in text
 
 
 def test_model_forward_flops_counts_matmuls():

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from fastat import __version__
@@ -401,12 +402,16 @@ class TrainState:
 
     def rng_state(self) -> dict:
         """This process's random states: the global generators (initialisation, dropout) and the
-        objective's (noise, timesteps, perturbations)."""
+        objective's (noise, timesteps, perturbations), with what the objective keeps between steps
+        (``free``: this rank's replayed batch, its t, noise seed and perturbation; on the CPU)."""
         cuda = self.device.type == "cuda"
+        kept = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v,
+                        self.engine.objective_state_dict())  # fmt: skip
         return {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if cuda else [],
             "objective": self.generator.get_state(),
+            **({"objective_state": kept} if kept else {}),
         }
 
     def set_rng_state(self, rng: dict) -> None:
@@ -414,6 +419,7 @@ class TrainState:
         if self.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["objective"])
+        self.engine.load_objective_state(rng.get("objective_state", {}))  # free: mid-replay too
 
     def state_dict(self, step: int, rngs: list[dict] | None = None) -> dict:
         """Everything but the weights, for ``state.pt`` (tensors and plain values only). ``rngs``: the
@@ -428,7 +434,6 @@ class TrainState:
             **({"world_size": len(rngs), "rng_ranks": rngs} if len(rngs) > 1 else {}),
             "fastat_version": __version__,
             **({"scaler": self.engine.scaler.state_dict()} if self.engine.scaler is not None else {}),
-            **({"objective": obj} if (obj := self.engine.objective_state_dict()) else {}),  # free: replay
             **self.extra,
         }
 
@@ -455,7 +460,6 @@ class TrainState:
                 self.generator.manual_seed(ctx.rank_seed(seed, f"objective@{ckpt.step}"))
             if self.engine.scaler is not None and "scaler" in st:  # fp16: the loss scale goes on
                 self.engine.scaler.load_state_dict(st["scaler"])
-            self.engine.load_objective_state(st.get("objective", {}))  # free: mid-replay too
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
         if not exact and ctx.is_main:

@@ -79,9 +79,9 @@ def test_resume_is_bit_identical(tmp_path, capsys, mode):
     assert torch.equal(a.state["rng"]["objective"], b.state["rng"]["objective"])
     assert a.state["loader"]["epoch"] == b.state["loader"]["epoch"] == (1 if mode == "adv" else 0)
     if mode == "free":
-        mid = load_checkpoint(split / "checkpoints" / "ckpt-000004").state["objective"]["replay"]
+        mid = load_checkpoint(split / "checkpoints" / "ckpt-000004").state["rng"]["objective_state"]["replay"]
         assert int(mid["k"]) == 1 and mid["x0"].shape == (8, 3, 8, 8)  # resumed between two replays
-        ra, rb = a.state["objective"]["replay"], b.state["objective"]["replay"]
+        ra, rb = (c.state["rng"]["objective_state"]["replay"] for c in (a, b))
         assert ra.keys() == rb.keys() and ra.pop("m") == rb.pop("m") == 3
         for k, v in ra.items():
             assert torch.equal(v, rb[k]), k

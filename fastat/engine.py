@@ -185,7 +185,8 @@ class StepEngine:
     @property
     def replays(self) -> int:
         """Steps per batch: the objective's ``replays`` in ``free`` mode, else 1."""
-        return self.objective.replay.m if self.objective.replay is not None else 1
+        replay = getattr(self.objective, "replay", None)  # any callable objective works; only ours replays
+        return replay.m if replay is not None else 1
 
     @property
     def wants_batch(self) -> bool:
@@ -194,12 +195,13 @@ class StepEngine:
 
     def objective_state_dict(self) -> dict:
         """The objective's state for a checkpoint (``free``: the replay; ``{}`` for other modes)."""
-        return self.objective.state_dict()
+        return self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
 
     def load_objective_state(self, state: dict) -> None:
         """Continue the objective from a checkpoint (``free``: mid-replay too)."""
-        self.objective.load_state_dict(state, self.device)
-        replay = self.objective.replay
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state, self.device)
+        replay = getattr(self.objective, "replay", None)
         self._replay_pos = replay.position if replay is not None else 0  # a host read, once, at load
 
     @property
@@ -294,14 +296,15 @@ class StepEngine:
     def _first_compiled_step(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compilation happens on the first call: if it fails, say why and redo the step eagerly
         (weights are only touched by the optimizer step at the end, so nothing was half-applied)."""
-        snapshot, kept = self.generator.get_state(), self.objective.state_dict()
+        snapshot, kept = self.generator.get_state(), self.objective_state_dict()
         t0 = time.perf_counter()
         try:
             stats = self._body(x0)
         except Exception as e:  # noqa: BLE001 - the eager retry raises again if the step itself is wrong
             self._fallback(f"the compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             self.generator.set_state(snapshot)
-            self.objective.load_state_dict(kept)  # free: the replay position and kept values as they were
+            if kept:  # free: the replay position and kept values as they were (the host's count is right)
+                self.objective.load_state_dict(kept, self.device)
             return self._body(x0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -138,6 +138,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, mode):
     ref, _ = make(fast=False, mode=mode)
     s, r = run(eng, xs), run(ref, xs)
     assert eng.mode == "eager" and len(logs) == 1 and "inductor exploded" in logs[0]
+    assert eng.wants_batch == ref.wants_batch  # free: the host's replay count survived the retry
     assert all(
         torch.equal(x["loss"], y["loss"]) for x, y in zip(s, r, strict=True)
     )  # the retried step is the eager one

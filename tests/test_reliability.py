@@ -416,6 +416,10 @@ def _latest(run) -> str | None:
         return None
 
 
+def _step(latest: str | None) -> int:
+    return int(latest.split("-")[1]) if latest else 0
+
+
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys):
     """SIGKILL during a save (state.pt half written), during pruning (a checkpoint half deleted) and at
     four random moments; each time `--resume auto` continues. The end: the same weights, EMA and optimizer
@@ -429,11 +433,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys
         for plan in ["state:3", "prune:2", "-", "-", "-", "-"]:
             before = _latest(run)
             pid = server.start(plan, err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
-            if plan == "-":  # wait until this process has saved once, then kill it at a random moment
+            if plan == "-":  # let this process save 1-5 more steps, then kill it at a random moment
+                # (progress-based, not wall-clock: on a fast machine a wall-clock delay can outlive the run)
+                target = _step(before) + rng.randint(1, 5)
                 deadline = time.monotonic() + 120
-                while _latest(run) == before and _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                time.sleep(rng.uniform(0.0, 0.3))
+                while _step(_latest(run)) < target and _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                time.sleep(rng.uniform(0.0, 0.01))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             code = server.wait()

@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     s.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta (0: deterministic; default: the run's sample_eta)"
+    )
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument(
         "--out", metavar="FILE", help="output .png or .npy (default RUN/samples/sample-<step>.png)"
@@ -283,11 +285,14 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")
     print(f"metrics:    {result.metrics}")
-    if result.eval:  # built-in known distribution: the full report of fastat eval, and RUN/eval.json
-        from fastat.eval.cli import report_after_training
+    from fastat.eval.cli import gain_line, report_after_training
 
+    if result.eval:  # built-in known distribution: the full report of fastat eval, and RUN/eval.json
         report_after_training(result, cfg)
     print(f"trained {result.step} steps on {result.device} in {result.seconds:.0f} s")
+    line = gain_line(result, cfg)  # None without a final evaluation
+    if line:
+        print(line)
     return 0
 
 
@@ -303,12 +308,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastat.models import build_model
     from fastat.prediction import as_eps_model
     from fastat.samples import SAMPLE_SUFFIXES, generate, write_samples
-    from fastat.train import resolve_device
+    from fastat.train import resolve_device, run_eta
 
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.eta <= 1.0:
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
     check_seed(args.seed, "--seed")
     if args.out is not None and Path(args.out).suffix.lower() not in SAMPLE_SUFFIXES:
@@ -355,7 +360,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         noise,
         sampler=args.sampler,
         steps=args.steps,
-        eta=args.eta,
+        eta=run_eta(cfg) if args.eta is None else args.eta,
         clip_x0=info.get("clip_x0"),
         batch=args.batch_size,
         device=device,

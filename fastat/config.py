@@ -104,10 +104,12 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup to a constant learning rate, and gradient-norm clipping."""
+    """AdamW with linear warmup, then a constant or decaying learning rate, and gradient-norm clipping."""
 
     lr: float = 1e-3  # the quickstart's; DDPM's CIFAR-10 setting is 2e-4 with 5000 warmup steps
     warmup: int = 20  # steps of linear warmup
+    schedule: str = "constant"  # constant | cosine | linear: after warmup, decay to final_lr * lr at the end
+    final_lr: float = 0.0  # the decay's end, as a fraction of lr (cosine and linear)
     clip: float = 1.0  # max gradient norm (0 disables clipping)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -141,6 +143,8 @@ class RunConfig:
     sample_n: int = 64  # samples in each grid (fixed noise batch)
     sampler: str = "ddim"  # ddim | ddpm
     sample_steps: int = 50  # DDIM steps
+    sample_eta: float | None = None  # DDIM eta of grids and the final evaluation; None: 1 on the built-in
+    # sets (stochastic sampling: samples of a subspace set ~40% nearer its support), 0 on real images
     eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
     max_skipped: int = 20  # stop (exit 1) after this many consecutive steps skipped as non-finite
     tensorboard: bool = True  # also log to TensorBoard when it is installed
@@ -160,6 +164,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SEED_LIMIT = 2**53  # seeds stay exact in YAML/JSON numbers and in the seeds derived from them
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "ddpm")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,8 @@ class TrainConfig:
         # optim
         _positive(op.lr, "optim.lr (--lr)")
         _nonneg_int(op.warmup, "optim.warmup")
+        _one_of(op.schedule, LR_SCHEDULES, "optim.schedule")
+        _frac(op.final_lr, "optim.final_lr")
         _nonneg(op.clip, "optim.clip")
         _nonneg(op.weight_decay, "optim.weight_decay")
         if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
@@ -330,6 +337,8 @@ class TrainConfig:
         _positive_int(r.sample_n, "run.sample_n")
         _one_of(r.sampler, SAMPLERS, "run.sampler")
         _positive_int(r.sample_steps, "run.sample_steps")
+        if r.sample_eta is not None and not (_finite(r.sample_eta) and 0 <= r.sample_eta <= 1):
+            _fail("run.sample_eta", "a number in [0, 1] (or none: auto)", r.sample_eta)
         if r.sample_steps > o.T:
             raise ConfigError(f"run.sample_steps must be <= objective.T = {o.T}, got {r.sample_steps}")
         _nonneg_int(r.eval_n, "run.eval_n")

@@ -244,12 +244,15 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 
 def finalize(cfg: TrainConfig) -> TrainConfig:
-    """Resolve what depends on the data or the clock: the model (``auto``, data-derived arguments)
-    and the run folder (``runs/<date>-<time>-<dataset>-<mode>``). Validates first."""
+    """Resolve what depends on the data or the clock: the model (``auto``, data-derived arguments),
+    the sampler's ``eta`` (auto: 1 on the built-in sets, 0 on real images) and the run folder
+    (``runs/<date>-<time>-<dataset>-<mode>``). Validates first."""
     cfg.validate()
     check_data_memory(cfg)
     spec = model_spec(cfg)
     over: dict = {"model.name": spec["name"], "model.kwargs": spec["kwargs"]}
+    if cfg.run.sample_eta is None:
+        over["run.sample_eta"] = run_eta(cfg)
     if cfg.run.out is None:
         over["run.out"] = str(Path("runs") / default_run_name(cfg))
     return cfg.with_overrides(over).validate()
@@ -357,6 +360,13 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
     return td
 
 
+def run_eta(cfg: TrainConfig) -> float:
+    """The DDIM eta of a run's grids and evaluation: ``run.sample_eta`` (resolved by :func:`finalize`;
+    the same auto rule for configs that predate the key)."""
+    eta = cfg.run.sample_eta
+    return eta if eta is not None else (1.0 if cfg.data.dataset in KNOWN else 0.0)
+
+
 def clip_for(kind: str, known: bool) -> float | None:
     """Sampling clamps the predicted x0 to [-1, 1] for images (as DDPM does; the known subspace keeps
     ~99% of its pixels in that range) and leaves points free."""
@@ -366,9 +376,24 @@ def clip_for(kind: str, known: bool) -> float | None:
 # -- the state a run steps and saves ------------------------------------------------------------------
 
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps to a constant ``lr`` (``step`` counts from 0)."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def lr_at(step: int, lr: float, warmup: int, schedule: str = "constant", total: int = 0,
+          final: float = 0.0) -> float:  # fmt: skip
+    """The learning rate of step ``step`` (counting from 0): linear warmup over ``warmup`` steps to
+    ``lr``, then ``schedule``: ``constant``, or ``cosine`` / ``linear`` decay from ``lr`` to ``final * lr``
+    at step ``total - 1`` (the run's last step; a resumed run that raises ``total`` stretches the decay)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total - 1 <= warmup:
+        return lr
+    frac = min(1.0, (step - warmup) / (total - 1 - warmup))
+    decay = 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
+    return lr * (final + (1.0 - final) * decay)
+
+
+def step_lr(cfg: TrainConfig, step: int) -> float:
+    """:func:`lr_at` with the run's optimiser settings (``optim.*``) and length (``run.steps``)."""
+    op = cfg.optim
+    return lr_at(step, op.lr, op.warmup, op.schedule, cfg.run.steps, op.final_lr)
 
 
 def train_step(engine: StepEngine, x0, *, lr: float) -> dict[str, torch.Tensor]:
@@ -668,7 +693,7 @@ def write_grid(
     def sample(part: torch.Tensor, start: int) -> torch.Tensor:  # this rank's rows, its own DDPM noise
         g = torch.Generator(state.device)
         g.manual_seed(derive_seed(r.seed, "sample-ddpm" + (f"@{start}" if start else "")))
-        return generate(model, schedule, part, sampler=r.sampler, steps=r.sample_steps,
+        return generate(model, schedule, part, sampler=r.sampler, steps=r.sample_steps, eta=run_eta(cfg),
                         clip_x0=clip_for(td.kind, td.known is not None), device=state.device,
                         generator=g)  # fmt: skip
 
@@ -705,7 +730,7 @@ def training_loop(
     """Train from ``start`` to ``cfg.run.steps`` (every rank): log, sample and save on their intervals,
     save and evaluate at the end. Ctrl-C or SIGTERM finishes the step, saves, raises TrainingInterrupted."""
     t_start = time.perf_counter()
-    r, op, ctx = cfg.run, cfg.optim, ctx or DistContext()
+    r, ctx = cfg.run, ctx or DistContext()
     interval, stop, bar = Interval(start, r.batch_size), StopFlag(ctx), progress_bar(cfg, start, progress)
     step, in_step = start, False
     state.model.train()
@@ -714,7 +739,7 @@ def training_loop(
             while step < r.steps:
                 in_step = True
                 x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: free replays
-                stats = train_step(state.engine, x0, lr=lr_at(step, op.lr, op.warmup))
+                stats = train_step(state.engine, x0, lr=step_lr(cfg, step))
                 step, in_step = step + 1, False
                 interval.add(stats)
                 bar.update(1)
@@ -752,8 +777,7 @@ def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainStat
     """Read the interval's statistics (averaged over the ranks) and the engine's skip streak (the
     interval's one host sync), write them (rank 0), and stop (TrainingError) once ``run.max_skipped``
     steps in a row were skipped as non-finite."""
-    op = cfg.optim
-    means = interval.pop(step, state.engine.skip_streak, ctx, lr=lr_at(step - 1, op.lr, op.warmup),
+    means = interval.pop(step, state.engine.skip_streak, ctx, lr=step_lr(cfg, step - 1),
                          epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb(),
                          **cost_metrics(state.engine, cfg.run.batch_size, step))  # fmt: skip
     run.log(step, means)
@@ -780,8 +804,8 @@ def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData,
         return {}, {}
     model, schedule = state.ema_eps_model(), state.engine.objective.schedule
     return evaluate_known(model, schedule, td.known, td.data, td.clean, n=r.eval_n, sampler=r.sampler,
-                          steps=r.sample_steps, clip_x0=clip_for(td.kind, True), seed=r.seed,
-                          device=state.device, spread=ctx.spread)  # fmt: skip
+                          steps=r.sample_steps, eta=run_eta(cfg), clip_x0=clip_for(td.kind, True),
+                          seed=r.seed, device=state.device, spread=ctx.spread)  # fmt: skip
 
 
 def evaluate_known(
@@ -794,6 +818,7 @@ def evaluate_known(
     n: int,
     sampler: str = "ddim",
     steps: int = 50,
+    eta: float = 0.0,
     clip_x0: float | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -806,7 +831,7 @@ def evaluate_known(
     from fastat.eval.evaluate import known_metrics
 
     t0 = time.perf_counter()
-    m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=sampler, steps=steps, eta=0.0,
+    m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=sampler, steps=steps, eta=eta,
                       seed=seed, device=device, clip_x0=clip_x0, spread=spread)  # fmt: skip
     if not m:
         return {}, {}

@@ -148,6 +148,22 @@ def test_lr_warmup():
     assert lr_at(0, 1e-3, 0) == 1e-3
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_lr_decay(schedule):
+    # warmup 10 steps, decay over steps 10..109 (the last step, total - 1, reaches final * lr)
+    lrs = [lr_at(s, 1.0, 10, schedule, 110, 0.1) for s in range(110)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # non-increasing
+    quarter = lr_at(10 + 99 // 4, 1.0, 10, schedule, 110, 0.0)  # step 34: 24 of 99 decay steps done
+    frac = 24 / 99
+    want = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
+    assert quarter == pytest.approx(want)
+    assert lr_at(500, 1.0, 10, schedule, 110, 0.1) == pytest.approx(0.1)  # past the end: stays at the floor
+    assert lr_at(5, 1.0, 10, "constant", 110, 0.1) == pytest.approx(0.6)
+    assert lr_at(50, 1.0, 10, "constant", 110, 0.1) == 1.0
+
+
 def test_stats_accumulator_means_and_reset():
     acc = StatsAccumulator()
     acc.add({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})

@@ -4,6 +4,7 @@ fastat eval --run runs/exp                       # metrics of the newest checkpo
 fastat eval --run runs/exp --attack --n 2000     # + the trajectory attack
 fastat eval --run runs/cifar --fid --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
 fastat eval compare                              # DDPM vs AT on corrupted known sets (<= 15 min, CPU)
+fastat eval compare --preset images              # the same on subspace images with a UNet (<= 30 min, CPU)
 fastat eval compare --quick --out /tmp/cmp       # smoke run (< 1 min)
 """
 
@@ -14,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_eval_parser", "cmd_eval", "report_after_training"]
+__all__ = ["add_eval_parser", "cmd_eval", "gain_line", "report_after_training"]
 
 
 def _ints(text: str) -> list[int]:
@@ -37,7 +38,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     e.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
     e.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample_steps)")
-    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    e.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta (0: deterministic; default: the run's sample_eta)"
+    )
     e.add_argument(
         "--seed", type=int, default=0, help="seed of the sampling noise and the fresh clean samples"
     )
@@ -92,13 +95,20 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
             "'adv[lam=0.5,r_min=0.1]'."
         ),
     )
-    c.add_argument("--quick", action="store_true", help="tiny preset for smoke tests (< 1 min)")
-    c.add_argument("--out", default=None, help="output folder (default runs/compare or runs/compare-quick)")
+    c.add_argument(
+        "--preset",
+        choices=("default", "images", "quick"),
+        default=None,
+        help="default: points (plane3d, an MLP); images: subspace images, sigma 0.1 and 0.2 (a UNet); "
+        "quick: a smoke run",
+    )
+    c.add_argument("--quick", action="store_true", help="the same as --preset quick (< 1 min)")
+    c.add_argument("--out", default=None, help="output folder (default runs/compare[-PRESET])")
     c.add_argument(
         "--settings",
         nargs="+",
         default=None,
-        help="settings (default: plane3d-s0.1 plane3d-s0.2 plane3d-out)",
+        help="settings (default: the preset's; --list shows them all)",
     )
     c.add_argument("--modes", nargs="+", default=None, help="variants (default: ddpm rand adv pgd)")
     c.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...", help="seeds (default 0,1,2)")
@@ -141,7 +151,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    if not 0.0 <= args.eta <= 1.0:
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
     if not args.attack_radius > 0:
         raise ConfigError(f"--attack-radius must be > 0, got {args.attack_radius}")
@@ -204,7 +214,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for s in SETTINGS.values():
             print(f"{s.name:<16} {s.describe()}")
         return 0
-    base = PRESETS["quick" if args.quick else "default"]
+    if args.quick and args.preset not in (None, "quick"):
+        raise ConfigError(f"--quick is --preset quick; it cannot go with --preset {args.preset}")
+    preset = "quick" if args.quick else args.preset or "default"
+    base = PRESETS[preset]
     objective = dict(base.objective)
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -228,7 +241,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     if not spec.seeds:
         raise ConfigError("--seeds needs at least one seed")
-    out = Path(args.out or ("runs/compare-quick" if args.quick else "runs/compare"))
+    out = Path(args.out or ("runs/compare" if preset == "default" else f"runs/compare-{preset}"))
     try:
         result = run_compare(
             spec,
@@ -256,14 +269,16 @@ def report_after_training(result, cfg) -> dict | None:
     is made from those, not by sampling again."""
     from fastat.data import KNOWN
     from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report, make_report
+    from fastat.train import run_eta
 
     if cfg.data.dataset not in KNOWN or cfg.run.eval_n < 2:
         return None
     metrics = getattr(result, "eval_metrics", None)
     if metrics:
         r = cfg.run
-        settings = {"n": r.eval_n, "sampler": r.sampler, "steps": r.sample_steps if r.sampler == "ddim" else cfg.objective.T,
-                    "eta": 0.0, "seed": r.seed, "weights": "ema", "device": result.device}  # fmt: skip
+        steps = r.sample_steps if r.sampler == "ddim" else cfg.objective.T
+        settings = {"n": r.eval_n, "sampler": r.sampler, "steps": steps, "eta": run_eta(cfg),
+                    "seed": r.seed, "weights": "ema", "device": result.device}  # fmt: skip
         report = make_report(result.run_dir, result.checkpoint, result.step, cfg.data.dataset, result.data_kind,
                              cfg, settings, metrics, seconds=result.eval["seconds"])  # fmt: skip
     else:
@@ -271,3 +286,25 @@ def report_after_training(result, cfg) -> dict | None:
     print(format_report(report))
     print(f"wrote {Path(report['run']) / EVAL_FILE}")
     return report
+
+
+def gain_line(result, cfg) -> str | None:
+    """The last line ``fastat train`` prints on a built-in set: how far the samples are from the clean
+    support against the noisy training data, and the command that trains the other side of the
+    comparison (DDPM for an AT run, ``adv`` for a DDPM run) on the same data, seed and settings.
+    ``None`` when the run has no final evaluation."""
+    ev = getattr(result, "eval", None) or {}
+    if "dist_samples" not in ev or "dist_data" not in ev:
+        return None
+    mode, dist, data = cfg.objective.mode, ev["dist_samples"], ev["dist_data"]
+    run = Path(result.run_dir)
+    other = "adv" if mode == "ddpm" else "ddpm"
+    cmd = f"fastat train --config {run / 'config.yaml'} --mode {other} --out {run}-{other}"
+    if data > 0:
+        change = (dist - data) / data
+        how = f"{abs(change):.0%} {'closer to' if change < 0 else 'farther from'} the clean support than"
+    else:
+        how = "from the clean support; clean training data:"
+    verdict = f"{mode}: samples {dist:.4f} (RMS/pixel), {how} the training data ({data:.4f})"
+    see = "the DDPM baseline on the same data" if mode != "ddpm" else "adversarial training on the same data"
+    return f"{verdict}; {see}: {cmd}"

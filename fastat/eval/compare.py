@@ -92,8 +92,11 @@ class CompareSpec:
     warmup: int = 50
     ema_decay: float = 0.999
     n_train: int = 4096
-    hidden: int = 128
+    hidden: int = 128  # MLP (point sets)
     depth: int = 3
+    image_size: int | None = None  # image sets (subspace): H = W (None: the dataset's own, 16)
+    unet: dict = field(default_factory=dict)  # image sets: overrides of the UNet preset "tiny" (e.g. ch)
+    lr_schedule: str = "constant"  # optim.schedule: constant | cosine | linear
     eval_n: int = 512
     sampler: str = "ddim"
     sample_steps: int = 50
@@ -134,8 +137,14 @@ class CompareSpec:
             "run.tensorboard": False,
             "run.keep": 1,
         }
-        if setting.dataset != "subspace":
+        if setting.dataset == "subspace":
+            over.update({"model.name": "tiny", "model.kwargs": dict(self.unet)})
+            if self.image_size is not None:
+                over["data.image_size"] = self.image_size
+        else:
             over.update({"model.name": "mlp", "model.kwargs": {"hidden": self.hidden, "depth": self.depth}})
+        if self.lr_schedule != "constant":
+            over["optim.schedule"] = self.lr_schedule
         over.update({f"objective.{k}": v for k, v in self.objective.items()})
         over.update({f"objective.{k}": v for k, v in extra.items()})
         return over
@@ -253,18 +262,31 @@ def _job(args: tuple) -> dict:
 
 # -- aggregation -----------------------------------------------------------------------------------------
 
-# (metric key, column title, lower is better)
+# (metric key, column title, lower is better); image sets add the denoiser's PSNR and memorisation
+PSNR_T = 100  # the x0_hat PSNR column: t = 100 of T = 1000 (scaled to the run's T by known_metrics)
 COLUMNS = (
     ("dist_mean", "dist to support, mean", True),
     ("dist_median", "dist, median", True),
     ("sw", "sliced W2", True),
     ("sw_proj", "SW along support", True),
     ("attack_dist_pgd_mean", "dist after PGD attack", True),
+    (f"psnr_t{PSNR_T}", f"x0_hat PSNR t={PSNR_T}, dB", False),
+    ("nn_cos_mean", "NN cosine to training data", True),
+    ("near_copy_share", "near-copy share", True),
 )
 
 
-VERDICT_KEYS = ("dist_mean", "sw", "sw_proj", "attack_dist_pgd_mean")
-VERDICT_LABELS = {"dist_mean": "dist", "sw": "SW", "sw_proj": "SW along", "attack_dist_pgd_mean": "attacked"}
+VERDICT_KEYS = ("dist_mean", "sw", "sw_proj", "attack_dist_pgd_mean", f"psnr_t{PSNR_T}", "nn_cos_mean")
+VERDICT_LABELS = {
+    "dist_mean": "dist",
+    "sw": "SW",
+    "sw_proj": "SW along",
+    "attack_dist_pgd_mean": "attacked",
+    f"psnr_t{PSNR_T}": "PSNR",
+    "nn_cos_mean": "NN cos",
+}
+REFERENCE_KEYS = ("data_dist_mean", "data_dist_median", "sw_data", "sw_floor", "sw_proj_floor",
+                  f"psnr_oracle_t{PSNR_T}", "ref_nn_cos_mean", "ref_near_copy_share")  # fmt: skip
 
 
 def _reference_cell(key: str, ref: dict) -> str:
@@ -277,6 +299,10 @@ def _reference_cell(key: str, ref: dict) -> str:
         return f"{ref['sw_data']:.4f} (floor {ref['sw_floor']:.4f})"
     if key == "sw_proj" and "sw_proj_floor" in ref:
         return f"(floor {ref['sw_proj_floor']:.4f})"
+    if key == f"psnr_t{PSNR_T}" and f"psnr_oracle_t{PSNR_T}" in ref:
+        return f"(exact posterior mean {ref[f'psnr_oracle_t{PSNR_T}']:.2f})"
+    if key in ("nn_cos_mean", "near_copy_share") and f"ref_{key}" in ref:
+        return f"(fresh clean data {ref[f'ref_{key}']:.4f})"
     return ""
 
 
@@ -295,13 +321,7 @@ def aggregate(records: list[dict], spec: CompareSpec) -> dict:
         if not recs:
             continue
         ref = recs[0]["metrics"]
-        block: dict = {
-            "_reference": {
-                k: ref[k]
-                for k in ("data_dist_mean", "data_dist_median", "sw_data", "sw_floor", "sw_proj_floor")
-                if k in ref
-            }
-        }
+        block: dict = {"_reference": {k: ref[k] for k in REFERENCE_KEYS if k in ref}}
         base = {r["seed"]: r["metrics"] for r in recs if r["variant"] == "ddpm"}
         for v in spec.modes:
             rv = [r for r in recs if r["variant"] == v]
@@ -337,9 +357,9 @@ def aggregate(records: list[dict], spec: CompareSpec) -> dict:
     return out
 
 
-def _fmt(ms) -> str:
+def _fmt(ms, key: str = "") -> str:
     m, s = ms
-    return f"{m:.4f} ± {s:.4f}"
+    return f"{m:.2f} ± {s:.2f}" if key.startswith("psnr") else f"{m:.4f} ± {s:.4f}"
 
 
 def markdown_table(summary: dict, spec: CompareSpec, seconds: float | None = None) -> str:
@@ -350,11 +370,12 @@ def markdown_table(summary: dict, spec: CompareSpec, seconds: float | None = Non
         for c in COLUMNS
         if any(c[0] in row for blk in summary.values() for v, row in blk.items() if v != "_reference")
     ]
+    verdicts = [k for k in VERDICT_KEYS if any(k == c[0] for c in cols)]
     head = (
         "| setting | variant | "
         + " | ".join(c[1] for c in cols)
         + " | vs ddpm ("
-        + " / ".join(VERDICT_LABELS[k] for k in VERDICT_KEYS)
+        + " / ".join(VERDICT_LABELS[k] for k in verdicts)
         + ") | s/step |"
     )
     lines = [head, "|" + "---|" * (len(cols) + 4)]
@@ -365,21 +386,32 @@ def markdown_table(summary: dict, spec: CompareSpec, seconds: float | None = Non
         for v, row in blk.items():
             if v == "_reference":
                 continue
-            cells = [_fmt(row[c[0]]) if c[0] in row else "" for c in cols]
+            cells = [_fmt(row[c[0]], c[0]) if c[0] in row else "" for c in cols]
             vs = row.get("vs_ddpm", {})
-            verdict = " / ".join(vs[k][2] for k in VERDICT_KEYS if k in vs) if vs else "—"
+            verdict = " / ".join(vs[k][2] if k in vs else "" for k in verdicts) if vs else "—"
             sps = f"{row['train_sec_per_step'][0] * 1000:.0f} ms" if "train_sec_per_step" in row else ""
             lines.append(f"| {s} | {v} | " + " | ".join(cells) + f" | {verdict} | {sps} |")
+    images = any(SETTINGS[s].dataset == "subspace" for s in summary if s in SETTINGS)
+    points = any(SETTINGS[s].dataset != "subspace" for s in summary if s in SETTINGS)
+    models = ([f"MLP {spec.hidden}x{spec.depth}"] if points else []) + (
+        [f"UNet tiny {_unet_desc(spec)}"] if images else []
+    )
+    attack = (
+        f"attack: PGD {spec.attack_steps} steps, L-inf radius {spec.attack_radius} at "
+        f"t={list(spec.attack_at)}, {spec.attack_n} samples"
+        if spec.attack
+        else "no trajectory attack"
+    )
     notes = [
         "",
         f"{len(spec.seeds)} seeds ({', '.join(map(str, spec.seeds))}); {spec.steps} steps, "
-        f"batch {spec.batch_size}, "
-        f"lr {spec.lr}, MLP {spec.hidden}x{spec.depth}, EMA {spec.ema_decay}; {spec.eval_n} samples per run, "
-        f"{spec.sampler} {spec.sample_steps} steps eta {spec.eta}; attack: PGD {spec.attack_steps} steps, "
-        f"L-inf radius {spec.attack_radius} at t={list(spec.attack_at)}, {spec.attack_n} samples.",
-        "Distances are exact (Euclidean to the clean support); 'training data' is what the corrupted data "
-        "score; the sliced-W2 floor is two fresh clean sets of the same size. 'vs ddpm': paired by seed, "
-        "better/worse when the mean difference exceeds two standard errors, else tie.",
+        f"batch {spec.batch_size}, lr {spec.lr} ({spec.lr_schedule}, warmup {spec.warmup}), "
+        f"{', '.join(models)}, EMA {spec.ema_decay}; {spec.eval_n} samples per run, "
+        f"{spec.sampler} {spec.sample_steps} steps eta {spec.eta}; {attack}.",
+        "Distances are exact (Euclidean to the clean support; images: RMS per pixel); 'training data' is "
+        "what the corrupted data score; the sliced-W2 floor is two fresh clean sets of the same size. "
+        "'vs ddpm': paired by seed, better/worse when the mean difference exceeds two standard errors, "
+        "else tie.",
     ]
     if spec.objective:
         notes.append(f"Objective overrides for every run: {spec.objective}.")
@@ -616,6 +648,12 @@ def run_compare(
             log("plots skipped: matplotlib is not installed (pip install matplotlib)")
     result["plot_seconds"] = round(time.perf_counter() - t0 - seconds, 1)
     return result
+
+
+def _unet_desc(spec: CompareSpec) -> str:
+    size = spec.image_size or 16
+    kw = ", ".join(f"{k}={v}" for k, v in sorted(spec.unet.items()))
+    return f"{size}x{size}" + (f" ({kw})" if kw else "")
 
 
 def _slug(variant: str) -> str:

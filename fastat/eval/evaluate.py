@@ -176,7 +176,7 @@ def evaluate_run(
     n: int = 1000,
     sampler: str | None = None,
     steps: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     seed: int = 0,
     device: torch.device | str = "auto",
     ema: bool = True,
@@ -197,14 +197,15 @@ def evaluate_run(
     Under ``torchrun`` (``ctx``, a :class:`fastat.distributed.DistContext`) every rank samples its share
     of the ``n`` samples; rank 0 measures them and returns the report, the other ranks ``None``.
 
-    ``sampler``/``steps`` default to the run's own (``run.sampler``, ``run.sample_steps``). The training
+    ``sampler``/``steps``/``eta`` default to the run's own (``run.sampler``, ``run.sample_steps``,
+    ``run.sample_eta``). The training
     data are rebuilt from the run's config (the known sets and their corruption are seeded, so they are
     the very samples the run trained on). Returns ``{"run", "checkpoint", "step", "dataset", "settings",
     "metrics", "seconds"}``.
     """
     from fastat.data import KNOWN
     from fastat.distributed import DistContext
-    from fastat.train import build_training_data, clip_for, resolve_device
+    from fastat.train import build_training_data, clip_for, resolve_device, run_eta
 
     t0 = time.perf_counter()
     ctx = ctx or DistContext()
@@ -219,6 +220,7 @@ def evaluate_run(
         schedule = cfg.build_objective().schedule
         sampler = sampler or cfg.run.sampler
         steps = steps or cfg.run.sample_steps
+        eta = run_eta(cfg) if eta is None else eta
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
         if sampler == "ddim" and not 1 <= steps <= schedule.T:

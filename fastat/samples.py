@@ -5,6 +5,7 @@
     write_samples(x, "samples.npy", kind="image")  # float32 N x C x H x W in [0, 1]
     write_samples(p, "points.npy", kind="points")  # float32 N x D in data units
     write_samples(p, "points.png", kind="points")  # scatter plot (needs matplotlib)
+    save_image_folder(x, "exported/")               # one 8-bit PNG per image (a folder fastat can train on)
 
 Images are held in ``[-1, 1]`` during training and written in ``[0, 1]``; points are written as they are.
 Every file is written atomically (temp file + rename).
@@ -28,6 +29,7 @@ __all__ = [
     "SAMPLE_SUFFIXES",
     "generate",
     "save_grid",
+    "save_image_folder",
     "save_npy",
     "save_scatter",
     "to_output",
@@ -88,6 +90,23 @@ def save_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int | None 
 
     nrow = nrow or max(1, math.ceil(math.sqrt(images01.shape[0])))
     return atomic_write(path, lambda p: save_image(images01, p, nrow=nrow, padding=1, format="png"))
+
+
+def save_image_folder(x: torch.Tensor, folder: str | os.PathLike) -> Path:
+    """Images ``(N, C, H, W)`` in ``[-1, 1]`` as 8-bit PNGs ``folder/NNNNNN.png`` (clamped, rounded to the
+    nearest of 256 levels: what a folder for ``fastat train --dataset FOLDER`` holds). Returns ``folder``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    u8 = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    mode = {1: "L", 3: "RGB"}.get(u8.shape[1])
+    if u8.dim() != 4 or mode is None:
+        raise ValueError(f"expected images (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    for i, img in enumerate(u8.permute(0, 2, 3, 1).numpy()):
+        arr = np.ascontiguousarray(img[..., 0] if mode == "L" else img)
+        atomic_write(folder / f"{i:06d}.png", lambda p, a=arr: Image.fromarray(a, mode).save(p, format="png"))
+    return folder
 
 
 def save_npy(x: torch.Tensor, path: str | os.PathLike) -> Path:

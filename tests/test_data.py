@@ -429,3 +429,30 @@ def test_build_dataset_folder_and_unknown(image_dir, tmp_path):
         build_dataset(tmp_path / "file.png", image_size=8)
     with pytest.raises(ValueError, match="image_size .--image-size. is required"):
         build_dataset(image_dir)
+
+
+def test_subspace_exported_to_png_folder_is_the_builtin_set(tmp_path):
+    """The known subspace written as 8-bit PNGs (``save_image_folder``) and read back through the
+    folder path of the trainer: the same images up to 8-bit rounding (no resampling at the same size), the
+    same noisy groups, noise of the same size, and the same distance of the training data to the support."""
+    from fastat.samples import save_image_folder
+
+    kw = dict(image_size=8, n=256, seed=3, noise_p=0.9, noise_sigma=0.2)
+    builtin = build_dataset("subspace", **kw)
+    folder = save_image_folder(builtin.clean, tmp_path / "png")
+    assert sorted(p.name for p in folder.iterdir())[:2] == ["000000.png", "000001.png"]
+    td = build_dataset(folder, cache_dir=tmp_path / "cache", progress=False, **kw)
+    clean = torch.cat(list(td.clean_view().blocks()))
+    data = torch.cat(list(td.train_view().blocks()))
+    assert clean.shape == builtin.clean.shape == (256, 3, 8, 8)
+    err = (clean - builtin.clean.clamp(-1, 1)).abs().max().item()
+    assert 0 < err <= 0.5 / 127.5 + 1e-6  # rounding to 256 levels, nothing else
+    known = builtin.known
+    assert known.distance_to_support(clean).mean() < 0.01  # still on the support, to quantisation
+    assert torch.equal(td.noisy_mask, builtin.noisy_mask)
+    noise, ref = (data - clean)[td.noisy_mask], (builtin.data - builtin.clean)[builtin.noisy_mask]
+    assert noise.std().item() == pytest.approx(0.2, rel=0.03) and ref.std().item() == pytest.approx(0.2, rel=0.03)
+    assert torch.equal(data[~td.noisy_mask], clean[~td.noisy_mask])
+    d_folder = known.distance_to_support(data).mean().item()
+    d_builtin = known.distance_to_support(builtin.data).mean().item()
+    assert d_folder == pytest.approx(d_builtin, rel=0.03)

@@ -495,3 +495,24 @@ def test_cli_compare_quick(tmp_path, capsys):
     assert _cli(["eval", "compare", "--quick", "--out", str(out), "--no-plots"]) == 0
     again = json.loads((out / "compare.json").read_text())
     assert [r["train_seconds"] for r in again["records"]] == [r["train_seconds"] for r in data["records"]]
+    assert _cli(["eval", "compare", "--quick", "--preset", "images", "--out", str(out)]) == 2
+
+
+def test_compare_images_preset_smoke(tmp_path, capsys):
+    """The image preset's runs (a tiny UNet on subspace images) at smoke size: the table gets the image
+    columns (x0_hat PSNR with its exact ceiling, memorisation beside fresh data) and the UNet in its notes."""
+    from fastat.eval.compare import PRESETS, run_compare, spec_with
+
+    spec = spec_with(PRESETS["images"], settings=["subspace-s0.2"], modes=["ddpm", "adv"], seeds=[0], steps=4,
+                     n_train=64, image_size=4, unet={"ch": 8, "groups": 4}, eval_n=8, sample_steps=3,
+                     attack=False)  # fmt: skip
+    assert spec.lr_schedule == "cosine" and spec.eta == 1.0
+    res = run_compare(spec, tmp_path / "cmp", plots=False, log=lambda s: None)
+    cfg = (tmp_path / "cmp" / "runs" / "subspace-s0.2" / "adv-seed0" / "config.yaml").read_text()
+    assert "schedule: cosine" in cfg and "ch: 8" in cfg and "image_size: 4" in cfg
+    table = res["table"]
+    assert "| subspace-s0.2 | adv |" in table and "x0_hat PSNR t=100" in table and "NN cosine" in table
+    assert "(exact posterior mean" in table and "(fresh clean data" in table
+    assert "UNet tiny 4x4 (ch=8, groups=4)" in table and "no trajectory attack" in table
+    adv = res["summary"]["subspace-s0.2"]["adv"]
+    assert {"dist_mean", "psnr_t100", "nn_cos_mean"} <= set(adv) and "psnr_t100" in adv["vs_ddpm"]

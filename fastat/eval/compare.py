@@ -167,6 +167,19 @@ PRESETS: dict[str, CompareSpec] = {
         attack_n=32,
         attack_steps=2,
     ),
+    # subspace images (3x8x8, an 8-dim support) with the tiny UNet: the recipe of the quickstart
+    "images": CompareSpec(
+        settings=("subspace-s0.1", "subspace-s0.2"),
+        steps=1000,
+        batch_size=32,
+        lr=1e-3,
+        warmup=20,
+        lr_schedule="cosine",
+        ema_decay=0.9999,
+        image_size=8,
+        eval_n=256,
+        attack_n=64,
+    ),
 }
 
 EVAL_VERSION = 3  # bump when the metrics change: finished runs are then re-evaluated, not retrained

@@ -130,7 +130,7 @@ class RunConfig:
     the no-argument quickstart run; real runs set steps, batch size and learning rate (README recipes)."""
 
     out: str | None = None  # run folder; None: runs/<date>-<time>-<dataset>-<mode>
-    steps: int = 120  # the quickstart: ~2-3 minutes on a 2-core CPU (see README)
+    steps: int = 1000  # the quickstart: ~3 minutes on a 2-core CPU (see README)
     batch_size: int = 32
     seed: int = 0  # model init, dropout, loss noise, batch order
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -86,7 +86,8 @@ def test_dry_run_prints_the_resolved_default_config_and_writes_nothing(tmp_path,
     cfg = TrainConfig.from_dict(yaml.safe_load(out))
     assert (cfg.data.dataset, cfg.model.name, cfg.objective.mode) == ("subspace", "tiny", "adv")
     assert (cfg.data.corrupt_frac, cfg.data.corrupt_sigma) == (0.9, 0.2)
-    assert cfg.model.kwargs == {"in_channels": 3, "image_size": 16}
+    assert cfg.model.kwargs == {"in_channels": 3, "image_size": 8}  # the quickstart: 3x8x8 subspace images
+    assert (cfg.run.steps, cfg.optim.schedule, cfg.run.sample_eta) == (1000, "cosine", 1.0)
     assert cfg.run.out.startswith("runs/") and cfg.run.out.endswith("-subspace-adv")
     assert list(tmp_path.iterdir()) == []
 
@@ -122,6 +123,26 @@ def test_run_folder_holds_the_resolved_config(image_run):
 
 
 # -- fastat sample -----------------------------------------------------------------------------------------
+
+
+def test_gain_line_says_what_was_gained_and_its_baseline_command_runs(image_run, capsys):
+    from types import SimpleNamespace
+
+    from fastat.eval.cli import gain_line
+
+    cfg = TrainConfig.from_yaml(image_run / "config.yaml")
+    res = SimpleNamespace(run_dir=image_run, eval={"dist_samples": 0.15, "dist_data": 0.2})
+    line = gain_line(res, cfg)
+    assert line.startswith("adv: samples 0.1500 (RMS/pixel), 25% closer to the clean support than the training")
+    assert "(0.2000); the DDPM baseline on the same data: fastat train --config " in line
+    worse = gain_line(SimpleNamespace(run_dir=image_run, eval={"dist_samples": 0.3, "dist_data": 0.2}), cfg)
+    assert "50% farther from the clean support" in worse
+    assert gain_line(SimpleNamespace(run_dir=image_run, eval={}), cfg) is None
+    cmd = line.split(": fastat ", 1)[1].split()
+    code, out, _ = run_cli(capsys, *cmd, "--dry-run")
+    base = TrainConfig.from_dict(yaml.safe_load(out))
+    assert code == 0 and base.objective.mode == "ddpm" and base.run.out == f"{image_run}-ddpm"
+    assert (base.data, base.model, base.optim, base.run.seed) == (cfg.data, cfg.model, cfg.optim, cfg.run.seed)
 
 
 def test_sample_npy_of_images_is_float32_nchw_in_unit_range(image_run, tmp_path, capsys):

@@ -72,7 +72,7 @@ def test_plane3d_distance_exact():
 
 def test_subspace_distance_exact():
     d = known_dataset("subspace")
-    assert d.sample_shape == (3, 16, 16) and d.k == 8 and d.kind == "image"
+    assert d.sample_shape == (3, 8, 8) and d.k == 8 and d.kind == "image"
     torch.testing.assert_close(d.basis.T @ d.basis, torch.eye(8, dtype=torch.float64))
     x = d.sample(64, gen(1))
     assert d.distance_to_support(x).max() < 1e-6
@@ -394,14 +394,14 @@ def test_loader_out_buffer_and_errors():
 def test_build_dataset_known_sets():
     assert DATASETS == ("gmm2d", "plane3d", "subspace", "cifar10")
     td = build_dataset("subspace", seed=1, n=256, noise_p=0.9, noise_sigma=0.1)
-    assert td.kind == "image" and td.sample_shape == (3, 16, 16) and td.data.shape == (256, 3, 16, 16)
+    assert td.kind == "image" and td.sample_shape == (3, 8, 8) and td.data.shape == (256, 3, 8, 8)
     assert td.noisy_mask.sum() == round(0.9 * 256) and td.known is not None
     assert td.known.distance_to_support(td.clean).max() < 1e-6
     assert torch.equal(td.data, build_dataset("subspace", seed=1, n=256, noise_p=0.9, noise_sigma=0.1).data)
     assert not torch.equal(td.clean, build_dataset("subspace", seed=2, n=256).clean)
     pts = build_dataset("plane3d", n=100, image_size=32)  # image_size: ignored by point sets
     assert pts.kind == "points" and pts.data.shape == (100, 3) and pts.data is pts.clean
-    assert build_dataset("subspace", n=4, image_size=8).sample_shape == (3, 8, 8)
+    assert build_dataset("subspace", n=4, image_size=16).sample_shape == (3, 16, 16)
     assert build_dataset("gmm2d", n=4, known_kwargs={"n_modes": 3}).known.n_modes == 3
 
 

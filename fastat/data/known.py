@@ -11,7 +11,7 @@ gmm2d      points  (2,)          8 mode centres on a circle of radius 2 (std 0.0
                                  Euclidean distance to the nearest centre
 plane3d    points  (3,)          square [-1, 1]^2 on a tilted plane through the origin;
                                  exact Euclidean distance to the square patch
-subspace   image   (3, 16, 16)   affine k-dim subspace (k = 8) of image space;
+subspace   image   (3, 8, 8)     affine k-dim subspace (k = 8) of image space (any H x W);
                                  RMS per-pixel residual of the orthogonal projection
 =========  ======  ============  ===========================================================
 
@@ -194,6 +194,9 @@ class Subspace(KnownDistribution):
     ``distance_to_support`` is the **RMS per-pixel residual** ``|x - P(x)|_2 / sqrt(D)`` of the orthogonal
     projection ``P`` onto the affine subspace, so one number means the same at any resolution: pixel
     noise of std sigma measures ~``sigma * sqrt((D - k) / D)``.
+
+    The default size, 3x8x8, is what the tiny UNet learns below the data's noise in the CPU quickstart
+    (a few minutes; at 16x16 it takes ~10x longer, see ``benchmarks/RESULTS.md``).
     """
 
     name, kind = "subspace", "image"
@@ -202,8 +205,8 @@ class Subspace(KnownDistribution):
     def __init__(
         self,
         channels: int = 3,
-        height: int = 16,
-        width: int = 16,
+        height: int = 8,
+        width: int = 8,
         k: int = 8,
         pixel_std: float = 0.3,
         mean_amplitude: float = 0.25,

@@ -143,8 +143,7 @@ class CompareSpec:
                 over["data.image_size"] = self.image_size
         else:
             over.update({"model.name": "mlp", "model.kwargs": {"hidden": self.hidden, "depth": self.depth}})
-        if self.lr_schedule != "constant":
-            over["optim.schedule"] = self.lr_schedule
+        over["optim.schedule"] = self.lr_schedule
         over.update({f"objective.{k}": v for k, v in self.objective.items()})
         over.update({f"objective.{k}": v for k, v in extra.items()})
         return over

@@ -40,8 +40,9 @@ def measure(run: Path, size: int, n: int) -> dict:
     td = build_training_data(cfg, progress=False)
     data = td.data if td.data is not None else torch.cat(list(td.train_view().blocks()))
     known = known_dataset("subspace", height=size, width=size)
-    m = known_metrics(model, cfg.build_objective().schedule, known, train_data=data, n=n,
-                      sampler=cfg.run.sampler, steps=cfg.run.sample_steps, eta=run_eta(cfg), clip_x0=1.0)  # fmt: skip
+    schedule = cfg.build_objective().schedule
+    m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=cfg.run.sampler,
+                      steps=cfg.run.sample_steps, eta=run_eta(cfg), clip_x0=1.0)  # fmt: skip
     keys = ("dist_mean", "data_dist_mean", "sw", "sw_proj", "psnr_t50", "psnr_t100", "nn_cos_mean")
     return {k: round(m[k], 4) for k in keys if k in m}
 

@@ -87,7 +87,7 @@ def test_dry_run_prints_the_resolved_default_config_and_writes_nothing(tmp_path,
     assert (cfg.data.dataset, cfg.model.name, cfg.objective.mode) == ("subspace", "tiny", "adv")
     assert (cfg.data.corrupt_frac, cfg.data.corrupt_sigma) == (0.9, 0.2)
     assert cfg.model.kwargs == {"in_channels": 3, "image_size": 8}  # the quickstart: 3x8x8 subspace images
-    assert (cfg.run.steps, cfg.optim.schedule, cfg.run.sample_eta) == (1000, "cosine", 1.0)
+    assert (cfg.run.steps, cfg.optim.schedule, cfg.run.sample_eta) == (1000, "constant", 1.0)
     assert cfg.run.out.startswith("runs/") and cfg.run.out.endswith("-subspace-adv")
     assert list(tmp_path.iterdir()) == []
 

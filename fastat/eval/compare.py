@@ -173,7 +173,6 @@ PRESETS: dict[str, CompareSpec] = {
         batch_size=32,
         lr=1e-3,
         warmup=20,
-        lr_schedule="cosine",
         ema_decay=0.9999,
         image_size=8,
         eval_n=256,

@@ -509,7 +509,7 @@ def test_compare_images_preset_smoke(tmp_path, capsys):
     assert spec.image_size == 8 and spec.eta == 1.0
     res = run_compare(spec, tmp_path / "cmp", plots=False, log=lambda s: None)
     cfg = (tmp_path / "cmp" / "runs" / "subspace-s0.2" / "adv-seed0" / "config.yaml").read_text()
-    assert "schedule: constant" in cfg and "ch: 8" in cfg and "image_size: 4" in cfg
+    assert "schedule: cosine" in cfg and "ch: 8" in cfg and "image_size: 4" in cfg
     table = res["table"]
     assert "| subspace-s0.2 | adv |" in table and "x0_hat PSNR t=100" in table and "NN cosine" in table
     assert "(exact posterior mean" in table and "(fresh clean data" in table

@@ -94,7 +94,7 @@ class CompareSpec:
     n_train: int = 4096
     hidden: int = 128  # MLP (point sets)
     depth: int = 3
-    image_size: int | None = None  # image sets (subspace): H = W (None: the dataset's own, 16)
+    image_size: int | None = None  # image sets (subspace): H = W (None: the dataset's own, 8)
     unet: dict = field(default_factory=dict)  # image sets: overrides of the UNet preset "tiny" (e.g. ch)
     lr_schedule: str = "constant"  # optim.schedule: constant | cosine | linear
     eval_n: int = 512
@@ -173,6 +173,7 @@ PRESETS: dict[str, CompareSpec] = {
         batch_size=32,
         lr=1e-3,
         warmup=20,
+        lr_schedule="cosine",
         ema_decay=0.9999,
         image_size=8,
         eval_n=256,
@@ -662,7 +663,7 @@ def run_compare(
 
 
 def _unet_desc(spec: CompareSpec) -> str:
-    size = spec.image_size or 16
+    size = spec.image_size or 8
     kw = ", ".join(f"{k}={v}" for k, v in sorted(spec.unet.items()))
     return f"{size}x{size}" + (f" ({kw})" if kw else "")
 

@@ -38,7 +38,8 @@ ARGS = ["--dataset", "gmm2d", "--model", "mlp", "--set", "model.kwargs={hidden: 
         "--set", "data.n=512", "--batch-size", "32", "--steps", "60", "--log-every", "5",
         "--save-every", "10", "--no-progress", "--set", "run.keep=10", "--set", "run.sample_n=8",
         "--set", "run.sample_steps=4", "--set", "run.eval_n=16", "--set", "run.tensorboard=false",
-        "--set", "run.dist_timeout=60"]  # fmt: skip
+        "--set", "run.dist_timeout=60",
+        "--set", "run.sample_eta=0"]  # fmt: skip  (deterministic DDIM: the spread evaluation == one process's)
 
 
 def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:

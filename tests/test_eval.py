@@ -506,7 +506,7 @@ def test_compare_images_preset_smoke(tmp_path, capsys):
     spec = spec_with(PRESETS["images"], settings=["subspace-s0.2"], modes=["ddpm", "adv"], seeds=[0], steps=4,
                      n_train=64, image_size=4, unet={"ch": 8, "groups": 4}, eval_n=8, sample_steps=3,
                      attack=False)  # fmt: skip
-    assert spec.image_size == 8 and spec.eta == 1.0
+    assert PRESETS["images"].image_size == 8 and spec.image_size == 4 and spec.eta == 1.0
     res = run_compare(spec, tmp_path / "cmp", plots=False, log=lambda s: None)
     cfg = (tmp_path / "cmp" / "runs" / "subspace-s0.2" / "adv-seed0" / "config.yaml").read_text()
     assert "schedule: cosine" in cfg and "ch: 8" in cfg and "image_size: 4" in cfg

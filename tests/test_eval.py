@@ -516,3 +516,24 @@ def test_compare_images_preset_smoke(tmp_path, capsys):
     assert "UNet tiny 4x4 (ch=8, groups=4)" in table and "no trajectory attack" in table
     adv = res["summary"]["subspace-s0.2"]["adv"]
     assert {"dist_mean", "psnr_t100", "nn_cos_mean"} <= set(adv) and "psnr_t100" in adv["vs_ddpm"]
+
+
+def test_compare_equal_flop_budget_gives_each_variant_its_steps(tmp_path):
+    """budget_units U: each variant trains round(U / units per image and step) steps (batch 8)."""
+    from fastat.eval.compare import SETTINGS, CompareSpec, markdown_table
+
+    spec = CompareSpec(batch_size=8, budget_units=2400)
+    steps = {
+        v: spec.run_overrides(SETTINGS["plane3d-s0.2"], v, 0, tmp_path)["run.steps"]
+        for v in ("ddpm", "adv", "pgd[pgd_steps=2]", "free[replays=4]", "adv[reg_frac=0.25]")
+    }
+    # 3, 8, 3 + 2*2 + 3, 6 (a replay), 3 + 5 * ceil(2) / 8 units
+    assert steps == {"ddpm": 800, "adv": 300, "pgd[pgd_steps=2]": 240, "free[replays=4]": 400,
+                     "adv[reg_frac=0.25]": 565}  # fmt: skip
+    equal = CompareSpec(batch_size=8)
+    assert equal.run_overrides(SETTINGS["plane3d-s0.2"], "free", 0, tmp_path)["run.steps"] == 400
+    summary = {"plane3d-s0.2": {"_reference": {}, "adv": {"dist_mean": [0.1, 0.0], "flop_units": [8.0, 0.0],
+                                                          "steps": [300.0, 0.0]}}}  # fmt: skip
+    table = markdown_table(summary, spec)
+    assert "| units/img | steps | s/step |" in table and "| 8 | 300 |" in table
+    assert "equal FLOP budget of 2400" in table

@@ -113,6 +113,14 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--modes", nargs="+", default=None, help="variants (default: ddpm rand adv pgd)")
     c.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...", help="seeds (default 0,1,2)")
     c.add_argument("--steps", type=int, default=None, help="training steps per run")
+    c.add_argument(
+        "--budget-units",
+        type=float,
+        default=None,
+        metavar="U",
+        help="equal FLOP budget: each variant trains round(U / its units per image and step) steps "
+        "(e.g. 3200 = 400 steps of adv, 8 units); default: every variant trains --steps",
+    )
     c.add_argument("--eval-n", type=int, default=None, help="samples per evaluation")
     c.add_argument(
         "--set",
@@ -225,9 +233,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         objective[key] = yaml.safe_load(value)
-    for name in ("steps", "eval_n", "workers", "threads"):
+    for name in ("steps", "eval_n", "workers", "threads", "budget_units"):
         v = getattr(args, name)
-        if v is not None and v < 1:
+        if v is not None and not v >= 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     spec = spec_with(
         base,
@@ -236,6 +244,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         steps=args.steps,
         eval_n=args.eval_n,
+        budget_units=args.budget_units,
         objective=objective,
         attack=False if args.no_attack else None,
     )

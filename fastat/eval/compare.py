@@ -3,15 +3,20 @@
     fastat eval compare                        # the default grid: <= 15 min on a 2-core CPU
     fastat eval compare --quick --out /tmp/c   # a < 1 min smoke run
     fastat eval compare --settings plane3d-s0.2 --modes ddpm adv "adv[lam=1.0]" "adv[r_min=0.1]"
+    fastat eval compare --modes ddpm adv "free[replays=2]" "adv[reg_frac=0.25]" --budget-units 3200
+    # ^ an equal FLOP budget: 400 steps of adv (8 units per image), 1067 of ddpm (3), 533 of free (6)
 
 For every setting (a known dataset with its corruption) x variant (a training mode, optionally with
 objective overrides) x seed, the trainer (:func:`fastat.train.train`) trains a small MLP on the same
-corrupted data with the same number of steps, then :func:`fastat.eval.known_metrics` measures the EMA
-model. The seed sets the model's initialisation, the loss noise and the batch order; the data (and their
-corruption) are the same for every run of a setting. Results are aggregated as mean ± std over seeds,
-with the paired difference to ``ddpm`` (same seed), and written as ``compare.json``, ``compare.md`` and
-plots (matplotlib, if installed). Finished runs (``eval.json`` present with the same settings) are
-reused, so an interrupted comparison continues where it stopped.
+corrupted data with the same number of steps (or, with ``budget_units``, the same FLOP budget: each
+variant trains ``round(budget_units / flop_units)`` steps, ``flop_units`` being its forward-pass
+equivalents per image and step, :meth:`fastat.ATObjective.flop_units`), then
+:func:`fastat.eval.known_metrics` measures the EMA model. The seed sets the model's initialisation, the
+loss noise and the batch order; the data (and their corruption) are the same for every run of a setting.
+Results are aggregated as mean ± std over seeds, with the paired difference to ``ddpm`` (same seed), and
+written as ``compare.json``, ``compare.md`` and plots (matplotlib, if installed). Finished runs
+(``eval.json`` present with the same settings) are reused, so an interrupted comparison continues where
+it stopped.
 
 A variant is ``MODE`` or ``MODE[key=value,...]`` with keys of the ``objective`` config section, e.g.
 ``adv[lam=0.5,r_min=0.1]``; the variant string is its label in the table.
@@ -108,8 +113,23 @@ class CompareSpec:
     attack_steps: int = 5
     attack_target: str = "eps"
     objective: dict = field(default_factory=dict)  # overrides of the objective section for every run
+    # equal FLOP budget: forward-pass equivalents per image slot (steps x flop_units); None: equal steps
+    budget_units: float | None = None
 
     def run_overrides(self, setting: Setting, variant: str, seed: int, out: Path) -> dict:
+        over = self._overrides(setting, variant, seed, out, self.steps)
+        if self.budget_units is None:
+            return over
+        steps = max(1, round(self.budget_units / self.flop_units(over)))
+        return self._overrides(setting, variant, seed, out, steps)
+
+    def flop_units(self, over: dict) -> float:
+        """Forward-pass equivalents per image and step of the run ``over`` describes (one replay in free)."""
+        from fastat.config import TrainConfig
+
+        return TrainConfig().with_overrides(over).build_objective().flop_units(self.batch_size)
+
+    def _overrides(self, setting: Setting, variant: str, seed: int, out: Path, steps: int) -> dict:
         mode, extra = parse_variant(variant)
         over = {
             "data.dataset": setting.dataset,
@@ -122,7 +142,7 @@ class CompareSpec:
             "optim.lr": self.lr,
             "optim.warmup": self.warmup,
             "ema.decay": self.ema_decay,
-            "run.steps": self.steps,
+            "run.steps": steps,
             "run.batch_size": self.batch_size,
             "run.seed": seed,
             "run.device": "cpu",
@@ -130,7 +150,7 @@ class CompareSpec:
             "run.save_every": 0,
             "run.sample_every": 0,
             "run.eval_n": 0,
-            "run.log_every": max(1, self.steps // 4),
+            "run.log_every": max(1, steps // 4),
             "run.sample_n": 64,
             "run.sampler": self.sampler,
             "run.sample_steps": self.sample_steps,
@@ -254,7 +274,8 @@ def _job(args: tuple) -> dict:
         result = train(TrainConfig().with_overrides(over), progress=False)
         train_s, steps = time.perf_counter() - t0, result.step
     else:
-        train_s, steps = prev["record"]["train_seconds"], spec.steps
+        train_s, steps = prev["record"]["train_seconds"], over["run.steps"]
+    units = spec.flop_units(over)
     t1 = time.perf_counter()
     kw = {k: (tuple(v) if k == "attack_at" else v) for k, v in want.items() if k != "version"}
     ev = evaluate_run(run_dir, seed=seed, device="cpu", **kw)
@@ -265,6 +286,9 @@ def _job(args: tuple) -> dict:
         "run": str(run_dir),
         "train_seconds": round(train_s, 2),
         "sec_per_step": train_s / max(steps, 1),
+        "steps": steps,
+        "flop_units": units,  # per image and step
+        "flop_units_total": units * steps,  # per image slot of the batch: the budget
         "eval_seconds": round(time.perf_counter() - t1, 2),
         "metrics": ev["metrics"],
     }
@@ -340,9 +364,11 @@ def aggregate(records: list[dict], spec: CompareSpec) -> dict:
             if not rv:
                 continue
             row: dict = {"seeds": len(rv)}
-            for key in {c[0] for c in COLUMNS} | {"train_sec_per_step"}:
+            for key in {c[0] for c in COLUMNS} | {"train_sec_per_step", "steps", "flop_units"}:
                 if key == "train_sec_per_step":
                     vals = [r["sec_per_step"] for r in rv]
+                elif key in ("steps", "flop_units"):
+                    vals = [r[key] for r in rv if key in r]
                 else:
                     vals = [r["metrics"][key] for r in rv if key in r["metrics"]]
                 if vals:
@@ -388,13 +414,13 @@ def markdown_table(summary: dict, spec: CompareSpec, seconds: float | None = Non
         + " | ".join(c[1] for c in cols)
         + " | vs ddpm ("
         + " / ".join(VERDICT_LABELS[k] for k in verdicts)
-        + ") | s/step |"
+        + ") | units/img | steps | s/step |"
     )
-    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
     for s, blk in summary.items():
         ref = blk["_reference"]
         refcells = [_reference_cell(c[0], ref) for c in cols]
-        lines.append(f"| {s} | *training data* | " + " | ".join(refcells) + " | | |")
+        lines.append(f"| {s} | *training data* | " + " | ".join(refcells) + " | | | | |")
         for v, row in blk.items():
             if v == "_reference":
                 continue
@@ -402,7 +428,10 @@ def markdown_table(summary: dict, spec: CompareSpec, seconds: float | None = Non
             vs = row.get("vs_ddpm", {})
             verdict = " / ".join(vs[k][2] if k in vs else "" for k in verdicts) if vs else "—"
             sps = f"{row['train_sec_per_step'][0] * 1000:.0f} ms" if "train_sec_per_step" in row else ""
-            lines.append(f"| {s} | {v} | " + " | ".join(cells) + f" | {verdict} | {sps} |")
+            units = f"{row['flop_units'][0]:.3g}" if "flop_units" in row else ""
+            steps = f"{row['steps'][0]:.0f}" if "steps" in row else ""
+            tail = f" | {verdict} | {units} | {steps} | {sps} |"
+            lines.append(f"| {s} | {v} | " + " | ".join(cells) + tail)
     images = any(SETTINGS[s].dataset == "subspace" for s in summary if s in SETTINGS)
     points = any(SETTINGS[s].dataset != "subspace" for s in summary if s in SETTINGS)
     models = ([f"MLP {spec.hidden}x{spec.depth}"] if points else []) + (
@@ -416,14 +445,15 @@ def markdown_table(summary: dict, spec: CompareSpec, seconds: float | None = Non
     )
     notes = [
         "",
-        f"{len(spec.seeds)} seeds ({', '.join(map(str, spec.seeds))}); {spec.steps} steps, "
+        f"{len(spec.seeds)} seeds ({', '.join(map(str, spec.seeds))}); {_length(spec)}, "
         f"batch {spec.batch_size}, lr {spec.lr} ({spec.lr_schedule}, warmup {spec.warmup}), "
         f"{', '.join(models)}, EMA {spec.ema_decay}; {spec.eval_n} samples per run, "
         f"{spec.sampler} {spec.sample_steps} steps eta {spec.eta}; {attack}.",
         "Distances are exact (Euclidean to the clean support; images: RMS per pixel); 'training data' is "
         "what the corrupted data score; the sliced-W2 floor is two fresh clean sets of the same size. "
         "'vs ddpm': paired by seed, better/worse when the mean difference exceeds two standard errors, "
-        "else tie.",
+        "else tie. 'units/img': forward-pass equivalents per image and step (a backward counts 2; free: per "
+        "replay).",
     ]
     if spec.objective:
         notes.append(f"Objective overrides for every run: {spec.objective}.")
@@ -666,6 +696,13 @@ def _unet_desc(spec: CompareSpec) -> str:
     size = spec.image_size or 8
     kw = ", ".join(f"{k}={v}" for k, v in sorted(spec.unet.items()))
     return f"{size}x{size}" + (f" ({kw})" if kw else "")
+
+
+def _length(spec: CompareSpec) -> str:
+    if spec.budget_units is None:
+        return f"{spec.steps} steps"
+    return (f"an equal FLOP budget of {spec.budget_units:g} forward-pass equivalents per image slot "
+            f"(steps x units/img)")  # fmt: skip
 
 
 def _slug(variant: str) -> str:

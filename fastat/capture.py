@@ -11,7 +11,11 @@ What a CUDA graph cannot hold: a host read of a device value (``.item()``, ``boo
 ``torch.equal``, a ``Scalar`` overload fed a 0-dim tensor such as ``torch._foreach_lerp_``'s), a
 host-to-device copy of a Python value (``torch.tensor(x, device="cuda")``), an allocation whose address
 changes between replays. :class:`HostReadCheck` finds the first two on any device, CPU included: it is a
-``TorchDispatchMode`` that records every such op with the fastat line that issued it.
+``TorchDispatchMode`` that records every such op with the fastat line that issued it. It also records
+every copy of a CPU tensor into a tensor on another device (``t.to("cuda")``, ``dst.copy_(cpu_t)``); on
+a CPU-only run there is no other device, so there the step's freedom from such copies rests on what it
+builds beforehand (``ATObjective.prepare``: the schedule's and ``dm_weight``'s tables, made on the device
+when the engine is built; ``tests/test_engine.py`` checks that the step builds none).
 
 A capture that fails part-way leaves the random generators it registered in capture mode on torch 2.11
 (the next ``torch.randint(generator=g)`` raises). :func:`capture_safely` snapshots every generator the
@@ -55,6 +59,9 @@ HOST_READ_OPS = {
     # torch.tensor(python data): built on the host, then copied (to CUDA: a host-to-device copy)
     _aten.lift_fresh: "torch.tensor(host data) (a host-to-device copy on CUDA)",
 }
+# Copies checked for a CPU source and a destination on another device (``t.to(dev)``, ``dst.copy_(t)``):
+# on CUDA a host-to-device copy, which synchronises (pageable memory) and cannot be replayed with new data.
+_COPY_OPS = {_aten._to_copy, _aten.copy_, _aten.copy}
 _FASTAT_DIR = str(Path(__file__).resolve().parent.parent)
 
 
@@ -91,7 +98,10 @@ class HostReadCheck(TorchDispatchMode):
         packet = getattr(func, "overloadpacket", None)
         if not self._paused and packet in HOST_READ_OPS:
             self.reads.append((str(func), HOST_READ_OPS[packet], _caller()))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not self._paused and packet in _COPY_OPS and _host_to_device(packet, args, out):
+            self.reads.append((str(func), "a host-to-device copy of host memory", _caller()))
+        return out
 
     def report(self) -> str:
         """One line per distinct read: ``count x op (what) at file:line``."""
@@ -99,6 +109,13 @@ class HostReadCheck(TorchDispatchMode):
         for r in self.reads:
             counts[r] = counts.get(r, 0) + 1
         return "\n".join(f"{n} x {op} ({what}) at {where}" for (op, what, where), n in counts.items())
+
+
+def _host_to_device(packet, args, out) -> bool:
+    """Whether a copy op read a CPU tensor into a tensor on another device."""
+    src, dst = (args[1], args[0]) if packet in (_aten.copy_, _aten.copy) else (args[0], out)
+    is_t = isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)
+    return is_t and src.device.type == "cpu" and dst.device.type != "cpu"
 
 
 def _caller() -> str:

@@ -134,6 +134,8 @@ class StepEngine:
         self.model, self.objective, self.generator = model, objective, generator
         self.prepare_batch, self.reduce_grads, self.ranks = prepare_batch, reduce_grads, ranks
         self.device = next(model.parameters()).device
+        if hasattr(objective, "prepare"):  # its tables on the device now: the step copies nothing in
+            objective.prepare(self.device)
         self.clip, self.precision, self.fast = clip, precision, fast
         self.log = log
         cuda = self.device.type == "cuda"

@@ -232,13 +232,26 @@ class ATObjective:
             lam = (s >= self.lam_s_min).float() * lam
         return lam
 
+    def prepare(self, device: torch.device | str) -> None:
+        """Build every table a call reads on ``device`` (the schedule's and a ``dm_weight`` table's), so
+        that the calls themselves copy nothing from the host (a host-to-device copy synchronises, and a
+        CUDA graph cannot hold one). :class:`fastat.engine.StepEngine` calls it when it is built; without
+        it the first call on a device builds them."""
+        device = torch.device(device)
+        self.schedule.tables(device)
+        if self._dm_table is not None:
+            self._dm_on(device)
+
+    def _dm_on(self, device: torch.device) -> torch.Tensor:
+        table = self._dm_cache.get(device)
+        if table is None:  # one copy per device
+            table = self._dm_cache[device] = self._dm_table.to(device=device, dtype=torch.float32)
+        return table
+
     def dm_weight_at(self, t: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor | float:
         """Per-sample weight of the denoising term at timesteps ``t`` (1.0 when unweighted)."""
         if self._dm_table is not None:
-            table = self._dm_cache.get(t.device)
-            if table is None:  # one copy per device (the first, uncaptured steps make it)
-                table = self._dm_cache[t.device] = self._dm_table.to(device=t.device, dtype=torch.float32)
-            return table[t]
+            return self._dm_on(t.device)[t]
         if self.dm_weight == "eps":
             return P.regulariser_coeffs(self.prediction, a, s)[1]
         return 1.0

@@ -100,6 +100,21 @@ def test_check_sees_the_host_reads_it_is_meant_to_catch():
     assert any("host_read_cases.py" in where for _, _, where in check.reads)
 
 
+def test_check_sees_host_to_device_copies():
+    """A CPU tensor copied into a tensor on another device is flagged ("meta" stands in for CUDA here); a
+    copy between tensors on one device is not."""
+    host = torch.arange(3.0)
+    with HostReadCheck() as check:
+        dev = host.to("meta")  # _to_copy from the host
+        dev.copy_(host)  # copy_ from the host
+        dev.copy_(dev * 2)  # on the device: fine
+        host.to(torch.float64).copy_(host)  # on the host: fine
+        torch.empty(3, device="meta").to(torch.float16)  # on the device: fine
+    flagged = [(op, what) for op, what, _ in check.reads]
+    assert flagged == [("aten._to_copy.default", "a host-to-device copy of host memory"),
+                       ("aten.copy_.default", "a host-to-device copy of host memory")], flagged  # fmt: skip
+
+
 def test_report_naive_step_host_reads(capsys):
     """The naive loop (fastat bench's baseline) is not meant to be capturable: reported, never failed."""
     torch.manual_seed(0)

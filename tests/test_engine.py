@@ -74,6 +74,26 @@ def test_fast_step_matches_eager_step(mode):
     )
 
 
+def test_tables_are_on_the_device_before_the_first_step_and_the_step_builds_none():
+    """Building a table in the step is a host-to-device copy on CUDA (a sync; a graph cannot hold it): the
+    engine builds the schedule's and the dm_weight table when it is made, and the steps reuse them."""
+    torch.manual_seed(0)
+    sched = NoiseSchedule(T=100)
+    weights = torch.linspace(0.5, 2.0, 100, dtype=torch.float64)
+    obj = ATObjective(schedule=sched, mode="adv", dm_weight=weights, budget=Budget(r_min=0.1, r_scale=0.2))
+    assert not sched._cache and not obj._dm_cache  # nothing built yet
+    model = MLP(3, hidden=32, depth=2, time_dim=16)
+    eng = StepEngine(model, obj, generator=torch.Generator().manual_seed(1), lr=1e-3, log=lambda s: None)
+    cpu = torch.device("cpu")
+    built = {k: dict(v) for k, v in sched._cache.items()}
+    assert list(built) == [(cpu, torch.float32)] and list(obj._dm_cache) == [cpu]
+    torch.testing.assert_close(obj._dm_cache[cpu], weights.float(), rtol=0, atol=0)
+    dm = obj._dm_cache[cpu]
+    run(eng, batches(2))
+    assert {k: dict(v) for k, v in sched._cache.items()} == built  # the same tensors, nothing new
+    assert list(obj._dm_cache) == [cpu] and obj._dm_cache[cpu] is dm
+
+
 def test_eager_step_is_reproducible_and_counts_ema_updates():
     xs = batches(3)
     a, _ = make(fast=False)
@@ -248,8 +268,9 @@ def test_cuda_graph_step_matches_eager_step_and_advances_rng(mode):
     xs = [x.cuda() for x in batches(9, bad_at=(bad,))]
     eager, _ = make_cuda(False, mode)
     fast, logs = make_cuda(True, mode)
+    s_e = run(eager, xs[:1])  # lazy state (the optimizer's moments) is made by a first step
     with no_host_sync():
-        s_e = run(eager, xs)
+        s_e += run(eager, xs[1:], first=1)
     s_f = run(fast, xs[:5])  # warm-up (compilation) and capture
     assert fast.mode == "compiled+graph" and fast._graph is not None and fast.capture_seconds, logs
     with no_host_sync():
@@ -268,8 +289,9 @@ def test_cuda_graph_fp16_step_with_grad_scaler():
     xs = [x.cuda() for x in batches(9, bad_at=(7,), bad=float("inf"))]
     eager, _ = make_cuda(False, precision="fp16")
     fast, logs = make_cuda(True, precision="fp16")
+    s_e = run(eager, xs[:1])  # lazy state (the optimizer's moments, the scaler's scale) first
     with no_host_sync():
-        s_e = run(eager, xs)
+        s_e += run(eager, xs[1:], first=1)
     s_f = run(fast, xs[:5])
     assert fast.mode == "compiled+graph" and fast._graph is not None, logs
     with no_host_sync():

@@ -106,6 +106,12 @@ def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:
     return first
 
 
+def _check_nonempty(op: str, x: torch.Tensor) -> None:
+    """A loss is a mean over the batch's elements: none is an error, not a NaN or a division by zero."""
+    if x.numel() == 0:
+        raise ValueError(f"{op}: the batch is empty (shape {tuple(x.shape)}): a loss needs an element")
+
+
 def _check_coeff(op: str, name: str, c, like: torch.Tensor, nonneg: bool = False, finite: bool = False):
     """A per-sample coefficient: a real number, or a floating tensor of shape () or (B,) on like's device."""
     if isinstance(c, torch.Tensor):
@@ -243,10 +249,12 @@ def pgd_step(
 
 
 def ddpm_loss(eps_pred: torch.Tensor, eps: torch.Tensor, dm_weight=1.0) -> torch.Tensor:
-    """The standard DDPM loss ``sum(dm_weight_b * (eps_pred - eps)^2) / N``, in the input's dtype."""
+    """The standard DDPM loss ``sum(dm_weight_b * (eps_pred - eps)^2) / N``, in the input's dtype
+    (float32 for float16 inputs, as :func:`at_loss`)."""
     eps_pred = _check_tensors("ddpm_loss", eps_pred=eps_pred, eps=eps)
+    _check_nonempty("ddpm_loss", eps_pred)
     dm_weight = _check_coeff("ddpm_loss", "dm_weight", dm_weight, eps_pred, nonneg=True, finite=True)
-    return K.ddpm_loss_ref(eps_pred, eps, dm_weight).to(eps_pred.dtype)
+    return K.ddpm_loss_ref(eps_pred, eps, dm_weight).to(K.loss_dtype(eps_pred.dtype))
 
 
 def at_loss_parts(
@@ -260,6 +268,7 @@ def at_loss_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, ddpm_loss)``: :func:`at_loss` and, detached, its (weighted) DDPM term from the same pass."""
     eps_pred = _check_tensors("at_loss", eps_pred=eps_pred, eps_adv_pred=eps_adv_pred, eps=eps, w=w)
+    _check_nonempty("at_loss", eps_pred)
     lam = _check_coeff("at_loss", "lam", lam, eps_pred, nonneg=True, finite=True)
     dm_weight = _check_coeff("at_loss", "dm_weight", dm_weight, eps_pred, nonneg=True, finite=True)
     if uses_triton(eps_pred):
@@ -281,6 +290,7 @@ def at_loss(
     ``lam`` is a float or a ``(B,)`` tensor; ``lam = 0`` gives exactly :func:`ddpm_loss` (on the
     Triton path: exactly the kernel's own DDPM term). ``dm_weight`` (float or ``(B,)``) weighs each
     sample's DDPM term: ``L_DM = sum(dm_weight_b * (eps_pred - eps)^2) / N``. Differentiable in both
-    predictions.
+    predictions. Returned in the inputs' dtype, but float32 for float16 inputs (so that a GradScaler's
+    ``scale(loss)``, 2^16 by default, stays finite; the input gradients come back in float16).
     """
     return at_loss_parts(eps_pred, eps_adv_pred, eps, w, lam, detach_clean, dm_weight)[0]

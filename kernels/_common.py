@@ -14,3 +14,9 @@ def per_sample(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | fl
         return float(c)
     c = c.to(torch.float32)
     return c if c.dim() == 0 else c.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss is returned in: the inputs', but float32 for float16 inputs. A float16 loss would
+    make autograd cast a GradScaler's factor (2^16 by default) to float16, which is inf."""
+    return torch.float32 if dtype == torch.float16 else dtype

@@ -15,14 +15,15 @@ per-(sample, block) partial sums and both input gradients (for an upstream gradi
 A second, single-program launch sums the partials in a fixed order: no atomics, so the same inputs give
 the same bits. Backward multiplies the stored gradients by the upstream scalar; it reads no input again.
 For float16 inputs the stored gradients are float32: ``2 (p - e) / N`` is far below float16's normal
-range for large N and would underflow before a gradient scaler's factor is applied.
+range for large N and would underflow before a gradient scaler's factor is applied; and the loss itself
+is float32 (a float16 loss would turn the scaler's factor, 2^16 by default, into inf in autograd).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import per_sample
+from ._common import loss_dtype, per_sample
 from ._triton import launch_grid, per_sample_vec, require_triton, same_layout, tl, triton
 
 # Widest chunk a reduction of partial sums loads at once (the loop covers any number of partials).
@@ -100,16 +101,17 @@ def at_loss_parts_ref(
     dm_weight=1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference ``(loss, ddpm_term)``: the AT loss (differentiable by autograd) and its detached DDPM
-    term, both in ``eps_pred``'s dtype (float32 arithmetic)."""
+    term, both in ``eps_pred``'s dtype, float32 for float16 (:func:`loss_dtype`; float32 arithmetic)."""
     dm = ddpm_loss_ref(eps_pred, eps, dm_weight)
     clean = eps_pred.detach() if detach_clean else eps_pred
     r = eps_adv_pred.float() - clean.float() - w.float()
     reg = (per_sample(lam, r) * r * r).sum() / r.numel()
-    return (dm + reg).to(eps_pred.dtype), dm.detach().to(eps_pred.dtype)
+    out = loss_dtype(eps_pred.dtype)
+    return (dm + reg).to(out), dm.detach().to(out)
 
 
 def at_loss_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean=False, dm_weight=1.0) -> torch.Tensor:
-    """Reference AT loss in float32 (differentiable by autograd), returned in ``eps_pred``'s dtype."""
+    """Reference AT loss in float32 (differentiable by autograd), returned in :func:`loss_dtype`."""
     return at_loss_parts_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean, dm_weight)[0]
 
 
@@ -120,14 +122,14 @@ def at_loss_ref(eps_pred, eps_adv_pred, eps, w, lam, detach_clean=False, dm_weig
 
 def at_loss_triton(eps_pred, eps_adv_pred, eps, w, lam, detach_clean=False, grad=True, dm_weight=1.0):
     """Forward of the fused loss: ``(out, gp, gq)`` with ``out = [loss, ddpm_loss]`` in the input dtype
-    and the input gradients for an upstream gradient of 1 (``None`` unless ``grad``; float32 for float16
-    inputs)."""
+    (float32 for float16 inputs: :func:`loss_dtype`) and the input gradients for an upstream gradient
+    of 1 (``None`` unless ``grad``; float32 for float16 inputs)."""
     require_triton()
     p, q, e, w = same_layout(eps_pred, eps_adv_pred, eps, w)
     B, D, block = launch_grid(p)
     nblk = triton.cdiv(D, block)
     dev = p.device
-    out = torch.empty(2, dtype=p.dtype, device=dev)
+    out = torch.empty(2, dtype=loss_dtype(p.dtype), device=dev)
     gdtype = torch.float32 if p.dtype == torch.float16 else p.dtype
     gp = torch.empty_like(p, dtype=gdtype) if grad else None
     gq = torch.empty_like(q, dtype=gdtype) if grad else None

@@ -229,7 +229,7 @@ def test_at_loss_kernel_value_and_gradients(shape, dtype, detach_clean):
     pr, qr = p.detach().clone().requires_grad_(True), q.detach().clone().requires_grad_(True)
     same = K.at_loss_ref(pr, qr, e, w, lam, detach_clean, dmw)
     sp, sq = torch.autograd.grad(same, [pr, qr])
-    check(loss, ref.detach(), dtype, same.detach())
+    check(loss, ref.detach(), K.loss_dtype(dtype), same.detach())  # fp16: a float32 loss
     check(gp, rp, dtype, sp)
     check(gq, rq, dtype, sq)
 
@@ -247,12 +247,15 @@ def test_at_loss_kernel_is_deterministic_and_lam_zero_is_its_ddpm_term(monkeypat
 
 def test_at_loss_fp16_gradients_survive_a_loss_scale():
     """fp16 inputs with many elements: 2 (p - e) / N is below fp16's normal range, so the kernel keeps
-    its gradients in float32 until the (scaled) upstream gradient has been applied, as a GradScaler does."""
+    its gradients in float32 until the (scaled) upstream gradient has been applied, as a GradScaler does;
+    the loss is float32, so the scale (2^16) does not overflow on its way into autograd."""
     p, q, e, w = loss_inputs((2, 200_000), torch.float16)
     p.requires_grad_(True)
     q.requires_grad_(True)
-    scale = 2.0**12  # the loss itself must stay below fp16's max (65504) once scaled
-    gp, gq = torch.autograd.grad(ops.at_loss(p, q, e, w, 0.5) * scale, [p, q])
+    scale = 2.0**16  # a GradScaler's default: the float32 loss keeps it finite (fp16 would make it inf)
+    loss, dm = ops.at_loss_parts(p, q, e, w, 0.5)
+    assert loss.dtype == dm.dtype == torch.float32 and ops.ddpm_loss(p, e).dtype == torch.float32
+    gp, gq = torch.autograd.grad(loss * scale, [p, q])
     assert gp.dtype == gq.dtype == torch.float16
     p64, q64 = p.detach().double().requires_grad_(True), q.detach().double().requires_grad_(True)
     rp, rq = torch.autograd.grad(at_loss_formula(p64, q64, e, w, 0.5) * scale, [p64, q64])

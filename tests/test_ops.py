@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from fastat import ops
 
 
-def assert_close(out, ref, dtype):
+def assert_close(out, ref, dtype, loss=False):
+    """``out`` in ``dtype`` (a loss: float32 for float16 inputs, so a GradScaler's 2^16 stays finite)."""
     atol, rtol = TOL[dtype]
-    assert out.dtype == dtype
+    assert out.dtype == (torch.float32 if loss and dtype == torch.float16 else dtype)
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
 
@@ -86,7 +87,7 @@ def test_at_loss_matches_formula(shape, dtype, per_sample):
     lam = rand(shape[0], 0.1, 2.0, 20).float() if per_sample else 0.3
     out = ops.at_loss(p, q, e, w, lam)
     assert out.dim() == 0
-    assert_close(out, at_loss_formula(p, q, e, w, lam), dtype)
+    assert_close(out, at_loss_formula(p, q, e, w, lam), dtype, loss=True)
 
 
 @pytest.mark.parametrize("detach_clean", [False, True])
@@ -114,7 +115,8 @@ def test_at_loss_lam_zero_is_ddpm_loss_exactly(dtype):
     ddpm = ops.ddpm_loss(p, e)
     assert torch.equal(ops.at_loss(p, q, e, w, 0.0), ddpm)
     assert torch.equal(ops.at_loss(p, q, e, w, torch.zeros(4)), ddpm)
-    torch.testing.assert_close(ddpm.float(), torch.nn.functional.mse_loss(p.float(), e.float()).to(dtype).float())
+    mse = torch.nn.functional.mse_loss(p.float(), e.float())
+    torch.testing.assert_close(ddpm, mse if dtype == torch.float16 else mse.to(dtype))  # fp16: a float32 loss
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -141,6 +143,11 @@ def test_bad_arguments_raise_clear_errors():
         ops.q_sample([1.0], 1.0, 1.0, y)
     with pytest.raises(ValueError, match="batch dimension"):
         ops.q_sample(torch.tensor(1.0), 1.0, 1.0, torch.tensor(2.0))
+    empty = torch.empty((0, 3))  # a loss over no elements: an error before any kernel (no 1/0, no NaN)
+    for call in (lambda: ops.at_loss(empty, empty, empty, empty, 0.1), lambda: ops.ddpm_loss(empty, empty),
+                 lambda: ops.at_loss_parts(empty, empty, empty, empty, 0.0)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"batch is empty \(shape \(0, 3\)\): a loss needs an element"):
+            call()
 
 
 def test_trusted_values_skips_only_the_tensor_value_checks():
@@ -171,10 +178,10 @@ def test_float64_is_refused_with_a_true_message():
 def test_dm_weight_weighs_each_sample_of_the_ddpm_term(dtype):
     p, q, e, w = (randn((5, 2, 3), dtype, seed=20 + i) for i in range(4))
     c = rand(5, 0.1, 3.0, 7).float()
-    assert_close(ops.ddpm_loss(p, e, c), at_loss_formula(p, q, e, w, 0.0, dm_weight=c.double()), dtype)
+    assert_close(ops.ddpm_loss(p, e, c), at_loss_formula(p, q, e, w, 0.0, dm_weight=c.double()), dtype, True)
     loss, dm = ops.at_loss_parts(p, q, e, w, 0.4, dm_weight=c)
-    assert_close(loss, at_loss_formula(p, q, e, w, 0.4, dm_weight=c.double()), dtype)
-    assert_close(dm, at_loss_formula(p, q, e, w, 0.0, dm_weight=c.double()), dtype)
+    assert_close(loss, at_loss_formula(p, q, e, w, 0.4, dm_weight=c.double()), dtype, True)
+    assert_close(dm, at_loss_formula(p, q, e, w, 0.0, dm_weight=c.double()), dtype, True)
     with pytest.raises(ValueError, match="dm_weight must be >= 0"):
         ops.at_loss(p, q, e, w, 0.4, dm_weight=-c)
 

@@ -53,7 +53,10 @@ and after capture, so that all of them run the same kind of step.
   filled (no recompile, no re-capture), AdamW is fused and capturable, and the random generators are
   registered with the graph so that every replay draws new numbers. The first ``warmup_steps`` steps run
   uncaptured on a side stream (compilation, autotuning, lazy allocations); the last of them runs with
-  CUDA's sync debug mode on, and a step that synchronises is not captured.
+  CUDA's sync debug mode on, and a step that synchronises is not captured. ``compile_mode``
+  ``"reduce-overhead"`` and ``"max-autotune"`` turn on Inductor's own CUDA graphs, which cannot run
+  inside this capture: with the graph on they become the default mode and ``"max-autotune-no-cudagraphs"``
+  (the engine logs it).
 
 If compilation fails, the engine says why and falls back to the eager step. If capture fails, every
 random generator the capture touched is put back (:func:`fastat.capture.capture_safely`) and the step
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -105,6 +109,14 @@ def grad_norm_(params: list[nn.Parameter], clip: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
+def _reset_scaler_step(scaler: torch.amp.GradScaler) -> None:
+    """Forget what ``scaler`` recorded for the current step (an ``unscale_``'s found-inf), as its ``update``
+    does at the end, without touching the scale or the growth tracker (torch has no public call)."""
+    from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+    scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+
 class StepEngine:
     """Owns the optimizer, the EMA and (fast path) the compiled model and the captured graph."""
 
@@ -124,7 +136,8 @@ class StepEngine:
         precision: str = "fp32",  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
         fast: bool = False,  # torch.compile the model
         graph: bool | None = None,  # capture the step in a CUDA graph (None: when fast on CUDA)
-        compile_mode: str | None = None,  # torch.compile mode (None: the default)
+        compile_mode: str | None = None,  # torch.compile mode (None: the default; with the graph on,
+        # "reduce-overhead" / "max-autotune" lose their Inductor CUDA graphs: see _compile_mode)
         warmup_steps: int = 3,  # uncaptured steps before the CUDA graph is captured (>= 1)
         log: Callable[[str], None] = print,
         prepare_batch: Callable | None = None,  # loader batch -> float x0, at the start of the step
@@ -161,12 +174,14 @@ class StepEngine:
         self.forward, self.attack_forward = model, model
         self._agree_compile = fast  # the ranks agree after the first step that every one compiled
         if fast:
+            compile_mode = self._compile_mode(compile_mode)
             try:
                 self.forward = torch.compile(model, mode=compile_mode, dynamic=False)
                 self.attack_forward = torch.compile(DetachedParams(model), mode=compile_mode, dynamic=False)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 self._fallback(f"torch.compile failed ({type(e).__name__}: {e})")
         self._graph = None
+        self._graph_replay_key = None  # free: the replay set (batch key) the graph was captured with
         self._static_x0 = None  # the captured step's input: x0's structure, dtypes and shapes
         self._static_stats: dict[str, torch.Tensor] | None = None
         self._odd_batch_logged = False
@@ -231,6 +246,8 @@ class StepEngine:
         if self._graph is not None and self._replay_fits:
             if x0 is not None:
                 tree_map(lambda dst, src: dst.copy_(src), self._static_x0, x0)
+            if self._graph_replay_key is not None:  # free: the captured batch's replay set (host only)
+                self.objective.replay.select(self._graph_replay_key)
             self._graph.replay()
             self.ema.num_updates += 1
             return self._static_stats
@@ -266,6 +283,19 @@ class StepEngine:
             return contextlib.nullcontext()
         # A captured graph must not use autocast's weight cache (it would hold stale casts).
         return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.use_graph)
+
+    def _compile_mode(self, mode: str | None) -> str | None:
+        """``mode``, but with the engine's CUDA graph on, the modes that turn on Inductor's own CUDA graphs
+        (which cannot run inside the engine's capture: it would fail and the step fall back) are mapped to
+        the same mode without them: ``reduce-overhead`` to the default, ``max-autotune`` to
+        ``max-autotune-no-cudagraphs``. Said once in the log."""
+        mapped = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
+        if not self.use_graph or mode not in mapped:
+            return mode
+        instead = mapped[mode] or "the default mode"
+        self.log(f"fastat: compile_mode {mode!r} turns on Inductor's CUDA graphs, which cannot run inside "
+                 f"the engine's captured step; compiling with {instead} instead")  # fmt: skip
+        return mapped[mode]
 
     def _body(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step itself; what a CUDA graph captures (the backward then allocates the gradients in the
@@ -305,6 +335,8 @@ class StepEngine:
         except Exception as e:  # noqa: BLE001 - the eager retry raises again if the step itself is wrong
             self._fallback(f"the compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             self.generator.set_state(snapshot)
+            if self.scaler is not None:  # fp16: forget an unscale_ of the failed step (it would raise again)
+                _reset_scaler_step(self.scaler)
             if kept:  # free: the replay position and kept values as they were (the host's count is right)
                 self.objective.load_state_dict(kept, self.device)
             return self._body(x0)
@@ -340,6 +372,8 @@ class StepEngine:
             self._static_stats = self._static_x0 = None
             self._fallback(f"CUDA-graph capture failed ({e})", keep_compiled=True)
             return
+        replay = getattr(self.objective, "replay", None)
+        self._graph_replay_key = replay.key if replay is not None else None
         self.capture_seconds = time.perf_counter() - t0
 
     def _everywhere(self, flag: bool) -> bool:

@@ -50,6 +50,19 @@ class Replay:
             raise ValueError("mode free: x0 is None (replay the last batch) but no batch was given yet")
         return self._sets[self._key]["k"] == 0
 
+    @property
+    def key(self) -> tuple | None:
+        """The batch key (shape, dtype, device) of the set in use (None before the first batch)."""
+        return self._key
+
+    def select(self, key: tuple) -> None:
+        """Make ``key``'s set the current one, on the host only (no device work). A replayed CUDA graph runs
+        no Python, so :meth:`begin` does not run for it: the engine selects the captured batch's set
+        before each replay, so that :meth:`state_dict` saves that set after a batch of another shape."""
+        if key not in self._sets:
+            raise KeyError(f"no replay state for a batch {key}")
+        self._key = key
+
     def keep(self, name: str, fresh: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
         """``new`` on a fresh step, the kept value otherwise; the result is kept for the next replays.
         ``new=None`` returns the kept value itself (only once one was kept)."""

@@ -56,6 +56,7 @@ class StandInGraphs:
     fail = False
     capturing = False
     made: list = []
+    host_objects: list = []  # objects whose attributes a replay must leave alone (it runs no Python)
 
     def __init__(self, device):
         self.default_generator = torch.Generator().manual_seed(123)
@@ -97,8 +98,12 @@ class _StandInGraph:
         if self.first:
             self.first = False
             return
+        kept = [(o, dict(vars(o))) for o in StandInGraphs.host_objects]
         for k, v in self.fn().items():
             self.out[k].copy_(v)
+        for o, attrs in kept:  # a real replay runs kernels only: host state stays as it was
+            vars(o).clear()
+            vars(o).update(attrs)
 
 
 class _CaptureSensitive(torch.nn.Module):
@@ -117,9 +122,9 @@ class _CaptureSensitive(torch.nn.Module):
 @pytest.fixture
 def stand_in(monkeypatch):
     monkeypatch.setattr(fastat.engine, "CudaGraphs", StandInGraphs)
-    StandInGraphs.made, StandInGraphs.fail = [], False
+    StandInGraphs.made, StandInGraphs.fail, StandInGraphs.host_objects = [], False, []
     yield StandInGraphs
-    StandInGraphs.fail = False
+    StandInGraphs.fail, StandInGraphs.host_objects = False, []
 
 
 def make(graph, seed=0, mode="adv", **kw):
@@ -197,6 +202,7 @@ def test_captured_free_step_replays_kept_batches(stand_in):
     ref, _ = make(graph=False, mode="free")
     eng, logs = make(graph=True, mode="free")
     (backend,) = stand_in.made
+    stand_in.host_objects.append(eng.objective.replay)  # replays run no Python (Replay.begin included)
     for i, x in enumerate(xs):
         fed = x if eng.wants_batch else None
         assert (fed is None) == (i % 3 != 0)
@@ -204,8 +210,13 @@ def test_captured_free_step_replays_kept_batches(stand_in):
         assert (b is eng._static_stats) == (3 <= i < 9 or i >= 12), i
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{k} at step {i}")
+        # a checkpoint now saves what the reference's does: after the odd batch (steps 9-11) too, the
+        # captured batch's replay set, selected on the host before each replay
+        saved, want = eng.objective_state_dict()["replay"], ref.objective_state_dict()["replay"]
+        assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want if k != "m")
     assert backend.captures == 1 and backend.replays == 7 and len(logs) == 1, logs
     assert_same_state(ref, eng)
+    assert tuple(eng.objective_state_dict()["replay"]["x0"].shape) == (16, 3)
 
 
 def test_failed_capture_restores_every_generator_and_runs_uncaptured(stand_in):
@@ -259,3 +270,19 @@ def test_cuda_graphs_refuses_a_cpu_device():
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         StepEngine(MLP(3, hidden=8, depth=1, time_dim=8), ATObjective(), generator=torch.Generator(), lr=1e-3,
                    graph=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_compile_modes_with_inductor_cuda_graphs_are_mapped_under_capture(stand_in, monkeypatch, graph):
+    """"reduce-overhead" and "max-autotune" turn on Inductor's CUDA graphs, which fail inside the engine's
+    capture: with the graph on they compile without them (said once); without it they are kept."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: modes.append(mode) or model)
+    no_graphs = "max-autotune-no-cudagraphs"
+    for asked, mapped in (("max-autotune", no_graphs), ("reduce-overhead", None), (no_graphs, no_graphs),
+                          (None, None)):  # fmt: skip
+        modes.clear()
+        eng, logs = make(graph=graph, fast=True, compile_mode=asked)
+        assert modes == [mapped if graph else asked] * 2  # the model and the attack's detached copy
+        assert len(logs) == (graph and asked != mapped), logs
+        assert all("turns on Inductor's CUDA graphs" in line for line in logs)

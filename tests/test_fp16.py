@@ -72,3 +72,33 @@ def test_precision_fp16_trains_and_resumes_bit_identically(tmp_path, capsys):
     for run in (full, part):
         scaler = load_checkpoint(run).state["scaler"]
         assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 3, scaler
+
+
+def test_fp16_compile_failure_after_unscale_retries_eagerly(monkeypatch):
+    """A compiled first step that fails after ``scaler.unscale_`` (here: in the gradient norm): the eager
+    retry unscales again instead of raising "unscale_() has already been called", and the step is the
+    eager engine's."""
+    import fastat.engine
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # "compiled": the model itself
+    real, calls = fastat.engine.grad_norm_, []
+
+    def fails_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("inductor exploded after unscale_")
+        return real(*a, **k)
+
+    monkeypatch.setattr(fastat.engine, "grad_norm_", fails_once)
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=8, ch=8, groups=4)
+    obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv", budget=Budget(r_min=0.1, r_scale=0.2))
+    logs = []
+    e = StepEngine(model, obj, generator=torch.Generator().manual_seed(1), lr=1e-3, clip=0.0,
+                   precision="fp16", fast=True, log=logs.append)  # fmt: skip
+    ref = engine("fp16")
+    s, r = e.step(images(), 1e-3), ref.step(images(), 1e-3)
+    assert e.mode == "eager" and len(logs) == 1 and "after unscale_" in logs[0], logs
+    assert torch.equal(s["loss"], r["loss"]) and torch.equal(s["grad_norm"], r["grad_norm"])
+    assert float(s["skipped"]) == 0 and e.scaler.get_scale() == ref.scaler.get_scale() == 2.0**16
+    assert all(torch.equal(p, q) for p, q in zip(e.model.parameters(), ref.model.parameters(), strict=True))

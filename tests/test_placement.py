@@ -206,6 +206,27 @@ def test_stream_reports_read_errors_as_dataset_errors(prepared):
                 st.next_batch()
 
 
+def test_short_reads_are_read_on_not_taken_for_a_corrupt_shard(prepared, pixels, monkeypatch):
+    """A read may return fewer bytes than asked (network file systems): the rest is read on from there."""
+    import os
+
+    import fastat.data.prepared as prepared_mod
+
+    real, sizes = os.preadv, []
+
+    def short(fd, views, offset):  # at most 7 bytes per call
+        (view,) = views
+        sizes.append(len(view))
+        return real(fd, [view[:7]], offset)
+
+    monkeypatch.setattr(prepared_mod.os, "preadv", short)
+    index = torch.tensor([5, 0, N - 1, 17])
+    out = torch.empty((4, *prepared.shape), dtype=torch.uint8)
+    prepared.read_into(index, out)
+    assert torch.equal(out, torch.from_numpy(pixels[index.numpy()]))
+    assert max(sizes) > 7 and len(sizes) > 4  # it asked for more and got it in several short reads
+
+
 def test_choose_placement_budget_and_errors():
     cpu = torch.device("cpu")
     assert choose_placement("auto", 10, cpu, budget_bytes=100)[0] == "device"

@@ -209,12 +209,18 @@ class PreparedImages:
 
     # -- reading -------------------------------------------------------------------------------------
     def _pread(self, s: int, view: memoryview, offset: int) -> None:
-        got = os.preadv(self._fd(s), [view], offset)
-        if got != len(view):
-            raise DatasetError(
-                f"shard {self._shards[s].path} ended early (read {got} of {len(view)} bytes at {offset}); "
-                f"prepare the set again"
-            )
+        """Fill ``view`` from shard ``s`` at ``offset``. A read may return fewer bytes than asked (network
+        file systems, signals): read on from where it stopped; only a read of 0 bytes (end of file) means
+        the shard is shorter than it should be."""
+        done, want = 0, len(view)
+        while done < want:
+            got = os.preadv(self._fd(s), [view[done:]], offset + done)
+            if got == 0:
+                raise DatasetError(
+                    f"shard {self._shards[s].path} ended early (read {done} of {want} bytes at {offset}); "
+                    f"prepare the set again"
+                )
+            done += got
 
     def read_into(self, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Images ``index`` (int64 ``(B,)``, any order) into ``out`` (contiguous CPU uint8

@@ -25,10 +25,14 @@ use ``w_k = Proj_r(w_{k-1} + alpha * sign(g_{k-1}))`` (l2: ``alpha * g / ||g||``
 step_size * r(t)`` (default 1.25 r, the budget r(t) as for every mode), where ``g_{k-1} = dL/dx~`` is the
 gradient of replay k-1's training loss with respect to its perturbed input ``x~ = x_t + s_t w_{k-1}``,
 computed by that replay's own backward (a hook on ``x~``): the perturbation costs no forward or backward
-pass of its own. ``g`` is the gradient of ``lambda_t ||eps_hat(x~) - eps_hat(x_t) - w||^2`` through the
-model at fixed ``w``, i.e. the ascent maximises the training regulariser (the ``equivariance`` attack
-target without its direct term in ``w``; ``attack_target`` does not apply), one optimizer step late (the
-weights moved between the replays: Free-AT's approximation). Without a backward (or with a non-finite
+pass of its own. Exactly: with ``o``, ``o~`` the clean and perturbed outputs and ``N`` the elements,
+``g = dL/dx~ = (2 lambda_t / N) (o~ - o - c_w w)^T do~/dx~`` (the regulariser is the only term that sees
+``x~``). Free-AT's ``dL/dw`` is ``s_t g - (2 lambda_t c_w / N) (o~ - o - c_w w)``: ``free`` uses its first
+term only, leaving out where ``w`` enters the loss directly; ``s_t > 0`` scales each sample's ``g``, so the
+step's sign (l2: direction) is that of the first term. It is not ``adv``'s ascent on either attack target
+(``attack_target`` does not apply): ``equivariance``'s gradient adds the same direct term, ``prediction``'s
+uses the residual ``o~ - o`` without ``w``. And it comes one optimizer step late (the weights moved between
+the replays: Free-AT's approximation). Without a backward (or with a non-finite
 gradient, whose elements count as 0) ``w`` stays where it was. Unlike Shafahi et al., ``w`` is not carried
 to the next batch: its ``x_t`` is new. Statistics: ``j`` is that regulariser's residual ``J(w_k)``,
 ``gain`` is ``J(w_k) / J(w_0)`` with ``J(w_0)`` measured at replay 0 of the batch (1 on fresh replays).
@@ -40,7 +44,8 @@ first ``n = ceil(f * B)`` samples of the batch only; the denoising term stays on
 ``mean_B ||eps_theta(x_t) - eps||^2 + mean_n lambda_t ||...||^2``: an unbiased, noisier estimate of the
 same objective. Cost (forward-pass equivalents per image, :meth:`ATObjective.flop_units`): ``3`` for
 ddpm, ``3 + (2k + 3) n / B`` with ``k`` ascent steps (adv, inv: 8 at f = 1; pgd: 3 + (2k + 3); rand: 6),
-``3 + 3 n / B`` for free (per replay: images seen count every replay).
+``3 + 3 n / B`` for free (per replay: images seen count every replay). Compiled (``StepEngine(fast=True)``),
+``n < B`` costs one more compile: the model runs at batch ``B`` and at ``n``, two static shapes.
 
 **Any model, any parameterisation.** The model may return a tensor, a tuple (first element) or an object
 with ``.sample`` (diffusers). With ``prediction="v"`` or ``"x0"`` the model's output ``o`` is not eps:

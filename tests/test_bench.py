@@ -9,8 +9,8 @@ from torch import nn
 from fastat import bench
 from fastat.bench import (
     BenchSetting,
+    compiled_graphs,
     format_result,
-    forward_equivalents,
     model_forward_flops,
     naive_at_step,
     run_bench,
@@ -21,13 +21,12 @@ from fastat.objective import ATObjective
 from fastat.schedule import NoiseSchedule
 
 
-def test_forward_equivalents_match_the_flop_count_of_spec():
-    assert forward_equivalents(ATObjective(mode="ddpm")) == 3
-    assert forward_equivalents(ATObjective(mode="adv")) == 8  # SPEC: 3 + 2 + 3
-    assert forward_equivalents(ATObjective(mode="pgd", pgd_steps=3)) == 12
-    assert forward_equivalents(ATObjective(mode="rand")) == 6
-    assert forward_equivalents(ATObjective(mode="free")) == 6  # no attack passes
-    assert forward_equivalents(ATObjective(mode="adv", reg_frac=0.25), 8) == 3 + 5 * 2 / 8
+def test_compiled_graphs_count_the_second_shape_of_reg_frac():
+    """reg_frac < 1 runs the model at B and at n = ceil(f B): one more static compile."""
+    cases = [("ddpm", 0.25, 1), ("adv", 1.0, 2), ("adv", 0.25, 3), ("pgd", 0.5, 3), ("free", 1.0, 1),
+             ("free", 0.5, 2), ("rand", 0.5, 2), ("rand", 0.9, 1), ("adv", 0.99, 2)]  # fmt: skip
+    for mode, f, want in cases:
+        assert compiled_graphs(ATObjective(mode=mode, reg_frac=f), 8) == want, (mode, f)
 
 
 def test_bench_of_free_counts_units_per_image_seen():

@@ -25,7 +25,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "READ_ERRORS", "decode_image", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "READ_ERRORS", "decode_image", "resize_crop", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # What a damaged or foreign file raises while PIL opens or decodes it.
@@ -68,13 +68,17 @@ def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (2 * size, 2 * size))  # DCT scaling: never below twice the target size
-        im = to_rgb(ImageOps.exif_transpose(im))
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
+        return resize_crop(to_rgb(ImageOps.exif_transpose(im)), size)
+
+
+def resize_crop(im: Image.Image, size: int) -> np.ndarray:
+    """An RGB image as uint8 ``(3, size, size)``: bicubic resize of the short side to ``size`` (none when it
+    is already), then the centre crop."""
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

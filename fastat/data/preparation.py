@@ -80,18 +80,10 @@ def _resize_arrays(images: np.ndarray, size: int) -> tuple[np.ndarray, list]:
     """Worker task for in-memory uint8 ``(k, C, h, w)`` images (CIFAR-10): the same resize and crop."""
     from PIL import Image
 
-    from .decode import to_rgb
+    from .decode import resize_crop, to_rgb
 
-    out = []
-    for a in images:
-        im = to_rgb(Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))))
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.uint8).transpose(2, 0, 1))
+    out = [resize_crop(to_rgb(Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)))), size)
+           for a in images]
     return np.ascontiguousarray(np.stack(out)), []
 
 

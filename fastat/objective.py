@@ -72,7 +72,8 @@ from fastat import ops
 from fastat import prediction as P
 from fastat.attack import TARGETS, attack_objective, pgd_attack
 from fastat.budget import Budget
-from fastat.replay import Replay
+from fastat.kernels import per_sample
+from fastat.replay import Replay, check_replays
 from fastat.schedule import NoiseSchedule, as_schedule
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv", "free")
@@ -146,8 +147,8 @@ class ATObjective:
             raise ValueError(f"lam_s_min must be a noise level in [0, 1), got {self.lam_s_min!r}")
         if not (isinstance(self.reg_frac, (int, float)) and 0 < self.reg_frac <= 1):
             raise ValueError(f"reg_frac must be in (0, 1], got {self.reg_frac!r}")
-        replay = Replay(self.replays)  # checks replays (kept in every mode: the config is checked alike)
-        self._replay = replay if self.mode == "free" else None
+        check_replays(self.replays)  # in every mode: the config is checked alike
+        self._replay = Replay(self.replays) if self.mode == "free" else None
         if not (isinstance(self.pgd_steps, int) and self.pgd_steps >= 1):
             raise ValueError(f"pgd_steps must be an integer >= 1, got {self.pgd_steps!r}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
@@ -401,4 +402,4 @@ def _scaled(w: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
         if c == 0.0:
             return torch.zeros_like(w)
         return (w.float() * c).to(w.dtype)
-    return (w.float() * c.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    return (w.float() * per_sample(c, w)).to(w.dtype)

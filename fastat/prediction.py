@@ -35,12 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastat.kernels import per_sample
+
 __all__ = [
     "PREDICTIONS",
     "EpsModel",
     "as_eps_model",
     "canonical_prediction",
-    "eps_coeffs",
     "model_output",
     "regulariser_coeffs",
     "resolve_prediction",
@@ -107,23 +108,6 @@ def model_output(out: Any) -> torch.Tensor:
     )
 
 
-def _b(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
-    """A per-sample coefficient shaped ``(B, 1, ...)`` to broadcast over ``like`` (numbers unchanged)."""
-    if not isinstance(c, torch.Tensor) or c.dim() == 0:
-        return c
-    return c.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def eps_coeffs(prediction: str, a: torch.Tensor, s: torch.Tensor):
-    """Per-sample ``(alpha, beta)`` with ``eps_hat = alpha * o + beta * x_t`` (numbers for ``eps``)."""
-    p = canonical_prediction(prediction)
-    if p == "eps":
-        return 1.0, 0.0
-    if p == "v":
-        return a, s
-    return -a / s, 1.0 / s
-
-
 def to_eps(
     prediction: str, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor
 ) -> torch.Tensor:
@@ -131,7 +115,7 @@ def to_eps(
     p = canonical_prediction(prediction)
     if p == "eps":
         return out
-    a, s = _b(a, out), _b(s, out)
+    a, s = per_sample(a, out, dtype=None), per_sample(s, out, dtype=None)
     if p == "v":
         return a * out + s * x_t
     return (x_t - a * out) / s
@@ -144,7 +128,7 @@ def to_x0(
     p = canonical_prediction(prediction)
     if p == "x0":
         return out
-    a, s = _b(a, out), _b(s, out)
+    a, s = per_sample(a, out, dtype=None), per_sample(s, out, dtype=None)
     if p == "v":
         return a * x_t - s * out
     return (x_t - s * out) / a

@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Replay"]
+__all__ = ["Replay", "check_replays"]
+
+
+def check_replays(m) -> int:
+    """``m`` if it is a valid replay count (an integer >= 1), else a ValueError."""
+    if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+        raise ValueError(f"replays must be an integer >= 1, got {m!r}")
+    return m
 
 
 class Replay:
     """The replay position and the values one batch shares across its ``m`` steps."""
 
     def __init__(self, m: int) -> None:
-        if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
-            raise ValueError(f"replays must be an integer >= 1, got {m!r}")
-        self.m = m
+        self.m = check_replays(m)
         self._sets: dict[tuple, dict[str, torch.Tensor]] = {}  # batch key -> {"k": position, name: buffer}
         self._key: tuple | None = None  # the set of the last batch seen
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def per_sample(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
-    """A per-sample coefficient (float, 0-dim or ``(B,)``) as float32, shaped to broadcast over ``like``.
+def per_sample(
+    c: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | None = torch.float32
+) -> torch.Tensor | float:
+    """A per-sample coefficient (float, 0-dim or ``(B,)``) in ``dtype`` (None: its own), shaped
+    ``(B, 1, ...)`` to broadcast over ``like``: the one per-sample broadcast of fastat.
 
     Python numbers stay numbers (no host-to-device copy, so this is safe inside CUDA-graph capture).
     """
     if not isinstance(c, torch.Tensor):
         return float(c)
-    c = c.to(torch.float32)
+    c = c if dtype is None else c.to(dtype)
     return c if c.dim() == 0 else c.reshape(-1, *([1] * (like.dim() - 1)))
 
 

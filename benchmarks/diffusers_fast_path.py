@@ -19,17 +19,9 @@ import torch
 
 from fastat.engine import StepEngine
 from fastat.models import build_model
+from fastat.models.diffusers_unet import TINY_CONFIG as UNET
 from fastat.objective import ATObjective
 from fastat.schedule import NoiseSchedule
-
-UNET = {
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 
 
 def run(fast: bool, steps: int, device: torch.device) -> dict:

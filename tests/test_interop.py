@@ -13,17 +13,9 @@ import torch
 import torch.nn.functional as F
 from train_helpers import IMAGES, assert_one_line_error, run_cli, snapshot, weights
 
+from fastat.models.diffusers_unet import TINY_CONFIG as TINY_UNET
 from fastat.objective import ATObjective
 from fastat.schedule import NoiseSchedule
-
-TINY_UNET = {
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 
 
 def needs(module: str, package: str | None = None):

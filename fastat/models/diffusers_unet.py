@@ -21,9 +21,26 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["INSTALL_HINT", "DiffusersUNet", "diffusers_available", "read_unet_config", "require_diffusers"]
+__all__ = [
+    "INSTALL_HINT",
+    "TINY_CONFIG",
+    "DiffusersUNet",
+    "diffusers_available",
+    "read_unet_config",
+    "require_diffusers",
+]
 
 INSTALL_HINT = "pip install 'fastat[diffusers]' (or: pip install diffusers)"
+
+# The smallest UNet2DModel with both block kinds (two levels, one attention block): smoke tests, benchmarks.
+TINY_CONFIG = {
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 
 
 def diffusers_available() -> bool:

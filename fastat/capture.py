@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastat.errors import one_line
+
 __all__ = [
     "CaptureError",
     "CaptureFailed",
@@ -157,17 +159,12 @@ class GeneratorSnapshot:
             except Exception as e:  # noqa: BLE001 - whatever the cause, the run cannot go on with it
                 raise CaptureError(
                     f"CUDA-graph capture failed and left the {g.device} random generator unusable "
-                    f"({type(e).__name__}: {_first_line(e)}); rerun with --no-fast"
+                    f"({type(e).__name__}: {one_line(e, first_only=True)[:200]}); rerun with --no-fast"
                 ) from None
 
 
 def _is_cuda(g: torch.Generator) -> bool:
     return g.device.type == "cuda"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 # -- the CUDA layer -------------------------------------------------------------------------------------
@@ -257,4 +254,4 @@ def capture_safely(backend, fn: Callable[[], object], registered: Sequence[torch
         raise
     except Exception as e:  # noqa: BLE001 - capture fails in many ways; all of them are handled alike
         snapshot.restore()
-        raise CaptureFailed(f"{type(e).__name__}: {_first_line(e)}") from e
+        raise CaptureFailed(f"{type(e).__name__}: {one_line(e, first_only=True)[:200]}") from e

@@ -40,6 +40,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from fastat.errors import one_line
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -55,6 +57,7 @@ __all__ = [
     "prune_checkpoints",
     "read_step",
     "require_finite",
+    "run_dir_of",
     "save_checkpoint",
 ]
 
@@ -329,7 +332,12 @@ class Checkpoint:
     @property
     def run_dir(self) -> Path:
         """The run folder the checkpoint belongs to."""
-        return self.path.parent.parent if self.path.parent.name == CHECKPOINTS else self.path.parent
+        return run_dir_of(self.path)
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run folder of the checkpoint folder ``ckpt`` (``RUN/checkpoints/ckpt-N`` -> ``RUN``)."""
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
 
 
 def load_checkpoint(path: str | os.PathLike, *, weights: bool = True) -> Checkpoint:
@@ -348,8 +356,7 @@ def load_checkpoint(path: str | os.PathLike, *, weights: bool = True) -> Checkpo
             ) from None
         raise CheckpointError(f"cannot read checkpoint {ckpt}: {STATE_FILE} is corrupt ({e})") from None
     except (OSError, RuntimeError, SafetensorError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {ckpt}: {first}") from None
+        raise CheckpointError(f"cannot read checkpoint {ckpt}: {one_line(e, first_only=True)}") from None
     except Exception as e:  # noqa: BLE001 - a corrupt pickle stream fails in many ways (KeyError, struct.error)
         raise CheckpointError(
             f"cannot read checkpoint {ckpt}: {STATE_FILE} is corrupt ({type(e).__name__}: {e})"

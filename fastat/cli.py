@@ -26,6 +26,7 @@ import yaml
 
 from fastat import __version__
 from fastat.config import ConfigError, load_yaml_overrides
+from fastat.errors import one_line
 
 # This module imports torch lazily (in the commands), so that main() can set OpenMP's wait policy
 # before the OpenMP runtime starts; see _passive_openmp.
@@ -302,11 +303,10 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
-    from fastat.config import TrainConfig, check_seed
+    from fastat.checkpoint import CheckpointError
+    from fastat.config import check_seed
     from fastat.data import derive_seed
-    from fastat.models import build_model
-    from fastat.prediction import as_eps_model
+    from fastat.eval.evaluate import load_run
     from fastat.samples import SAMPLE_SUFFIXES, generate, write_samples
     from fastat.train import resolve_device, run_eta
 
@@ -319,14 +319,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out is not None and Path(args.out).suffix.lower() not in SAMPLE_SUFFIXES:
         raise ConfigError(f"--out {args.out} must end in .png or .npy")
 
-    ckpt = load_checkpoint(args.run, weights=args.no_ema)
-    state = ckpt.state
+    device = resolve_device(args.device)
+    model, cfg, ckpt = load_run(args.run, ema=not args.no_ema, device=device)
     try:
-        spec, info, saved = state["model"], state["data"], state["config"]
-        cfg = TrainConfig.from_dict(saved)
-    except (KeyError, ConfigError) as e:
+        info = ckpt.state["data"]
+        kind, shape = info["kind"], tuple(info["sample_shape"])
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt.path} lacks the run description needed to sample ({e})") from None
-    kind, shape = info["kind"], tuple(info["sample_shape"])
     T = cfg.objective.T
     if args.sampler == "ddim" and args.steps > T:
         raise ConfigError(f"--steps must be <= T = {T}, got {args.steps}")
@@ -345,18 +344,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot write to {out.parent}: {e.strerror or e}") from None
 
-    weights = ckpt.model if args.no_ema else ckpt.ema
-    which = "raw" if args.no_ema else "EMA"
-    require_finite(weights, f"the {which} weights of {ckpt.path} (the run diverged)")
-    device = resolve_device(args.device)
-    model = build_model(spec["name"], **spec["kwargs"])
-    load_weights(model, weights, str(ckpt.path))
-    schedule = cfg.build_objective().schedule
-    model = as_eps_model(model, cfg.objective.prediction, schedule).to(device).eval()
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
     x = generate(
         model,
-        schedule,
+        cfg.build_objective().schedule,
         noise,
         sampler=args.sampler,
         steps=args.steps,
@@ -431,19 +422,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     _passive_openmp()
-    from fastat.checkpoint import CheckpointError
-    from fastat.data import DatasetError
-    from fastat.distributed import DistributedError
-    from fastat.train import TrainingError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser and options (argparse cannot forward leading options)
         if argv[1:2] == ["data"]:
-            return _run_bench_data(argv[2:])
-        from fastat.bench import main as bench_main
+            from fastat.bench_data import main as bench_main
 
+            prog, rest = "fastat bench data", argv[2:]
+        else:
+            from fastat.bench import main as bench_main
+
+            prog, rest = "fastat bench", argv[1:]
         try:
-            return bench_main(argv[1:], prog="fastat bench", parser_class=_Parser)
+            return _reported(lambda: bench_main(rest, prog=prog, parser_class=_Parser), traceback=False)
         except UsageError as e:
             print(e, file=sys.stderr)
             return EXIT_USAGE
@@ -460,32 +450,46 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    return _reported(lambda: args.func(args), traceback=args.traceback)
+
+
+def _reported(command, *, traceback: bool) -> int:
+    """Run ``command()`` and return its exit code; an error is said as one line (:func:`_error`) with its
+    exit code: 2 for bad input, 1 for a failed run or an unexpected error (``traceback``: raised as is)."""
+    from fastat.checkpoint import CheckpointError
+    from fastat.data import DatasetError
+    from fastat.distributed import DistributedError
+    from fastat.train import TrainingError
+
     try:
-        return args.func(args)
+        return command()
     except (ConfigError, DatasetError, CheckpointError, ValueError, ImportError) as e:  # ImportError: extras
-        if args.traceback:
+        if traceback:
             raise
-        return _error(e, _one_line(e), EXIT_USAGE)
+        return _error(e, one_line(e), EXIT_USAGE)
     except (TrainingError, DistributedError) as e:  # the run failed (diverged, a write failed, a rank ended)
-        if args.traceback:
+        if traceback:
             raise
-        return _error(e, _one_line(e), getattr(e, "exit_code", EXIT_FAILURE))
+        return _error(e, one_line(e), getattr(e, "exit_code", EXIT_FAILURE))
     except OSError as e:
-        if args.traceback:
+        if traceback:
             raise
         where = f": {e.filename}" if e.filename else ""
-        return _error(e, f"{_one_line(e.strerror or e)}{where} (--traceback for details)", EXIT_FAILURE)
+        return _error(e, f"{one_line(e.strerror or e)}{where} (--traceback for details)", EXIT_FAILURE)
     except RuntimeError as e:
-        if args.traceback:
+        if traceback:
             raise
-        return _error(e, f"{type(e).__name__}: {_one_line(e)} (--traceback for details)", EXIT_FAILURE)
+        return _error(e, f"{type(e).__name__}: {one_line(e)} (--traceback for details)", EXIT_FAILURE)
 
 
 def _rank() -> tuple[int, int]:
-    """``(rank, world size)`` of this process in a torchrun job (``(0, 1)`` outside one)."""
+    """``(rank, world size)`` of this process in a torchrun job (``(0, 1)`` outside one, or in a
+    half-set environment: the error about it is said by rank 0)."""
+    from fastat.launch import job_ranks
+
     try:
-        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
+        return job_ranks()[:2]
+    except ConfigError:
         return 0, 1
 
 
@@ -508,28 +512,6 @@ def _error(e: BaseException, message: str, code: int) -> int:
             info = {"py_callstack": line, "timestamp": str(int(time.time()))}  # what torchrun's report shows
             Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
     return code
-
-
-def _run_bench_data(argv: list[str]) -> int:
-    from fastat.bench_data import main as bench_data_main
-    from fastat.checkpoint import CheckpointError
-    from fastat.data import DatasetError
-
-    try:
-        return bench_data_main(argv, prog="fastat bench data", parser_class=_Parser)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except (ConfigError, DatasetError, CheckpointError, ValueError) as e:
-        print(f"fastat: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 if __name__ == "__main__":

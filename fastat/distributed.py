@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -51,6 +50,8 @@ import torch
 from torch import nn
 
 from fastat.config import ConfigError
+from fastat.errors import one_line
+from fastat.launch import job_ranks
 from fastat.seeding import derive_seed, rank_seed
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "PeerFailed",
     "RankFailed",
     "fingerprint",
+    "job_ranks",
     "mark",
     "who_says",
 ]
@@ -139,21 +141,21 @@ class DistContext:
         self.timeout_s = timeout_s
         self._owned = False  # this context initialised the process group (and destroys it)
         self._vote: tuple[Any, torch.Tensor] | None = None  # the stop vote in flight
+        self._turns = 0  # in_turn calls (their store keys)
 
     # -- joining and leaving -------------------------------------------------------------------------
 
     @classmethod
     def from_env(cls, *, timeout_s: float | None = None, env: dict | None = None) -> DistContext:
         """Join the ``torchrun`` job described by the environment (``RANK``, ``WORLD_SIZE``,
-        ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or a world of one without it."""
-        env = os.environ if env is None else env
+        ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or a world of one without it. ConfigError for
+        an environment that names a job incompletely (e.g. ``WORLD_SIZE`` without ``RANK``)."""
         timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
-        world = int(env.get("WORLD_SIZE", "1") or 1)
+        rank, world, local = job_ranks(env)
         if world <= 1:
             return cls(timeout_s=timeout_s)
         import torch.distributed as dist
 
-        rank, local = int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"]))
         ctx = cls(rank, world, local, timeout_s)
         if dist.is_initialized():  # a program that set up its own group
             if dist.get_world_size() != world or dist.get_rank() != rank:
@@ -166,7 +168,7 @@ class DistContext:
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:
-            raise mark(DistributedError(f"rank {rank} cannot join the torchrun job: {_first_line(e)}"),
+            raise mark(DistributedError(f"rank {rank} cannot join the torchrun job: {one_line(e)}"),
                        "main") from None  # fmt: skip
         ctx._owned = True
         return ctx
@@ -249,7 +251,7 @@ class DistContext:
         except Exception as e:  # noqa: BLE001 - exchanged with the other ranks, then raised again
             failure = e
         mine = None if failure is None else (2 if usage_error(failure) else getattr(failure, "exit_code", 1),
-                                             _first_line(failure))  # fmt: skip
+                                             one_line(failure))  # fmt: skip
         failed = [(r, f) for r, f in enumerate(self.gather_objects(mine, what)) if f is not None]
         if not failed:
             return
@@ -261,15 +263,37 @@ class DistContext:
         raise mark(failure if failure is not None else RankFailed(message, code), "none")
 
     def in_turn(self, build: Callable[[], Any], what: str) -> Any:
-        """``build()`` on each node's local rank 0 first (it may download or prepare data into a cache
-        the others then read), then on the other ranks; an error anywhere is raised everywhere."""
-        result = None
-        with self.together(what):
-            if self.local_rank == 0:
+        """``build()`` on every rank, in turn: global rank 0 first (it may download or prepare data into a
+        cache), then the local rank 0 of every other node (which finds that cache if the nodes share it,
+        or fills its own node-local one), then the other ranks (which read the cache). Each wave waits
+        for the previous ones through the job's store, without the collective timeout (preparing a large
+        image set can take hours); if a build fails, the later waves skip theirs, and the error is raised
+        on every rank (:meth:`together`)."""
+        if not self.enabled:
+            return build()
+        import torch.distributed as dist
+
+        locals_ = self.gather_objects(self.local_rank, what)
+        waves = [0 if r == 0 else 1 if local == 0 else 2 for r, local in enumerate(locals_)]
+        store = dist.distributed_c10d._get_default_store()
+        self._turns += 1
+        key = f"fastat/in_turn/{self._turns}/rank"
+        before = [f"{key}{r}" for r, w in enumerate(waves) if w < waves[self.rank]]
+        result, failure, ok = None, None, False
+        try:
+            if before:
+                with self._talking(what):
+                    store.wait(before, datetime.timedelta(days=7))
+            if all(store.get(k) == b"ok" for k in before):  # else an earlier wave failed: it says why
                 result = build()
+                ok = True
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            failure = e
+        finally:  # also on failure (even Ctrl-C), so that the later waves stop waiting
+            store.set(f"{key}{self.rank}", b"ok" if ok else b"failed")
         with self.together(what):
-            if self.local_rank != 0:
-                result = build()
+            if failure is not None:
+                raise failure
         return result
 
     def all_true(self, flag: bool) -> bool:
@@ -315,6 +339,16 @@ class DistContext:
         only between the job's own processes, never from a file)."""
         if not self.enabled:
             return [obj]
+        return self._gather(obj, what, everywhere=True)
+
+    def gather_to_main(self, obj: Any, what: str = "an exchange") -> list | None:
+        """``obj`` of every rank, in rank order, on rank 0 only (``None`` on the others): what only the
+        writer needs, e.g. every rank's random states for a checkpoint."""
+        if not self.enabled:
+            return [obj]
+        return self._gather(obj, what, everywhere=False)
+
+    def _gather(self, obj: Any, what: str, everywhere: bool) -> list | None:
         import torch.distributed as dist
 
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
@@ -322,8 +356,14 @@ class DistContext:
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
             dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64))
             n = max(int(s) for s in sizes)
+            padded = torch.cat([data, torch.zeros(n - data.numel(), dtype=torch.uint8)])
             bufs = [torch.empty(n, dtype=torch.uint8) for _ in range(self.world_size)]
-            dist.all_gather(bufs, torch.cat([data, torch.zeros(n - data.numel(), dtype=torch.uint8)]))
+            if everywhere:
+                dist.all_gather(bufs, padded)
+            else:
+                dist.gather(padded, bufs if self.is_main else None, dst=0)
+        if not (everywhere or self.is_main):
+            return None
         return [pickle.loads(b[: int(s)].numpy().tobytes()) for b, s in zip(bufs, sizes, strict=True)]  # noqa: S301
 
     def from_main(self, value: Any) -> Any:
@@ -415,7 +455,7 @@ class DistContext:
                     f"rank {self.rank}: no answer from the other ranks within {self.timeout_s:.0f} s during "
                     f"{what} (run.dist_timeout): a rank is stuck or gone"
                 ), "main") from None  # fmt: skip
-            raise mark(PeerFailed(f"another rank ended during {what}: {_first_line(e)}"), "none") from None
+            raise mark(PeerFailed(f"another rank ended during {what}: {one_line(e)}"), "none") from None
 
 
 class GradSync:
@@ -468,8 +508,3 @@ class GradSync:
                     views = flat.split([g.numel() for g in bucket])
                     torch._foreach_copy_(bucket, [v.view_as(g) for v, g in zip(views, bucket, strict=True)])
         return mean_loss.to(loss.dtype)
-
-
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__

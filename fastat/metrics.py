@@ -28,54 +28,57 @@ METRICS_FILE = "metrics.jsonl"
 class StatsAccumulator:
     """Sums of 0-dim tensors per name, kept on their device until :meth:`pop_means`.
 
-    ``add(stats, weight=w)`` with a 0-dim device tensor ``w`` (0 or 1) counts the step only where
-    ``w`` is 1: its values are dropped (not multiplied: NaN * 0 is NaN) where ``w`` is 0, e.g. for a
-    step the engine skipped because its loss was not finite.
+    Each :meth:`add` stacks its statistics into one vector (a handful of device ops per step, whatever
+    the number of names). ``add(stats, weight=w)`` with a 0-dim device tensor ``w`` (0 or 1) counts the
+    step only where ``w`` is 1: its values are dropped (not multiplied: NaN * 0 is NaN) where ``w`` is 0,
+    e.g. for a step the engine skipped because its loss was not finite.
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int | torch.Tensor] = {}
+        # the names of one add -> [sums (vector), steps counted (int, or a 0-dim tensor with weights)]
+        self._groups: dict[tuple[str, ...], list] = {}
 
     def add(self, stats: dict[str, torch.Tensor], weight: torch.Tensor | None = None) -> None:
-        for k, v in stats.items():
-            v = v.detach().float()
-            if weight is None:
-                w = 1
-            else:
-                w = weight.detach().float()
-                v = torch.where(w > 0, v, torch.zeros_like(v))
-            if k in self._sums:
-                self._sums[k] += v
-                self._counts[k] = self._counts[k] + w
-            else:
-                self._sums[k] = v.clone()
-                self._counts[k] = w.clone() if isinstance(w, torch.Tensor) else w
-
-    def __len__(self) -> int:
-        """Steps added (of the names added without a weight)."""
-        return max((c for c in self._counts.values() if isinstance(c, int)), default=0)
+        if not stats:
+            return
+        names = tuple(stats)
+        v = torch.stack(list(stats.values())).detach().float()
+        w: int | torch.Tensor = 1
+        if weight is not None:
+            w = weight.detach().float()
+            v = torch.where(w > 0, v, 0.0)
+        group = self._groups.get(names)
+        if group is None:  # the first step of the interval (or a new set of names)
+            self._groups[names] = [v, w.clone() if isinstance(w, torch.Tensor) else w]
+            return
+        group[0].add_(v)
+        if isinstance(group[1], torch.Tensor):
+            group[1].add_(w)
+        else:
+            group[1] = group[1] + w
 
     def pop_means(self, extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Means since the last call as Python floats, and the current values of the 0-dim tensors in
         ``extra``, in one device-to-host copy; then reset. A name whose steps all weighed 0 is NaN."""
         extra = extra or {}
-        if not self._sums and not extra:
+        if not self._groups and not extra:
             return {}
-        keys = list(self._sums)
-        weighted = [k for k in keys if isinstance(self._counts[k], torch.Tensor)]
-        parts = [self._sums[k] for k in keys] + [self._counts[k] for k in weighted]
-        parts += [v.detach().float().to(parts[0].device if parts else v.device) for v in extra.values()]
-        values = torch.stack(parts).cpu().tolist()
-        sums, values = values[: len(keys)], values[len(keys) :]
-        counts = dict(zip(weighted, values[: len(weighted)], strict=True))
-        out = {}
-        for k, total in zip(keys, sums, strict=True):
-            n = counts.get(k, self._counts[k])
-            out[k] = total / n if n else math.nan
-        out.update(zip(extra, values[len(weighted) :], strict=True))
-        self._sums.clear()
-        self._counts.clear()
+        groups = list(self._groups.items())
+        device = groups[0][1][0].device if groups else next(iter(extra.values())).device
+        parts = [sums for _, (sums, _) in groups]
+        parts += [c.reshape(1) for _, (_, c) in groups if isinstance(c, torch.Tensor)]
+        parts += [v.detach().float().reshape(1).to(device) for v in extra.values()]
+        values = iter(torch.cat(parts).cpu().tolist())
+        sums = [[next(values) for _ in names] for names, _ in groups]
+        counts = [next(values) if isinstance(c, torch.Tensor) else c for _, (_, c) in groups]
+        total: dict[str, float] = {}
+        steps: dict[str, float] = {}
+        for (names, _), s, n in zip(groups, sums, counts, strict=True):
+            for k, x in zip(names, s, strict=True):
+                total[k], steps[k] = total.get(k, 0.0) + x, steps.get(k, 0) + n
+        out = {k: total[k] / steps[k] if steps[k] else math.nan for k in total}
+        out.update(zip(extra, values, strict=True))
+        self._groups.clear()
         return out
 
 
@@ -84,11 +87,16 @@ class MetricsLog:
     TensorBoard event files in ``run_dir/tb``."""
 
     def __init__(
-        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,  # drop the records after this step (a resumed run)
+        final: bool = False,  # ... and its evaluation records (the run resumes at its end: evaluated again)
     ):
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            self._truncate_after(resume_step, evals=not final)
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard:
@@ -99,8 +107,9 @@ class MetricsLog:
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
 
-    def _truncate_after(self, step: int) -> None:
-        """Drop records written after ``step`` by a run that died before its next checkpoint."""
+    def _truncate_after(self, step: int, evals: bool = True) -> None:
+        """Drop records written after ``step`` by a run that died before its next checkpoint (and the
+        evaluation records at ``step`` unless ``evals``)."""
         if not self.path.exists():
             return
         from fastat.checkpoint import atomic_write_text
@@ -108,7 +117,9 @@ class MetricsLog:
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                record = json.loads(line)
+                at = record.get("step", 0)
+                if at < step or (at == step and (evals or record.get("kind") != "eval")):
                     kept.append(line)
             except (json.JSONDecodeError, AttributeError):
                 continue

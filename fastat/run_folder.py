@@ -75,6 +75,7 @@ class RunFolder:
         self.keep, self.writer, self.tensorboard = keep, writer, tensorboard
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (written or resumed)
         self.config_yaml = ""
+        self.steps: int | None = None  # the run's total steps (from open)
         self._lock: _Lock | None = None
         self._log: MetricsLog | None = None
         self._created: list[Path] = []  # folders made by open(), removed again if start() never came
@@ -107,6 +108,7 @@ class RunFolder:
         """Check the folder, create it if needed and take its lock; nothing else is written yet.
         Raises ConfigError (or :class:`RunFolderBusy`) with one line on any failed check."""
         run = cls(path, keep=keep, writer=writer, tensorboard=tensorboard)
+        run.steps = steps
         if not writer:
             return run
         run_dir = cls.check(run.path, resume=resume, steps=steps)
@@ -123,15 +125,18 @@ class RunFolder:
 
     def start(self, config_yaml: str, *, step: int) -> None:
         """The first write: ``config.yaml``, and the metrics log (records after ``step`` are dropped: a
-        run that died after its last checkpoint wrote them; a run that starts fresh or branches here
-        starts an empty log)."""
+        run that died after its last checkpoint wrote them; so is the final evaluation's record at
+        ``step`` when the run resumes at its end, which evaluates again; a run that starts fresh or
+        branches here starts an empty log)."""
         self.config_yaml = config_yaml
         self._started = True
         if not self.writer:
             return
         atomic_write_text(self.path / CONFIG_FILE, config_yaml)
         own = self.last_checkpoint is not None and _same(self.last_checkpoint, self.path)
-        self._log = MetricsLog(self.path, tensorboard=self.tensorboard, resume_step=step if own else 0)
+        at_end = self.steps is not None and step >= self.steps
+        self._log = MetricsLog(self.path, tensorboard=self.tensorboard, resume_step=step if own else 0,
+                               final=at_end)  # fmt: skip
 
     # -- writing ---------------------------------------------------------------------------------------
 

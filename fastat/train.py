@@ -56,6 +56,7 @@ from fastat.checkpoint import (
     load_checkpoint,
     load_weights,
     require_finite,
+    run_dir_of,
 )
 from fastat.config import ConfigError, TrainConfig, _plain
 from fastat.data import (
@@ -73,6 +74,7 @@ from fastat.data import (
 from fastat.data.placement import DeviceImages, StreamImages
 from fastat.distributed import DistContext, mark
 from fastat.engine import StepEngine
+from fastat.errors import one_line
 from fastat.metrics import StatsAccumulator, peak_rss_mb
 from fastat.models import build_model
 from fastat.prediction import as_eps_model
@@ -161,12 +163,7 @@ def data_shape(cfg: TrainConfig) -> tuple[str, tuple[int, ...]]:
     if d.dataset in KNOWN:
         from fastat.data import known_dataset
 
-        kw = (
-            {"height": d.image_size, "width": d.image_size}
-            if d.dataset == "subspace" and d.image_size
-            else {}
-        )
-        dist = known_dataset(d.dataset, **kw)
+        dist = known_dataset(d.dataset)  # (a sized subspace returned above)
         return dist.kind, tuple(dist.sample_shape)
     if d.dataset != "cifar10" and is_prepared(d.dataset):
         shape = tuple(read_manifest(d.dataset)["shape"])
@@ -265,7 +262,7 @@ def read_saved_config(ckpt: Path) -> dict:
         try:
             d = yaml.safe_load(f.read_text())
         except yaml.YAMLError as e:
-            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot read {f}: {one_line(e, first_only=True)}") from None
     else:
         d = load_checkpoint(ckpt).state.get("config")
     if not isinstance(d, dict):
@@ -294,8 +291,7 @@ def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainCon
             base = TrainConfig.from_dict(saved)
         except ConfigError as e:
             raise CheckpointError(f"the config saved in {ckpt} does not load: {e}") from None
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        cfg = base.with_overrides({"run.out": str(run_dir), **overrides})
+        cfg = base.with_overrides({"run.out": str(run_dir_of(ckpt)), **overrides})
     return finalize(cfg), ckpt
 
 
@@ -350,7 +346,7 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         outlier_kind=d.outlier_kind,
         cache_dir=d.cache_dir,
         progress=progress,
-        log=lambda msg: tqdm.write(msg, file=sys.stderr),
+        log=_say,
         min_items=cfg.run.batch_size,
     )
     if len(td) == 0:
@@ -367,7 +363,7 @@ def run_eta(cfg: TrainConfig) -> float:
     return eta if eta is not None else (1.0 if cfg.data.dataset in KNOWN else 0.0)
 
 
-def clip_for(kind: str, known: bool) -> float | None:
+def clip_for(kind: str) -> float | None:
     """Sampling clamps the predicted x0 to [-1, 1] for images (as DDPM does; the known subspace keeps
     ~99% of its pixels in that range) and leaves points free."""
     return 1.0 if kind == "image" else None
@@ -404,15 +400,19 @@ def train_step(engine: StepEngine, x0, *, lr: float) -> dict[str, torch.Tensor]:
 
 @dataclass
 class TrainState:
-    """What the loop steps and every checkpoint holds: the model, its step engine (optimizer, EMA), the
-    batch source, the objective's generator, and plain values saved alongside (config, model, data)."""
+    """What the loop steps and every checkpoint holds: the model, its step engine (optimizer, EMA, the
+    objective's generator), the batch source, and plain values saved alongside (config, model, data)."""
 
     model: nn.Module
     engine: StepEngine
     batches: TensorLoader | DeviceImages | StreamImages
-    generator: torch.Generator
     device: torch.device
     extra: dict = field(default_factory=dict)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The objective's generator (noise, timesteps, perturbations): the engine's."""
+        return self.engine.generator
 
     @property
     def ema(self) -> nn.Module:
@@ -426,37 +426,40 @@ class TrainState:
         return as_eps_model(self.ema, obj.prediction, obj.schedule)
 
     def rng_state(self) -> dict:
-        """This process's random states: the global generators (initialisation, dropout) and the
-        objective's (noise, timesteps, perturbations), with what the objective keeps between steps
-        (``free``: this rank's replayed batch, its t, noise seed and perturbation; on the CPU)."""
-        cuda = self.device.type == "cuda"
+        """This process's random states: the global generators (initialisation, dropout; on CUDA the
+        training device's), and the objective's (noise, timesteps, perturbations), with what the
+        objective keeps between steps (``free``: this rank's replayed batch, its t, noise seed and
+        perturbation; on the CPU)."""
         kept = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v,
                         self.engine.objective_state_dict())  # fmt: skip
         return {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             "objective": self.generator.get_state(),
             **({"objective_state": kept} if kept else {}),
         }
 
     def set_rng_state(self, rng: dict) -> None:
         torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        cuda = rng.get("cuda")
+        if self.device.type == "cuda" and cuda is not None and len(cuda):
+            if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's; this one's
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                cuda = cuda[index] if index < len(cuda) else cuda[0]
+            torch.cuda.set_rng_state(cuda, self.device)
         self.generator.set_state(rng["objective"])
         self.engine.load_objective_state(rng.get("objective_state", {}))  # free: mid-replay too
 
     def state_dict(self, step: int, rngs: list[dict] | None = None) -> dict:
         """Everything but the weights, for ``state.pt`` (tensors and plain values only). ``rngs``: the
-        random states of every rank (data parallel), kept beside rank 0's (``rng``) with the world size."""
+        random states of every rank (data parallel: ``rng_ranks``, with the world size; else ``rng``)."""
         rngs = rngs or [self.rng_state()]
         return {
             "step": step,
             "optimizer": self.engine.optimizer.state_dict(),
             "ema": self.engine.ema.state_dict(),
             "loader": self.batches.state_dict(),
-            "rng": rngs[0],
-            **({"world_size": len(rngs), "rng_ranks": rngs} if len(rngs) > 1 else {}),
+            **({"world_size": len(rngs), "rng_ranks": rngs} if len(rngs) > 1 else {"rng": rngs[0]}),
             "fastat_version": __version__,
             **({"scaler": self.engine.scaler.state_dict()} if self.engine.scaler is not None else {}),
             **self.extra,
@@ -479,7 +482,7 @@ class TrainState:
             self.batches.load_state_dict(st["loader"], strict=exact)
             self.engine.ema.load_state_dict(st["ema"])
             if exact:
-                self.set_rng_state(st["rng_ranks"][ctx.rank] if ctx.enabled else st["rng"])
+                self.set_rng_state(st["rng_ranks"][ctx.rank] if "rng_ranks" in st else st["rng"])
             else:  # new streams for the new ranks, not those of the run's start
                 torch.manual_seed(ctx.rank_seed(seed, f"dropout@{ckpt.step}"))
                 self.generator.manual_seed(ctx.rank_seed(seed, f"objective@{ckpt.step}"))
@@ -488,12 +491,11 @@ class TrainState:
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
         if not exact and ctx.is_main:
-            tqdm.write(
+            _say(
                 f"fastat: {ckpt.path} was written by {saved_world} rank(s), this run has {ctx.world_size}: "
                 f"it continues from step {ckpt.step} with the same weights, optimizer state and data "
                 f"position (samples seen), but not bit-exactly (new random streams per rank, batches split "
-                f"anew)",
-                file=sys.stderr,
+                f"anew)"
             )
         return ckpt.step
 
@@ -517,8 +519,8 @@ def build_batches(
                           workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget)  # fmt: skip
     if rank == 0:
         shape = "x".join(map(str, td.images.shape))
-        tqdm.write(f"fastat: data: {len(td.images)} images {shape} on {device}, "
-                   f"placement {loader.placement}: {loader.reason}", file=sys.stderr)  # fmt: skip
+        _say(f"fastat: data: {len(td.images)} images {shape} on {device}, placement {loader.placement}: "
+             f"{loader.reason}")  # fmt: skip
     return loader
 
 
@@ -548,7 +550,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
         prepare_batch=getattr(batches, "transform", None),  # uint8 image batches -> float, in the step
         reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
     )  # fmt: skip
-    return TrainState(model, engine, batches, generator, device, extra)
+    return TrainState(model, engine, batches, device, extra)
 
 
 def _say(msg: str) -> None:
@@ -564,11 +566,14 @@ def _quiet(msg: str) -> None:
 
 class StopFlag:
     """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
-    second one quits at once. Under ``torchrun`` the ranks stop at the same step (:meth:`agreed`), and a
-    repeat within ``DUPLICATE_S`` counts as the same request (torchrun forwards the terminal's Ctrl-C to
-    workers that already got it)."""
+    second one quits at once, keeping the last complete checkpoint. A request during the run's last step
+    lets the run finish (save, samples, evaluation). Under ``torchrun`` the ranks stop at the same step
+    (:meth:`agreed`: they vote every :attr:`VOTE_EVERY` steps, so a stop lands within ``2 * VOTE_EVERY``
+    steps of the signal), and a repeat within ``DUPLICATE_S`` counts as the same request (torchrun
+    forwards the terminal's Ctrl-C to workers that already got it)."""
 
     DUPLICATE_S = 2.0
+    VOTE_EVERY = 10  # steps between the ranks' stop votes (one tiny all-reduce each)
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx, self._at = ctx, 0.0
@@ -586,9 +591,13 @@ class StopFlag:
             name = "terminated" if signum == signal.SIGTERM else "interrupted"
             _say(f"fastat: {name}; saving a checkpoint after this step (Ctrl-C again to quit now)")
 
-    def agreed(self, last: bool) -> bool:
-        """Whether every rank stops after this step (the same answer on all of them)."""
-        self.stopping = self.ctx.agree_stop(self.requested, last=last)
+    def agreed(self, step: int, steps: int) -> bool:
+        """Whether every rank stops after ``step`` of ``steps`` (the same answer on all of them); never
+        after the last step, which ends the run normally."""
+        last = step == steps
+        if self.ctx.enabled and not last and step % self.VOTE_EVERY:
+            return False
+        self.stopping = self.ctx.agree_stop(self.requested, last=last) and not last
         return self.stopping
 
     @contextlib.contextmanager
@@ -607,33 +616,31 @@ class StopFlag:
 class Interval:
     """Statistics of one log interval: device sums (no host sync), read once by :meth:`pop`. A step
     the engine skipped (``stats["skipped"]`` = 1: non-finite loss or gradients) is counted in
-    ``skipped`` and left out of the other means."""
+    ``skipped`` and left out of the other means. A few device ops per step: the statistics are
+    stacked into one vector (:class:`fastat.metrics.StatsAccumulator`)."""
 
     def __init__(self, step: int, batch_size: int) -> None:
         self.acc, self.batch_size = StatsAccumulator(), batch_size
+        self.skipped: torch.Tensor | int = 0
         self.t0, self.step0 = time.perf_counter(), step
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
-        skipped = stats.get("skipped")
-        if skipped is None:
-            self.acc.add(stats)
-            return
+        skipped = stats["skipped"]
         self.acc.add({k: v for k, v in stats.items() if k != "skipped"}, weight=1 - skipped)
-        self.acc.add({"skipped": skipped})
+        self.skipped = skipped.detach().float() + self.skipped
 
     def pop(self, step: int, streak: torch.Tensor, ctx: DistContext | None = None,
             **extra: float) -> dict[str, float]:  # fmt: skip
         """Means since the last pop (over all ranks: ``ctx``), the skipped steps, the engine's
         ``skip_streak``, throughput (of the global batch) and ``extra``: one host sync for all of it."""
-        means = self.acc.pop_means({"skip_streak": streak})
-        means = ctx.average(means) if ctx is not None else means
+        skipped = self.skipped if torch.is_tensor(self.skipped) else torch.zeros(())
+        means = self.acc.pop_means({"skip_streak": streak, "skipped": skipped})
+        means = ctx.average(means) if ctx is not None else means  # counts: the same on every rank
+        means["skipped"], means["skip_streak"] = round(means["skipped"]), round(means["skip_streak"])
         now = time.perf_counter()
         dt, n = max(now - self.t0, 1e-9), max(step - self.step0, 1)
-        for k in ("skipped", "skip_streak"):
-            if k in means:
-                means[k] = round(means[k] * (n if k == "skipped" else 1))
         means.update(extra, img_per_s=n * self.batch_size / dt, sec_per_step=dt / n)
-        self.t0, self.step0 = now, step
+        self.t0, self.step0, self.skipped = now, step, 0
         return means
 
 
@@ -648,26 +655,27 @@ def save(run: RunFolder, state: TrainState, cfg: TrainConfig, step: int, ctx: Di
     """Checkpoint ``step`` into the run folder (rank 0 writes, with every rank's random states; the
     others wait), unless the run is failing: too many skipped steps in a row, non-finite weights
     (TrainingError naming the last good checkpoint; nothing written) or ranks whose weights differ.
+    Nothing to do when the folder's newest checkpoint is already this step's (returns it).
 
-    A ``periodic`` save while the last step was skipped is postponed (returns None): a run that went
-    bad (e.g. a huge learning rate made the weights garbage, then every step non-finite) must not push
-    its good checkpoints out with garbage ones before ``run.max_skipped`` stops it. (The streak is the
-    same on every rank: a step is skipped everywhere or nowhere.)"""
+    A ``periodic`` save while the last step was skipped is postponed (returns None; the loop retries it
+    at the next step that was not skipped): a run that went bad (e.g. a huge learning rate made the
+    weights garbage, then every step non-finite) must not push its good checkpoints out with garbage
+    ones before ``run.max_skipped`` stops it. (The streak is the same on every rank: a step is skipped
+    everywhere or nowhere.)"""
+    if run.holds(step):
+        return run.last_checkpoint
     streak = int(state.engine.skip_streak)  # a host sync, once per save
     check_skips(streak, cfg, step, run)
     if periodic and streak > 0:
         return None
     ctx.check_identical({"model": state.model, "EMA": state.ema}, step)
-    rngs = ctx.gather_objects(state.rng_state(), "the random states")
-    with ctx.together("the checkpoint"):
+    rngs = ctx.gather_to_main(state.rng_state(), "the random states")
+    with ctx.together("the checkpoint"), _io_errors(run):
         try:
             return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step, rngs),
                             metadata={"fastat_version": __version__})  # fmt: skip
         except NonFiniteWeights as e:
-            raise TrainingError(
-                f"{e}; no checkpoint written at step {step}. The last good checkpoint is "
-                f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
-            ) from None
+            raise TrainingError(f"{e}; no checkpoint written at step {step}. {_last_good(run)}") from None
 
 
 def check_skips(streak: int, cfg: TrainConfig, step: int, run: RunFolder) -> None:
@@ -675,9 +683,13 @@ def check_skips(streak: int, cfg: TrainConfig, step: int, run: RunFolder) -> Non
     if streak >= cfg.run.max_skipped:  # the same on every rank (a global step is skipped everywhere)
         raise mark(TrainingError(
             f"stopped at step {step}: the last {streak} steps were skipped (non-finite loss or gradients; "
-            f"run.max_skipped = {cfg.run.max_skipped}). The last good checkpoint is "
-            f"{run.last_checkpoint or 'none'}: lower --lr (or check the data) and resume it"
-        ), "main")
+            f"run.max_skipped = {cfg.run.max_skipped}). {_last_good(run)}"
+        ), "main")  # fmt: skip
+
+
+def _last_good(run: RunFolder) -> str:
+    return (f"The last good checkpoint is {run.last_checkpoint or 'none'}: lower --lr (or check the data) "
+            f"and resume it")  # fmt: skip
 
 
 def write_grid(
@@ -694,18 +706,23 @@ def write_grid(
         g = torch.Generator(state.device)
         g.manual_seed(derive_seed(r.seed, "sample-ddpm" + (f"@{start}" if start else "")))
         return generate(model, schedule, part, sampler=r.sampler, steps=r.sample_steps, eta=run_eta(cfg),
-                        clip_x0=clip_for(td.kind, td.known is not None), device=state.device,
+                        clip_x0=clip_for(td.kind), device=state.device,
                         generator=g)  # fmt: skip
 
     x = ctx.spread(sample, noise)
     if not run.writer or x is None:
         return None
+    with _io_errors(run):
+        return _write_grid_file(run, x, td, step, r.sample_n)
+
+
+def _write_grid_file(run: RunFolder, x: torch.Tensor, td: TrainingData, step: int, n: int) -> Path | None:
     if td.kind == "image":
         return write_samples(x, run.samples_file(step, ".png"), td.kind)
     npy = write_samples(x, run.samples_file(step, ".npy"), td.kind)
     if x.shape[1] not in (2, 3):
         return npy
-    png = write_samples(x, run.samples_file(step, ".png"), td.kind, reference=td.data[: 4 * r.sample_n])
+    png = write_samples(x, run.samples_file(step, ".png"), td.kind, reference=td.data[: 4 * n])
     return png or npy
 
 
@@ -728,45 +745,45 @@ def training_loop(
     ctx: DistContext | None = None,  # the ranks of a torchrun job (None: this process alone)
 ) -> TrainResult:
     """Train from ``start`` to ``cfg.run.steps`` (every rank): log, sample and save on their intervals,
-    save and evaluate at the end. Ctrl-C or SIGTERM finishes the step, saves, raises TrainingInterrupted."""
+    save and evaluate at the end. Ctrl-C or SIGTERM finishes the step, saves, raises TrainingInterrupted
+    (a second one: at once, keeping the last complete checkpoint)."""
     t_start = time.perf_counter()
     r, ctx = cfg.run, ctx or DistContext()
     interval, stop, bar = Interval(start, r.batch_size), StopFlag(ctx), progress_bar(cfg, start, progress)
-    step, in_step = start, False
+    step, pending_save = start, False
     state.model.train()
     try:
         with stop.installed():
             while step < r.steps:
-                in_step = True
-                x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: free replays
+                with _io_errors(run, "read"):
+                    x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: replays
                 stats = train_step(state.engine, x0, lr=step_lr(cfg, step))
-                step, in_step = step + 1, False
+                step += 1
                 interval.add(stats)
                 bar.update(1)
                 if step % r.log_every == 0 or step == r.steps:
                     log_interval(run, interval, bar, state, cfg, step, ctx)
-                if stop.agreed(last=step == r.steps):
+                if stop.agreed(step, r.steps):
                     break
                 if due(step, r.sample_every, r.steps):
                     write_grid(run, state, cfg, td, step, ctx)
-                if due(step, r.save_every, r.steps):
-                    save(run, state, cfg, step, ctx, periodic=True)
-    except KeyboardInterrupt:  # the second Ctrl-C
-        if in_step or ctx.enabled:  # a step cut in half (or ranks out of step): keep the last checkpoint
-            raise TrainingInterrupted(step, run.last_checkpoint, saved=False) from None
-        stop.stopping = True
+                pending_save = pending_save or due(step, r.save_every, r.steps)
+                if pending_save and step < r.steps:  # postponed (None) while the last step was skipped
+                    pending_save = save(run, state, cfg, step, ctx, periodic=True) is None
+            ckpt = save(run, state, cfg, step, ctx)
+            if stop.stopping:
+                raise TrainingInterrupted(step, ckpt, saved=True)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # the second Ctrl-C: a step, a save or a collective cut in half
+        raise TrainingInterrupted(step, run.last_checkpoint, saved=False) from None
     finally:
         bar.close()
-
-    if stop.stopping:
-        ckpt = run.last_checkpoint if run.holds(step) else save(run, state, cfg, step, ctx)
-        raise TrainingInterrupted(step, ckpt, saved=True)
-    if not run.holds(step):
-        save(run, state, cfg, step, ctx)
     samples = write_grid(run, state, cfg, td, step, ctx)
     summary, eval_metrics = final_evaluation(state, cfg, td, ctx)
     if summary:
-        run.log(step, summary, kind="eval")
+        with _io_errors(run):
+            run.log(step, summary, kind="eval")
     return TrainResult(run.path, step, run.last_checkpoint, samples, run.metrics_path, summary,
                        device=str(state.device), seconds=time.perf_counter() - t_start,
                        eval_metrics=eval_metrics, data_kind=td.kind)  # fmt: skip
@@ -780,7 +797,8 @@ def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainStat
     means = interval.pop(step, state.engine.skip_streak, ctx, lr=step_lr(cfg, step - 1),
                          epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb(),
                          **cost_metrics(state.engine, cfg.run.batch_size, step))  # fmt: skip
-    run.log(step, means)
+    with _io_errors(run):
+        run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
     check_skips(means["skip_streak"], cfg, step, run)
 
@@ -804,7 +822,7 @@ def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData,
         return {}, {}
     model, schedule = state.ema_eps_model(), state.engine.objective.schedule
     return evaluate_known(model, schedule, td.known, td.data, td.clean, n=r.eval_n, sampler=r.sampler,
-                          steps=r.sample_steps, eta=run_eta(cfg), clip_x0=clip_for(td.kind, True),
+                          steps=r.sample_steps, eta=run_eta(cfg), clip_x0=clip_for(td.kind),
                           seed=r.seed, device=state.device, spread=ctx.spread)  # fmt: skip
 
 
@@ -858,8 +876,10 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
     CheckpointError on bad input, :class:`TrainingInterrupted` on Ctrl-C (after saving).
 
     Under ``torchrun`` every rank calls this (``ctx``; None: joined here from the environment): rank 0
-    alone takes and writes the run folder, each node's local rank 0 builds the data first (it may
-    prepare a cache the others read), and a failed check on any rank stops all of them with one message.
+    alone takes and writes the run folder, every rank resumes the checkpoint rank 0 resumes (else a
+    ConfigError: the run folder must be on a filesystem every rank sees), the data is built in turn
+    (:meth:`fastat.distributed.DistContext.in_turn`: rank 0 may prepare a cache the others then read), and
+    a failed check on any rank stops all of them with one message.
     """
     if ctx is None:
         with DistContext.from_env(timeout_s=cfg.run.dist_timeout) as ctx:
@@ -877,6 +897,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
             run = stack.enter_context(RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps,
                                                      keep=r.keep, tensorboard=r.tensorboard,
                                                      writer=ctx.is_main))  # fmt: skip
+        check_same_checkpoint(ckpt, ctx)
         td = ctx.in_turn(lambda: build_training_data(cfg, progress=progress), "reading the data")
         with ctx.together("building the model"):
             spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
@@ -886,21 +907,41 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
             state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info}, ctx)
             stack.callback(state.batches.close)  # the stream placement's reader threads
             start = state.restore(ckpt, ctx, r.seed) if ckpt is not None else 0
-            with _write_errors(run):
+            with _io_errors(run):
                 run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
         ctx.broadcast_(state.model, state.ema)  # one model: rank 0's (the same seed built it everywhere)
-        with _write_errors(run):
-            return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx)
+        return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx)
+
+
+def check_same_checkpoint(ckpt: Checkpoint | None, ctx: DistContext) -> None:
+    """Every rank resumes the checkpoint rank 0 resumes (its name and step), or none where rank 0 starts
+    fresh: else a ConfigError on every rank, before anything is written (ranks that see different run
+    folders, e.g. a node-local disk or a relative ``--out`` in another working directory)."""
+    if not ctx.enabled:
+        return
+    mine = None if ckpt is None else (ckpt.path.name, ckpt.step)
+    main = ctx.from_main(mine)
+
+    def said(c: tuple | None) -> str:
+        return "nothing (a fresh start)" if c is None else f"{c[0]} (step {c[1]})"
+
+    with ctx.together("the checkpoint to resume"):
+        if mine != main:  # said by rank 0 as "rank R: ..."
+            raise ConfigError(
+                f"this rank would resume {said(mine)}, rank 0 {said(main)}: the run folder must be on a "
+                f"filesystem that every rank sees at the same path (a shared disk; an absolute --out)"
+            )
 
 
 @contextlib.contextmanager
-def _write_errors(run: RunFolder):
-    """A failed write (full disk, read-only folder) as one TrainingError naming the file, the cause and
-    the checkpoint that is still intact."""
+def _io_errors(run: RunFolder, doing: str = "write"):
+    """A failed read or write (a missing shard; a full disk, a read-only folder) as one TrainingError
+    naming the operation, the file, the cause and the checkpoint that is still intact."""
     try:
         yield
     except OSError as e:
-        what = f"cannot write {e.filename}" if e.filename else "cannot write to the run folder"
+        where = "the data" if doing == "read" else "to the run folder"
+        what = f"cannot {doing} {e.filename}" if e.filename else f"cannot {doing} {where}"
         raise TrainingError(
             f"{what}: {e.strerror or e}; the last checkpoint ({run.last_checkpoint or 'none'}) is intact"
         ) from None
@@ -914,14 +955,15 @@ def data_info(td: TrainingData) -> dict:
         "sample_shape": list(td.sample_shape),
         "known": td.known is not None,
         "num_samples": len(td),
-        "clip_x0": clip_for(td.kind, td.known is not None),
+        "clip_x0": clip_for(td.kind),
         "source": td.source,
     }
 
 
 def _check_compatible(ckpt: Checkpoint, spec: dict, data_info: dict) -> None:
+    """CheckpointError unless the checkpoint holds the model ``spec`` (plain, as saved) and was trained on
+    data of this shape and size."""
     saved = _plain(ckpt.state.get("model"))
-    spec = _plain(spec)
     if saved != spec:
         raise CheckpointError(
             f"cannot resume {ckpt.path}: it holds model {_describe(saved)}, "

@@ -6,7 +6,9 @@
 
 ``fault``: ``FASTAT_TEST_FAULT`` = ``kill`` (SIGKILL itself), ``term`` (SIGTERM itself: a scheduler
 stopping one rank) or ``raise`` (an exception inside the step) on rank ``FASTAT_TEST_FAULT_RANK``
-before its ``FASTAT_TEST_FAULT_STEP``-th step of this process.
+before its ``FASTAT_TEST_FAULT_STEP``-th step of this process; ``slowdata``: that rank takes
+``FASTAT_TEST_FAULT_STEP`` seconds more to build its data (a long first prepare); ``FASTAT_TEST_CWD``: each
+rank works in the folder ``<FASTAT_TEST_CWD><rank>`` (ranks that see different run folders).
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ def fault(argv: list[str]) -> int:
 
     kind, rank = os.environ.get("FASTAT_TEST_FAULT"), int(os.environ.get("FASTAT_TEST_FAULT_RANK", "1"))
     at = int(os.environ.get("FASTAT_TEST_FAULT_STEP", "1"))
-    if kind and int(os.environ["RANK"]) == rank:
+    if "FASTAT_TEST_CWD" in os.environ:
+        os.chdir(os.environ["FASTAT_TEST_CWD"] + os.environ["RANK"])
+    if kind == "slowdata" and int(os.environ["RANK"]) == rank:
+        import time
+
+        build = T.build_training_data
+
+        def slow_build(*a, **k):
+            time.sleep(at)
+            return build(*a, **k)
+
+        T.build_training_data = slow_build
+    elif kind and int(os.environ["RANK"]) == rank:
         step, count = T.train_step, [0]
 
         def faulty_step(engine, x0, *, lr):
@@ -44,6 +58,8 @@ def fault(argv: list[str]) -> int:
 
 
 def scenario(out: Path) -> int:
+    import time
+
     import torch
 
     from fastat.capture import HostReadCheck
@@ -76,6 +92,27 @@ def scenario(out: Path) -> int:
                 raise ConfigError("only rank 1 is bad")
     except Exception as e:  # noqa: BLE001
         res["together"] = [type(e).__name__, str(e), who_says(e), getattr(e, "exit_code", 2)]
+
+    # data built in turn: rank 0 first, then the others (through the store); a failure on rank 0 skips
+    # the others' builds and is raised everywhere
+    def build(seconds: float) -> list[float]:
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        return [t0, time.monotonic()]
+
+    res["in_turn"] = ctx.in_turn(lambda: build(0.5 if r == 0 else 0.0), "the test data")
+    built = []
+
+    def failing() -> None:
+        built.append(r)
+        if r == 0:
+            raise ConfigError("no data on rank 0")
+
+    try:
+        ctx.in_turn(failing, "the test data")
+    except Exception as e:  # noqa: BLE001
+        res["in_turn_failed"] = [type(e).__name__, str(e), who_says(e), built]
+    res["to_main"] = ctx.gather_to_main(f"state of rank {r}")
 
     # a stop requested on rank 1 at call 3: every rank stops at the same call
     stops = [ctx.agree_stop(r == 1 and i == 3, last=i == 7) for i in range(8)]

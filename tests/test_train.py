@@ -392,3 +392,128 @@ def test_final_report_is_the_loops_evaluation_and_matches_fastat_eval(tmp_path, 
     again = evaluate_run(run, n=16, write=False)
     assert again["metrics"]["dist_mean"] == pytest.approx(saved["metrics"]["dist_mean"], rel=1e-5)
     assert again["metrics"]["sw"] == pytest.approx(saved["metrics"]["sw"], rel=1e-5)
+
+
+# -- the loop's edges: the last step, a second Ctrl-C, a postponed save, a read error, a finished run ------
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "last"
+    _interrupt_at(monkeypatch, 4, "signal")
+    code, out, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", run)
+    assert code == 0, err
+    assert "trained 4 steps" in out and load_checkpoint(run).step == 4
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "eval"] == [4]
+    assert (run / "samples" / "step-000004.png").exists() or (run / "samples" / "step-000004.npy").exists()
+
+
+def test_a_second_ctrl_c_between_steps_quits_at_once(tmp_path, capsys, monkeypatch):
+    """Two Ctrl-C while the loop writes a sample grid after step 3: no save at step 3 (the second one
+    quits now), the last complete checkpoint (step 2) is the one to resume."""
+    real = train_mod.write_grid
+
+    def grid(run, state, cfg, td, step, ctx):
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(run, state, cfg, td, step, ctx)
+
+    monkeypatch.setattr(train_mod, "write_grid", grid)
+    run = tmp_path / "twice"
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "10", "--save-every", "2", "--sample-every",
+                           "3", "--out", run)  # fmt: skip
+    assert code == 130 and "interrupted at step 3; the last complete checkpoint is" in err, err
+    assert load_checkpoint(run).step == 2 and "ckpt-000002" in err
+
+
+def test_a_save_on_a_skipped_step_is_postponed_to_the_next_good_step(tmp_path, capsys, monkeypatch):
+    real = train_mod.train_step
+
+    def step(engine, x0, *, lr):
+        if engine.steps_done != 9:  # the 10th step is skipped (as the engine reports a non-finite one)
+            return real(engine, x0, lr=lr)
+        engine.steps_done += 1
+        engine.skip_streak += 1
+        return {"loss": torch.tensor(float("nan")), "skipped": torch.ones(())}
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    run = tmp_path / "later"
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "14", "--save-every", "5", "--keep", "10",
+                           "--sample-every", "0", "--set", "run.eval_n=0", "--out", run)  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == [
+        "ckpt-000005", "ckpt-000011", "ckpt-000014"]  # fmt: skip
+    assert {r["step"]: r["skipped"] for r in read_metrics(run) if r["kind"] == "train"}[10] == 1
+
+
+def test_a_read_error_is_said_as_one(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastat.data import TensorLoader
+
+    real, calls = TensorLoader.next_batch, [0]
+
+    def next_batch(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.EIO, "Input/output error", "/data/shard-00003.npy")
+        return real(self)
+
+    monkeypatch.setattr(TensorLoader, "next_batch", next_batch)
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--save-every", "2", "--out",
+                           tmp_path / "r")  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "cannot read /data/shard-00003.npy: Input/output error; the last checkpoint" in err
+    assert "ckpt-000002) is intact" in err
+
+
+def test_resuming_a_finished_run_evaluates_once_and_extending_it_keeps_its_evaluation(tmp_path, capsys):
+    run = tmp_path / "done"
+    assert run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", run)[0] == 0
+    for steps, evals in ((4, [4]), (4, [4]), (6, [4, 6])):
+        code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", steps,
+                               "--no-progress")  # fmt: skip
+        assert code == 0, err
+        assert [r["step"] for r in read_metrics(run) if r["kind"] == "eval"] == evals
+
+
+def test_a_half_set_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch):
+    from train_helpers import assert_one_line_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    code, _, err = run_cli(capsys, "train", *POINTS, "--dry-run", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "incomplete torchrun job", "WORLD_SIZE='2', RANK=None")
+
+
+def test_only_the_training_devices_cuda_random_state_is_saved_and_old_lists_still_load(monkeypatch):
+    """A checkpoint of a machine with 8 visible GPUs (the old format: every device's state) resumes on
+    one with a single GPU; new checkpoints hold the training device's state alone. (CUDA stood in for.)"""
+    from types import SimpleNamespace
+
+    states = {0: torch.arange(4, dtype=torch.uint8)}
+
+    def get_state(device="cuda"):
+        return states[torch.device(device).index].clone()
+
+    def set_state(state, device="cuda"):
+        states[torch.device(device).index] = state.clone()
+
+    def set_all(new):  # as torch does: one device per entry (an IndexError past the visible ones)
+        for i, st in enumerate(new):
+            if i not in states:
+                raise IndexError(f"device {i} is not visible")
+            set_state(st, torch.device("cuda", i))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[i].clone() for i in sorted(states)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    engine = SimpleNamespace(objective_state_dict=dict, load_objective_state=lambda state: None,
+                             generator=torch.Generator())  # fmt: skip
+    st = train_mod.TrainState(nn.Linear(1, 1), engine, None, torch.device("cuda", 0))
+    saved = st.rng_state()
+    assert torch.equal(saved["cuda"], states[0])  # one tensor: this device's
+    old = {**saved, "cuda": [torch.full((4,), 7 + i, dtype=torch.uint8) for i in range(8)]}
+    st.set_rng_state(old)
+    assert torch.equal(states[0], torch.full((4,), 7, dtype=torch.uint8))

@@ -249,7 +249,7 @@ def evaluate_run(
             model,
             schedule,
             td.known,
-            clip_x0=clip_for(td.kind, True),  # as the run's own sample grids: images clamp x0_hat to [-1, 1]
+            clip_x0=clip_for(td.kind),  # as the run's own sample grids: images clamp x0_hat to [-1, 1]
             train_data=td.data,
             n=n,
             sampler=sampler,
@@ -272,7 +272,7 @@ def evaluate_run(
             eta=eta,
             seed=seed,
             device=dev,
-            clip_x0=clip_for(td.kind, False),
+            clip_x0=clip_for(td.kind),
             attack=attack,
             fid=fid,
             inception_weights=inception_weights,

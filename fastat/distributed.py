@@ -463,32 +463,41 @@ class GradSync:
     ``reduce_grads`` hook, called once per step after the training backward (see the module docstring).
 
     The gradients are packed into flat buckets of at most :data:`BUCKET_BYTES` (one per dtype at least),
-    each summed over the ranks by one all-reduce and divided by the world size, then copied back. Shapes
-    and allocations are the same every step, so a CUDA graph can capture it.
+    each summed over the ranks by one all-reduce and divided by the world size, then copied back. The
+    bucket layout is computed on the first call (host only, again only if the set of gradients changes).
+    Shapes and allocations are the same every step, so a CUDA graph can capture it.
     """
 
     def __init__(
         self, params: list[torch.Tensor], ctx: DistContext, bucket_bytes: int = BUCKET_BYTES
     ) -> None:
         self.params, self.ctx, self.bucket_bytes = params, ctx, bucket_bytes
+        self._key: tuple | None = None  # which parameters have gradients, and their dtypes
+        self._layout: list[list[int]] = []  # parameter indices per bucket, computed once per key
 
-    def _buckets(self, grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        buckets: list[list[torch.Tensor]] = []
-        size = 0
-        for g in sorted(grads, key=lambda g: str(g.dtype)):  # stable: parameter order within a dtype
-            nbytes = g.numel() * g.element_size()
-            if not buckets or buckets[-1][0].dtype != g.dtype or size + nbytes > self.bucket_bytes:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(g)
-            size += nbytes
-        return buckets
+    def _buckets(self) -> list[list[torch.Tensor]]:
+        """The gradients in buckets: one dtype each, parameter order within a dtype (the layout is
+        computed again only when the parameters that have gradients, or their dtypes, change)."""
+        grads = [p.grad for p in self.params]
+        key = tuple(None if g is None else g.dtype for g in grads)
+        if key != self._key:
+            self._key, self._layout, size = key, [], 0
+            present = [i for i, g in enumerate(grads) if g is not None]
+            last = None
+            for i in sorted(present, key=lambda i: str(key[i])):  # stable: parameter order within a dtype
+                nbytes = grads[i].numel() * grads[i].element_size()
+                if not self._layout or key[i] != last or size + nbytes > self.bucket_bytes:
+                    self._layout.append([])
+                    size, last = 0, key[i]
+                self._layout[-1].append(i)
+                size += nbytes
+        return [[grads[i] for i in bucket] for bucket in self._layout]
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         """Average the gradients in place; returns the mean of ``loss`` (0-dim) over the ranks."""
         import torch.distributed as dist
 
-        buckets = self._buckets([p.grad for p in self.params if p.grad is not None])
+        buckets = self._buckets()
         # the loss rides along in the first float32 bucket (else in a bucket of its own)
         lead = next((b for b in buckets if b[0].dtype == torch.float32), None)
         if lead is None:

@@ -78,6 +78,27 @@ def test_one_process_is_the_identity():
     assert [ctx.agree_stop(i == 2) for i in range(4)] == [False, False, True, False]
 
 
+def test_gradient_buckets_follow_the_parameters_that_have_gradients():
+    """The bucket layout is computed once and again only when the gradients present (or their dtypes)
+    change: one dtype per bucket, parameter order within it, at most bucket_bytes each."""
+    from fastat.distributed import GradSync
+
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    params = [torch.zeros(4, dtype=d, requires_grad=True) for d in dtypes]
+    sync = GradSync(params, DistContext(rank=0, world_size=2), bucket_bytes=32)  # two float32 grads each
+
+    def layout() -> list[list[int]]:
+        return [[next(i for i, p in enumerate(params) if p.grad is g) for g in b] for b in sync._buckets()]
+
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert layout() == [[2], [0, 1], [3]]  # bfloat16 sorts first
+    params[1].grad = None
+    assert layout() == [[2], [0, 3]]
+    params[1].grad = torch.ones(4)
+    assert layout() == [[2], [0, 1], [3]]
+
+
 def test_fingerprint_sees_one_bit():
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g).to(torch.bfloat16), torch.arange(4)]

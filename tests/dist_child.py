@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def fault(argv: list[str]) -> int:
+    from fastat import loop as L
     from fastat import train as T
     from fastat.cli import main
 
@@ -40,7 +41,7 @@ def fault(argv: list[str]) -> int:
 
         T.build_training_data = slow_build
     elif kind and int(os.environ["RANK"]) == rank:
-        step, count = T.train_step, [0]
+        step, count = L.train_step, [0]
 
         def faulty_step(engine, x0, *, lr):
             count[0] += 1
@@ -53,7 +54,7 @@ def fault(argv: list[str]) -> int:
                     raise RuntimeError("injected failure")
             return step(engine, x0, lr=lr)
 
-        T.train_step = faulty_step
+        L.train_step = faulty_step
     return main(argv)
 
 

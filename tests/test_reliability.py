@@ -502,9 +502,9 @@ def test_resuming_with_an_absurd_lr_keeps_the_good_model(tmp_path, capsys):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
-    import fastat.train as train_mod
+    import fastat.loop as loop_mod  # where the loop looks the step up
 
-    real = train_mod.train_step
+    real = loop_mod.train_step
 
     def step(engine, x0, *, lr):
         out = real(engine, x0, lr=lr)
@@ -513,7 +513,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
                 next(engine.model.parameters()).view(-1)[0] = float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(loop_mod, "train_step", step)
     run = tmp_path / "r"
     args = ["--steps", "10", "--save-every", "2", "--log-every", "100", "--keep", "1", "--sample-every", "0"]
     code, _, err = run_cli(capsys, "train", *POINTS, *args, "--set", "run.eval_n=0", "--out", run)
@@ -529,9 +529,9 @@ def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch):
     out of the means; the streak is read at log steps and saves, and `run.max_skipped` in a row stop the
     run (exit 1) naming the last good checkpoint. (After step 8 the engine is stood in for: each step is
     reported as the engine reports a skipped one, ``stats["skipped"]`` = 1 and ``skip_streak`` + 1.)"""
-    import fastat.train as train_mod
+    import fastat.loop as loop_mod  # where the loop looks the step up
 
-    real = train_mod.train_step
+    real = loop_mod.train_step
 
     def step(engine, x0, *, lr):
         if engine.steps_done < 8:
@@ -540,7 +540,7 @@ def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch):
         engine.skip_streak += 1
         return {"loss": torch.tensor(float("nan")), "skipped": torch.ones(())}
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(loop_mod, "train_step", step)
     run = tmp_path / "r"
     code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "40", "--save-every", "8", "--log-every", "5",
                            "--set", "run.max_skipped=6", "--sample-every", "0", "--set", "run.eval_n=0",

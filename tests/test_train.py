@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from train_helpers import IMAGES, POINTS, run_cli, weights
 
+import fastat.loop as loop_mod
 import fastat.train as train_mod
 from fastat.checkpoint import load_checkpoint
 from fastat.config import TrainConfig
@@ -269,7 +270,7 @@ def test_image_run_writes_a_grid(tmp_path, capsys):
 
 
 def _interrupt_at(monkeypatch, call: int, how: str):
-    real = train_mod.train_step
+    real = loop_mod.train_step
     calls = {"n": 0}
 
     def step(*a, **k):
@@ -281,7 +282,7 @@ def _interrupt_at(monkeypatch, call: int, how: str):
             signal.raise_signal(signal.SIGINT)  # a real Ctrl-C during the step
         return out
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(loop_mod, "train_step", step)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
@@ -310,7 +311,7 @@ def test_skipped_steps_stop_with_one_line(tmp_path, capsys, monkeypatch):
         engine.skip_streak += 1
         return {"loss": torch.tensor(float("nan")), "skipped": torch.tensor(1.0)}
 
-    monkeypatch.setattr(train_mod, "train_step", skipped)
+    monkeypatch.setattr(loop_mod, "train_step", skipped)
     code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--set", "run.max_skipped=2",
                            "--out", tmp_path / "nan")  # fmt: skip
     assert code == 1 and "stopped at step 2: the last 2 steps were skipped" in err and "Traceback" not in err
@@ -410,7 +411,7 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, capsys, mon
 def test_a_second_ctrl_c_between_steps_quits_at_once(tmp_path, capsys, monkeypatch):
     """Two Ctrl-C while the loop writes a sample grid after step 3: no save at step 3 (the second one
     quits now), the last complete checkpoint (step 2) is the one to resume."""
-    real = train_mod.write_grid
+    real = loop_mod.write_grid
 
     def grid(run, state, cfg, td, step, ctx):
         if step == 3:
@@ -418,7 +419,7 @@ def test_a_second_ctrl_c_between_steps_quits_at_once(tmp_path, capsys, monkeypat
             signal.raise_signal(signal.SIGINT)
         return real(run, state, cfg, td, step, ctx)
 
-    monkeypatch.setattr(train_mod, "write_grid", grid)
+    monkeypatch.setattr(loop_mod, "write_grid", grid)
     run = tmp_path / "twice"
     code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "10", "--save-every", "2", "--sample-every",
                            "3", "--out", run)  # fmt: skip
@@ -427,7 +428,7 @@ def test_a_second_ctrl_c_between_steps_quits_at_once(tmp_path, capsys, monkeypat
 
 
 def test_a_save_on_a_skipped_step_is_postponed_to_the_next_good_step(tmp_path, capsys, monkeypatch):
-    real = train_mod.train_step
+    real = loop_mod.train_step
 
     def step(engine, x0, *, lr):
         if engine.steps_done != 9:  # the 10th step is skipped (as the engine reports a non-finite one)
@@ -436,7 +437,7 @@ def test_a_save_on_a_skipped_step_is_postponed_to_the_next_good_step(tmp_path, c
         engine.skip_streak += 1
         return {"loss": torch.tensor(float("nan")), "skipped": torch.ones(())}
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(loop_mod, "train_step", step)
     run = tmp_path / "later"
     code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "14", "--save-every", "5", "--keep", "10",
                            "--sample-every", "0", "--set", "run.eval_n=0", "--out", run)  # fmt: skip

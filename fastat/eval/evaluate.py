@@ -32,7 +32,16 @@ from fastat.eval.metrics import (
 from fastat.eval.trajectory import trajectory_attack
 from fastat.schedule import NoiseSchedule
 
-__all__ = ["EVAL_FILE", "PSNR_TIMESTEPS", "evaluate_run", "format_report", "known_metrics", "load_run", "make_report"]
+__all__ = [
+    "EVAL_FILE",
+    "PSNR_TIMESTEPS",
+    "evaluate_known",
+    "evaluate_run",
+    "format_report",
+    "known_metrics",
+    "load_run",
+    "make_report",
+]
 
 EVAL_FILE = "eval.json"
 PSNR_TIMESTEPS = (10, 50, 100, 250, 500)
@@ -143,6 +152,41 @@ def known_metrics(
             out.update(distance_summary(support_distance(known, xs), f"attack_dist_{name}"))
         out.update({k: v for k, v in res.summary().items()})
     return out
+
+
+def evaluate_known(
+    model: nn.Module,
+    schedule,
+    known,
+    data: torch.Tensor,
+    clean: torch.Tensor,
+    *,
+    n: int,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    clip_x0: float | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    spread=None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The final evaluation on a known distribution: :func:`known_metrics` of ``n`` samples
+    (what ``fastat eval --run`` reports, from the same seeded noise), and its summary for metrics.jsonl:
+    the mean exact distance to the clean support of the samples, the training data and its clean copy.
+    ``spread``: :meth:`fastat.distributed.DistContext.spread` (``({}, {})`` on ranks other than 0)."""
+    t0 = time.perf_counter()
+    m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=sampler, steps=steps, eta=eta,
+                      seed=seed, device=device, clip_x0=clip_x0, spread=spread)  # fmt: skip
+    if not m:
+        return {}, {}
+    summary = {
+        "dist_samples": m["dist_mean"],
+        "dist_data": m["data_dist_mean"],
+        "dist_clean": known.distance_to_support(clean.cpu()).mean().item(),
+        "n": n,
+        "seconds": time.perf_counter() - t0,
+    }
+    return summary, m
 
 
 def load_run(

@@ -1,0 +1,242 @@
+"""A run's configuration resolved: the layered config (file, flags, a resumed run's saved config), the
+model fitted to the data, the device and precision, the default run folder.
+
+    cfg, ckpt = resolve_config(overrides, resume="auto")   # layering, resume, model "auto", run folder
+    device = resolve_device(cfg.run.device)                # auto -> cuda if available
+    spec = model_spec(cfg)                                  # {"name", "kwargs"} for build_model
+
+Nothing here loads data or builds a model: :func:`data_shape` reads a prepared set's manifest at most.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from fastat.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, run_dir_of
+from fastat.config import ConfigError, TrainConfig, _plain
+from fastat.data import DATASETS, KNOWN, is_prepared, read_manifest
+from fastat.distributed import DistContext
+from fastat.errors import one_line
+from fastat.run_folder import CONFIG_FILE
+
+__all__ = [
+    "check_data_memory",
+    "data_shape",
+    "default_run_name",
+    "diffusers_kwargs",
+    "finalize",
+    "model_spec",
+    "read_saved_config",
+    "resolve_config",
+    "resolve_device",
+    "resolve_precision",
+    "run_eta",
+]
+
+
+def resolve_device(name: str, ctx: DistContext | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA raises ConfigError. Under
+    ``torchrun`` (``ctx``) each rank gets ``cuda:LOCAL_RANK``."""
+    if ctx is not None and ctx.enabled:
+        return ctx.cuda_device(resolve_device(name))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 autocast on CUDA, fp32 elsewhere. ``bf16`` on the CPU uses CPU autocast."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def data_shape(cfg: TrainConfig) -> tuple[str, tuple[int, ...]]:
+    """``(kind, sample_shape)`` of the configured dataset, without loading it."""
+    d = cfg.data
+    if d.dataset == "subspace" and d.image_size:  # its shape without drawing its basis (C*H*W x k)
+        return "image", (_subspace_default("channels"), d.image_size, d.image_size)
+    if d.dataset in KNOWN:
+        from fastat.data import known_dataset
+
+        dist = known_dataset(d.dataset)  # (a sized subspace returned above)
+        return dist.kind, tuple(dist.sample_shape)
+    if d.dataset != "cifar10" and is_prepared(d.dataset):
+        shape = tuple(read_manifest(d.dataset)["shape"])
+        if d.image_size is not None and shape[1:] != (d.image_size, d.image_size):
+            raise ConfigError(
+                f"--dataset {d.dataset} holds {shape[1]}x{shape[2]} images, not "
+                f"{d.image_size}x{d.image_size} (--image-size); drop --image-size, or prepare the source "
+                f"again at that size"
+            )
+        return "image", shape
+    size = d.image_size or (32 if d.dataset == "cifar10" else None)
+    if size is None:  # validate() requires image_size for folders
+        raise ConfigError(f"data.image_size (--image-size) is required for the image folder {d.dataset!r}")
+    return "image", (3, size, size)
+
+
+def model_spec(cfg: TrainConfig) -> dict:
+    """``{"name", "kwargs"}`` for :func:`fastat.models.build_model`, fitted to the data's shape:
+    ``auto`` picks ``mlp`` for points and the UNet preset nearest the image size; the UNet gets
+    ``image_size``/``in_channels`` and the MLP ``dim`` from the data; a diffusers UNet its ``config``
+    file inlined (so checkpoints are self-contained) and its sample size and channels from the data."""
+    kind, shape = data_shape(cfg)
+    name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
+    if name == "diffusers":
+        return _plain({"name": name, "kwargs": diffusers_kwargs(cfg, kind, shape, kwargs)})
+    if name == "auto":
+        if kind == "points":
+            name = "mlp"
+        else:
+            size = shape[-1]
+            name = (
+                "tiny" if size <= 16 else "cifar10" if size <= 32 else "celeba64" if size <= 64 else "lsun256"
+            )
+    if name == "mlp":
+        if kind != "points":
+            raise ConfigError(
+                f"model mlp is for points; dataset {cfg.data.dataset!r} holds images {shape} (use a UNet)"
+            )
+        kwargs["dim"] = shape[0]
+    else:
+        if kind != "image":
+            raise ConfigError(
+                f"model {name} is a UNet for images; dataset {cfg.data.dataset!r} holds points of shape "
+                f"{shape} (use --model mlp or auto)"
+            )
+        kwargs.update(in_channels=shape[0], image_size=shape[-1])
+    return _plain({"name": name, "kwargs": kwargs})
+
+
+def diffusers_kwargs(cfg: TrainConfig, kind: str, shape: tuple[int, ...], kwargs: dict) -> dict:
+    """``UNet2DModel`` arguments for ``--model diffusers``: the ``config`` file's, overridden by the other
+    ``model.kwargs``, with ``sample_size``, ``in_channels`` and ``out_channels`` set from the data."""
+    from fastat.models.diffusers_unet import INSTALL_HINT, diffusers_available, read_unet_config
+
+    if not diffusers_available():
+        raise ConfigError(f"--model diffusers needs the diffusers package: {INSTALL_HINT}")
+    if kind != "image":
+        raise ConfigError(f"model diffusers is a UNet2DModel for images; dataset {cfg.data.dataset!r} holds "
+                          f"points of shape {shape} (use --model mlp or auto)")  # fmt: skip
+    if "config" in kwargs:
+        try:
+            kwargs = {**read_unet_config(kwargs.pop("config")), **kwargs}
+        except ValueError as e:
+            raise ConfigError(f"model.kwargs.config: {e}") from None
+    for key in ("in_channels", "out_channels"):
+        if kwargs.get(key, shape[0]) != shape[0]:
+            raise ConfigError(f"model.kwargs.{key}={kwargs[key]} but the data has {shape[0]} channels")
+    kwargs.update(sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0])
+    return kwargs
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    ds = cfg.data.dataset if cfg.data.dataset in DATASETS else Path(cfg.data.dataset).name or "folder"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{ds}-{cfg.objective.mode}"
+
+
+def finalize(cfg: TrainConfig) -> TrainConfig:
+    """Resolve what depends on the data or the clock: the model (``auto``, data-derived arguments),
+    the sampler's ``eta`` (auto: 1 on the built-in sets, 0 on real images) and the run folder
+    (``runs/<date>-<time>-<dataset>-<mode>``). Validates first."""
+    cfg.validate()
+    check_data_memory(cfg)
+    spec = model_spec(cfg)
+    over: dict = {"model.name": spec["name"], "model.kwargs": spec["kwargs"]}
+    if cfg.run.sample_eta is None:
+        over["run.sample_eta"] = run_eta(cfg)
+    if cfg.run.out is None:
+        over["run.out"] = str(Path("runs") / default_run_name(cfg))
+    return cfg.with_overrides(over).validate()
+
+
+def run_eta(cfg: TrainConfig) -> float:
+    """The DDIM eta of a run's grids and evaluation: ``run.sample_eta`` (resolved by :func:`finalize`;
+    the same auto rule for configs that predate the key)."""
+    eta = cfg.run.sample_eta
+    return eta if eta is not None else (1.0 if cfg.data.dataset in KNOWN else 0.0)
+
+
+def read_saved_config(ckpt: Path) -> dict:
+    """The config stored in a checkpoint folder (its ``config.yaml``, else the one in ``state.pt``)."""
+    f = ckpt / CONFIG_FILE
+    if f.is_file():
+        try:
+            d = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"cannot read {f}: {one_line(e, first_only=True)}") from None
+    else:
+        d = load_checkpoint(ckpt).state.get("config")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"checkpoint {ckpt} holds no config")
+    return d
+
+
+def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainConfig, Path | None]:
+    """The run's config and the checkpoint to resume from (or None).
+
+    ``overrides``: dotted keys from the ``--config`` file and the flags (flags last). ``resume``:
+    ``None`` (fresh run), ``"auto"`` (the newest checkpoint in the run folder if there is one) or a
+    path (run folder or checkpoint folder). When resuming, the run's saved config is the base under
+    ``overrides`` and the run folder defaults to the checkpoint's.
+    """
+    cfg = TrainConfig().with_overrides(overrides)
+    ckpt: Path | None = None
+    if resume == "auto":
+        if cfg.run.out is not None:
+            ckpt = latest_checkpoint(cfg.run.out)
+    elif resume:
+        ckpt = find_checkpoint(resume)
+    if ckpt is not None:
+        saved = read_saved_config(ckpt)
+        try:
+            base = TrainConfig.from_dict(saved)
+        except ConfigError as e:
+            raise CheckpointError(f"the config saved in {ckpt} does not load: {e}") from None
+        cfg = base.with_overrides({"run.out": str(run_dir_of(ckpt)), **overrides})
+    return finalize(cfg), ckpt
+
+
+def _subspace_default(name: str) -> int:
+    import inspect
+
+    from fastat.data import Subspace
+
+    return inspect.signature(Subspace).parameters[name].default
+
+
+def check_data_memory(cfg: TrainConfig) -> None:
+    """Refuse (ConfigError) a built-in dataset that cannot fit in this machine's memory (the training set
+    and its clean copy, float32), before trying to allocate it. (Image sets are uint8 and can stream.)"""
+    d = cfg.data
+    if d.dataset not in KNOWN:
+        return
+    count = d.n
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if total <= 0:
+        return
+    _, shape = data_shape(cfg)
+    dim = math.prod(shape)
+    need = 2 * 4 * count * dim + (8 * dim * _subspace_default("k") if d.dataset == "subspace" else 0)
+    if need > total:
+        raise ConfigError(
+            f"the dataset needs {need / 2**30:.1f} GiB of memory ({count} samples of shape {list(shape)}, "
+            f"float32, with its clean copy), more than this machine's {total / 2**30:.1f} GiB: "
+            f"lower --image-size or data.n / data.max_items"
+        )

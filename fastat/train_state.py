@@ -1,0 +1,277 @@
+"""What a run steps and every checkpoint holds (:class:`TrainState`: the model, its step engine, the batch
+source, the values saved alongside), and how it is built from the config and the data.
+
+    td = build_training_data(cfg)                          # the data (an image folder prepared first)
+    state = build_state(cfg, td, device, extra, ctx)       # model, engine, this rank's batches
+    start = state.restore(ckpt, ctx, cfg.run.seed)         # a checkpoint's weights, optimizer, RNG, data
+    state.state_dict(step, rngs)                           # what state.pt holds
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+from tqdm.auto import tqdm
+
+from fastat import __version__
+from fastat.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
+from fastat.config import ConfigError, TrainConfig, _plain
+from fastat.data import DatasetError, TensorLoader, TrainingData, build_dataset, image_loader
+from fastat.data.placement import DeviceImages, StreamImages
+from fastat.distributed import DistContext
+from fastat.engine import StepEngine
+from fastat.models import build_model
+from fastat.prediction import as_eps_model
+from fastat.run_config import resolve_precision
+
+__all__ = [
+    "TrainState",
+    "build_batches",
+    "build_state",
+    "build_training_data",
+    "check_compatible",
+    "clip_for",
+    "data_info",
+    "say",
+]
+
+
+def clip_for(kind: str) -> float | None:
+    """Sampling clamps the predicted x0 to [-1, 1] for images (as DDPM does; the known subspace keeps
+    ~99% of its pixels in that range) and leaves points free."""
+    return 1.0 if kind == "image" else None
+
+
+@dataclass
+class TrainState:
+    """What the loop steps and every checkpoint holds: the model, its step engine (optimizer, EMA, the
+    objective's generator), the batch source, and plain values saved alongside (config, model, data)."""
+
+    model: nn.Module
+    engine: StepEngine
+    batches: TensorLoader | DeviceImages | StreamImages
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The objective's generator (noise, timesteps, perturbations): the engine's."""
+        return self.engine.generator
+
+    @property
+    def ema(self) -> nn.Module:
+        """The EMA weights (what sampling uses)."""
+        return self.engine.ema.module
+
+    def ema_eps_model(self) -> nn.Module:
+        """The EMA model as an eps-model (a v- or x0-model converted): what the samplers and the
+        evaluations take."""
+        obj = self.engine.objective
+        return as_eps_model(self.ema, obj.prediction, obj.schedule)
+
+    def rng_state(self) -> dict:
+        """This process's random states: the global generators (initialisation, dropout; on CUDA the
+        training device's), and the objective's (noise, timesteps, perturbations), with what the
+        objective keeps between steps (``free``: this rank's replayed batch, its t, noise seed and
+        perturbation; on the CPU)."""
+        kept = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v,
+                        self.engine.objective_state_dict())  # fmt: skip
+        return {
+            "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+            "objective": self.generator.get_state(),
+            **({"objective_state": kept} if kept else {}),
+        }
+
+    def set_rng_state(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        cuda = rng.get("cuda")
+        if self.device.type == "cuda" and cuda is not None and len(cuda):
+            if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's; this one's
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                cuda = cuda[index] if index < len(cuda) else cuda[0]
+            torch.cuda.set_rng_state(cuda, self.device)
+        self.generator.set_state(rng["objective"])
+        self.engine.load_objective_state(rng.get("objective_state", {}))  # free: mid-replay too
+
+    def state_dict(self, step: int, rngs: list[dict] | None = None) -> dict:
+        """Everything but the weights, for ``state.pt`` (tensors and plain values only). ``rngs``: the
+        random states of every rank (data parallel: ``rng_ranks``, with the world size; else ``rng``)."""
+        rngs = rngs or [self.rng_state()]
+        return {
+            "step": step,
+            "optimizer": self.engine.optimizer.state_dict(),
+            "ema": self.engine.ema.state_dict(),
+            "loader": self.batches.state_dict(),
+            **({"world_size": len(rngs), "rng_ranks": rngs} if len(rngs) > 1 else {"rng": rngs[0]}),
+            "fastat_version": __version__,
+            **({"scaler": self.engine.scaler.state_dict()} if self.engine.scaler is not None else {}),
+            **self.extra,
+        }
+
+    def restore(self, ckpt: Checkpoint, ctx: DistContext, seed: int) -> int:
+        """Load a checkpoint's weights and state (CheckpointError if they do not fit or are not finite);
+        returns its step. Saved by as many ranks as this run has: every rank continues its own random
+        streams, exactly. By another number: the same weights, optimizer, step and data position (in
+        samples), with new random streams per rank: a continuation, not bit-exact (said on stderr)."""
+        require_finite(ckpt.model, f"the weights of {ckpt.path}")
+        require_finite(ckpt.ema, f"the EMA weights of {ckpt.path}")
+        load_weights(self.model, ckpt.model, f"{ckpt.path}/model.safetensors")
+        load_weights(self.ema, ckpt.ema, f"{ckpt.path}/ema.safetensors")
+        st = ckpt.state
+        saved_world = int(st.get("world_size", 1))
+        exact = saved_world == ctx.world_size
+        try:
+            self.engine.load_optimizer_state(st["optimizer"])
+            self.batches.load_state_dict(st["loader"], strict=exact)
+            self.engine.ema.load_state_dict(st["ema"])
+            if exact:
+                self.set_rng_state(st["rng_ranks"][ctx.rank] if "rng_ranks" in st else st["rng"])
+            else:  # new streams for the new ranks, not those of the run's start
+                torch.manual_seed(ctx.rank_seed(seed, f"dropout@{ckpt.step}"))
+                self.generator.manual_seed(ctx.rank_seed(seed, f"objective@{ckpt.step}"))
+            if self.engine.scaler is not None and "scaler" in st:  # fp16: the loss scale goes on
+                self.engine.scaler.load_state_dict(st["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {e}") from None
+        if not exact and ctx.is_main:
+            say(
+                f"fastat: {ckpt.path} was written by {saved_world} rank(s), this run has {ctx.world_size}: "
+                f"it continues from step {ckpt.step} with the same weights, optimizer state and data "
+                f"position (samples seen), but not bit-exactly (new random streams per rank, batches split "
+                f"anew)"
+            )
+        return ckpt.step
+
+
+def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingData:
+    """The run's training data (:func:`fastat.data.build_dataset`); an image folder is prepared into
+    the cache first if needed (with a progress bar)."""
+    d = cfg.data
+    td = build_dataset(
+        d.dataset,
+        data_root=d.data_root,
+        image_size=d.image_size,
+        seed=d.seed,
+        n=d.n,
+        max_items=d.max_items,
+        download=d.download,
+        num_workers=d.num_workers,
+        noise_p=d.corrupt_frac,
+        noise_sigma=d.corrupt_sigma,
+        outliers=d.outliers,
+        outlier_kind=d.outlier_kind,
+        cache_dir=d.cache_dir,
+        progress=progress,
+        log=say,
+        min_items=cfg.run.batch_size,
+    )
+    if len(td) == 0:
+        raise DatasetError(f"dataset {d.dataset!r} is empty")
+    if cfg.run.batch_size > len(td):
+        raise ConfigError(f"--batch-size {cfg.run.batch_size} is larger than the dataset ({len(td)} samples)")
+    return td
+
+
+def build_batches(
+    cfg: TrainConfig, td: TrainingData, device: torch.device, *, rank: int = 0, world_size: int = 1
+) -> TensorLoader | DeviceImages | StreamImages:
+    """The loop's batch source: ``next_batch()`` on the device, ``state_dict()`` for exact resume.
+
+    Known sets: a :class:`TensorLoader` of float data. Real images: :func:`fastat.data.image_loader`
+    (uint8 batches, ``data.placement`` auto | device | stream; the choice and its reason go to the log),
+    whose ``transform`` the step applies. ``batch_size`` is global; this rank gets its share."""
+    d, r = cfg.data, cfg.run
+    flip = d.flip if d.flip is not None else (td.kind == "image" and td.known is None)
+    if td.images is None:
+        return TensorLoader(td.data, r.batch_size, generator_seed=r.seed, device=device, flip=flip, rank=rank,
+                            world_size=world_size)  # fmt: skip
+    budget = None if d.device_budget_gb is None else int(d.device_budget_gb * 1e9)
+    loader = image_loader(td.images, r.batch_size, seed=r.seed, device=device, placement=d.placement,
+                          flip=flip, corruption=td.corruption, rank=rank, world_size=world_size,
+                          workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget)  # fmt: skip
+    if rank == 0:
+        shape = "x".join(map(str, td.images.shape))
+        say(f"fastat: data: {len(td.images)} images {shape} on {device}, placement {loader.placement}: "
+             f"{loader.reason}")  # fmt: skip
+    return loader
+
+
+def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra: dict,
+                ctx: DistContext | None = None) -> TrainState:  # fmt: skip
+    """The model (initialised from ``run.seed``: the same on every rank), its engine, this rank's
+    batches and the objective's generator (this rank's own stream, as dropout)."""
+    r, op = cfg.run, cfg.optim
+    ctx = ctx or DistContext()
+    spec = extra["model"]
+    torch.manual_seed(r.seed)  # model initialisation and (one rank) dropout
+    try:
+        model = build_model(spec["name"], **spec["kwargs"])
+    except (TypeError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
+    model = model.to(device)
+    if ctx.enabled:
+        torch.manual_seed(ctx.rank_seed(r.seed, "dropout"))
+    batches = build_batches(cfg, td, device, rank=ctx.rank, world_size=ctx.world_size)
+    generator = torch.Generator(device=device).manual_seed(ctx.rank_seed(r.seed, "objective"))
+    engine = StepEngine(
+        model, cfg.build_objective(), generator=generator, lr=op.lr, betas=tuple(op.betas), eps=op.eps,
+        weight_decay=op.weight_decay, clip=op.clip, ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup,
+        precision=resolve_precision(r.precision, device),
+        fast=device.type == "cuda" if r.fast is None else r.fast,
+        log=say if ctx.is_main else _quiet,
+        prepare_batch=getattr(batches, "transform", None),  # uint8 image batches -> float, in the step
+        reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
+    )  # fmt: skip
+    return TrainState(model, engine, batches, device, extra)
+
+
+def data_info(td: TrainingData) -> dict:
+    """What a checkpoint records about its training data (``fastat sample``/``eval`` read it)."""
+    return {
+        "name": td.name,
+        "kind": td.kind,
+        "sample_shape": list(td.sample_shape),
+        "known": td.known is not None,
+        "num_samples": len(td),
+        "clip_x0": clip_for(td.kind),
+        "source": td.source,
+    }
+
+
+def check_compatible(ckpt: Checkpoint, spec: dict, data_info: dict) -> None:
+    """CheckpointError unless the checkpoint holds the model ``spec`` (plain, as saved) and was trained on
+    data of this shape and size."""
+    saved = _plain(ckpt.state.get("model"))
+    if saved != spec:
+        raise CheckpointError(
+            f"cannot resume {ckpt.path}: it holds model {_describe(saved)}, "
+            f"this run builds {_describe(spec)} "
+            f"(drop the model flags to continue it, or train into a new --out)"
+        )
+    s_data = ckpt.state.get("data", {})
+    for key in ("sample_shape", "num_samples"):
+        if s_data.get(key) != data_info[key]:
+            raise CheckpointError(
+                f"cannot resume {ckpt.path}: it was trained on data with {key}={s_data.get(key)}, "
+                f"this run's data has {key}={data_info[key]}"
+            )
+
+
+def _describe(spec) -> str:
+    if not isinstance(spec, dict):
+        return repr(spec)
+    kw = ", ".join(f"{k}={v}" for k, v in sorted(spec.get("kwargs", {}).items()))
+    return f"{spec.get('name')}({kw})"
+
+
+def say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _quiet(msg: str) -> None:
+    """Ranks other than 0 keep the messages every rank would print alike."""

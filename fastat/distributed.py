@@ -6,8 +6,10 @@ together (data parallelism: one model, identical on every rank, each rank a shar
         ...                                     #   (no collectives inside: they are the agreement's)
     ctx.broadcast_(model)                       # rank 0's weights and buffers on every rank
     engine = StepEngine(..., reduce_grads=ctx.grad_sync(model))   # gradients averaged in the step
-    stop = ctx.agree_stop(requested)            # every step: all ranks stop at the same step
+    data = ctx.in_turn(build, "the data")       # rank 0 first, then the others (waiting through the store)
+    stop = ctx.agree_stop(requested)            # at the same steps on every rank (the loop: every 10)
     x = ctx.spread(sample, noise)               # each rank samples its rows; all of them on rank 0
+    rngs = ctx.gather_to_main(state)            # every rank's value on rank 0 (None elsewhere)
     ctx.close()
 
 With world size 1 (no ``torchrun``, or ``--nproc_per_node 1``) every method is the single-process

@@ -32,7 +32,7 @@
 #    loader placements on CUDA
 #  nccl: the gradient all-reduce captured with the step, against the eager step (an NCCL group of one)
 #  kernels_bench (cold L2)  step_b128: bf16 adv, naive / fastat / fastat DDPM  step_b32: naive, fastat
-#  loader: fastat bench data on 200k synthetic 32x32 images, each placement for 4 s
+#  loader: fastat bench data on 50k synthetic 32x32 images (150 MB), each placement for 2 s (all within its 15 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # every stage and its limit in seconds, in the order they run (SMOKE skips install; its time is left over)
@@ -78,6 +78,6 @@ stage step_b128 "$PY" -m fastat.bench "${STEP[@]}" --batch-size 128 --runs naive
 stage step_b32 "$PY" -m fastat.bench "${STEP[@]}" --batch-size 32 --runs naive fastat \
   --json "$OUT/bench_b32.json"
 stage loader bash -c "$PY -c \"import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); \
-  from bench_storage import make_npy; make_npy(Path('$TMPD/loader-32'), ${LOADER_N:-200000}, 32)\" && \
-  $PY -m fastat bench data $TMPD/loader-32 --seconds 4 --json $OUT/loader.json"
+  from bench_storage import make_npy; make_npy(Path('$TMPD/loader-32'), ${LOADER_N:-50000}, 32)\" && \
+  $PY -m fastat bench data $TMPD/loader-32 --seconds 2 --json $OUT/loader.json"
 finish

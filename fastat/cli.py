@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     _passive_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m fastat -- eval ...`: not every launcher drops the separator
+        argv = argv[1:]
     if argv[:1] == ["bench"]:  # its own parser and options (argparse cannot forward leading options)
         if argv[1:2] == ["data"]:
             from fastat.bench_data import main as bench_main

@@ -92,6 +92,13 @@ def test_dry_run_prints_the_resolved_default_config_and_writes_nothing(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_leading_separator_is_dropped(tmp_path, capsys, monkeypatch):
+    """`torchrun ... -m fastat -- train ...`: a launcher that keeps the `--` still reaches the command."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "--", "train", "--dry-run", "--mode", "ddpm")
+    assert code == 0 and TrainConfig.from_dict(yaml.safe_load(out)).objective.mode == "ddpm"
+
+
 def test_config_file_then_set_then_flags(tmp_path, capsys):
     f = tmp_path / "exp.yaml"
     f.write_text("run:\n  steps: 5\n  batch_size: 16\noptim:\n  lr: 1e-3\nobjective:\n  mode: pgd\n")

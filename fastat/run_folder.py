@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from torch import nn
@@ -210,6 +211,11 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is not a folder")
     if not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is not writable")
+    try:  # access() trusts root and ignores read-only mounts: create (and remove) a probe folder
+        os.rmdir(tempfile.mkdtemp(prefix=".fastat-probe-", dir=p))
+    except OSError as e:
+        why = f"{p} is not writable ({e.strerror})"
+        raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {why}") from None
 
 
 def _same(ckpt: Path, run_dir: Path) -> bool:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -609,6 +610,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, f
     (small_disk / "filler").unlink()  # space again: the run continues from the intact checkpoint
     assert run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "8", "--no-progress")[0] == 0
     assert load_checkpoint(run).step == 8
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_dry_run_refuses_a_folder_it_could_not_create(capsys):
+    """os.access() says yes to root on /proc; --dry-run probes by creating (and removing) a folder."""
+    code, _, err = run_cli(capsys, "train", *POINTS, "--out", "/proc/fastat-run", "--dry-run")
+    assert_one_line_error(code, err, "cannot write to the run folder", "not writable")
 
 
 def test_a_read_only_run_folder_is_refused_before_anything_runs(small_disk, capsys):

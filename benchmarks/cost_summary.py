@@ -77,8 +77,13 @@ def main(argv=None) -> int:
     ap.add_argument("--goal-cost", type=float, default=1.5, help="at most this x DDPM's units per step")
     ap.add_argument("--goal-share", type=float, default=0.8, help="at least this share of adv's reduction")
     args = ap.parse_args(argv)
-    data = json.loads(args.compare_json.read_text())
-    if not any("flop_units" in r for r in data["records"]):
+    try:
+        data = json.loads(args.compare_json.read_text())
+        records = data["records"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"cost_summary: error: cannot read {args.compare_json} as compare.json: {e}", file=sys.stderr)
+        return 2
+    if not any("flop_units" in r for r in records):
         why = "no flop_units in the records (written before fastat eval compare had them)"
         print(f"{args.compare_json}: {why}", file=sys.stderr)
         return 2

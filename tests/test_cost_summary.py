@@ -38,3 +38,5 @@ def test_share_and_goal(tmp_path, capsys):
     bare = [{k: v for k, v in r.items() if k != "flop_units"} for r in recs]
     path.write_text(json.dumps({"records": bare}))
     assert cost_summary.main([str(path)]) == 2
+    assert cost_summary.main([str(tmp_path / "missing.json")]) == 2
+    assert "cost_summary: error: cannot read" in capsys.readouterr().err

@@ -211,7 +211,7 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is not a folder")
     if not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to the run folder {run_dir} (--out): {p} is not writable")
-    try:  # access() trusts root and ignores read-only mounts: create (and remove) a probe folder
+    try:  # access() says yes to root where nothing can be created (e.g. /proc): create and remove a probe
         os.rmdir(tempfile.mkdtemp(prefix=".fastat-probe-", dir=p))
     except OSError as e:
         why = f"{p} is not writable ({e.strerror})"

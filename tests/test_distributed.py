@@ -39,7 +39,7 @@ ARGS = ["--dataset", "gmm2d", "--model", "mlp", "--set", "model.kwargs={hidden: 
         "--save-every", "10", "--no-progress", "--set", "run.keep=10", "--set", "run.sample_n=8",
         "--set", "run.sample_steps=4", "--set", "run.eval_n=16", "--set", "run.tensorboard=false",
         "--set", "run.dist_timeout=60",
-        "--set", "run.sample_eta=0"]  # fmt: skip  (deterministic DDIM: the spread evaluation == one process's)
+        "--set", "run.sample_eta=0"]  # fmt: skip  (deterministic DDIM: the spread eval == one process's)
 
 
 def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:

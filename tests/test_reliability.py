@@ -563,18 +563,18 @@ BIG = [*POINTS, "--set", "model.kwargs={hidden: 128, depth: 1, time_dim: 16}", "
        "--set", "run.eval_n=0"]  # fmt: skip
 
 
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root (CI runs as root)")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 4 MiB tmpfs (mounting needs root: skipped elsewhere, with the reason)."""
+    """A 4 MiB tmpfs. Mounting needs root: the tests that use it say so in their skip mark, and as root a
+    failed mount fails them (no silent skip)."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                           capture_output=True, text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"cannot mount a small tmpfs on this machine: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs on this machine (needs root): {r.stderr.strip()}")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 0, f"cannot mount a small tmpfs as root: {r.stderr.strip()}"
     try:
         yield mnt
     finally:
@@ -589,6 +589,7 @@ def _fill(disk, leave: int):
         f.write(b"\0" * max(free - leave, 0))
 
 
+@needs_root
 @pytest.mark.parametrize("fails_at", ["model.safetensors", "state.pt"])
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, fails_at, capsys):
     run = small_disk / "run"
@@ -619,6 +620,7 @@ def test_dry_run_refuses_a_folder_it_could_not_create(capsys):
     assert_one_line_error(code, err, "cannot write to the run folder", "not writable")
 
 
+@needs_root
 def test_a_read_only_run_folder_is_refused_before_anything_runs(small_disk, capsys):
     run = small_disk / "run"
     assert run_cli(capsys, "train", *BIG, "--steps", "2", "--out", run)[0] == 0

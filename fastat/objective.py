@@ -316,13 +316,13 @@ class ATObjective:
 
         # The regulariser runs on the first n samples (reg_frac); views, no copies.
         n = self.reg_count(B)
-        sub = (lambda v: v) if n == B else (lambda v: v[:n] if isinstance(v, torch.Tensor) else v)
-        x_t_n, t_n, a_n, s_n, r_n = sub(x_t), sub(t), sub(a), sub(s), sub(radius)
-        x_adv, w = sub(x_adv), sub(w)
+        head, tail = slice(0, n), slice(n, None)
+        x_t_n, t_n, a_n, s_n, r_n = (_rows(v, head) for v in (x_t, t, a, s, radius))
+        x_adv, w = _rows(x_adv, head), _rows(w, head)
         if self.budget.norm == "l2":  # uniform in the ball; the noise kernel draws box starts only
             w = self.budget.random_start(r_n, (n, *x0.shape[1:]), generator).to(dev, x0.dtype)
             x_adv = ops.q_sample(x_t_n, 1.0, s_n, w)
-        eps_clean = self._eps(sub(out), x_t_n, a_n, s_n)
+        eps_clean = self._eps(out[head], x_t_n, a_n, s_n)
         j_start, target_j = None, self.attack_target
         if replay is not None:
             w = replay.keep("w", fresh, w)
@@ -347,12 +347,11 @@ class ATObjective:
                 out, out_adv, target, w_c, lam, detach_clean=self.detach_clean, dm_weight=dm_weight
             )
         else:  # (n/B) * [dm over n + (B/n) * reg over n] + ((B-n)/B) * dm over the rest: dm is a mean over B
-            rest = (lambda v: v[n:]) if isinstance(dm_weight, torch.Tensor) else (lambda v: v)
             loss_n, dm_n = ops.at_loss_parts(
-                out[:n], out_adv, target[:n], w_c, lam * (B / n), detach_clean=self.detach_clean,
-                dm_weight=sub(dm_weight),
+                out[head], out_adv, target[head], w_c, lam * (B / n), detach_clean=self.detach_clean,
+                dm_weight=_rows(dm_weight, head),
             )  # fmt: skip
-            dm_rest = ops.ddpm_loss(out[n:], target[n:], rest(dm_weight))
+            dm_rest = ops.ddpm_loss(out[tail], target[tail], _rows(dm_weight, tail))
             loss = loss_n * (n / B) + dm_rest * ((B - n) / B)
             dm = dm_n * (n / B) + dm_rest.detach() * ((B - n) / B)
 
@@ -392,6 +391,11 @@ class ATObjective:
         if self.prediction == "eps":
             return out
         return P.to_eps(self.prediction, out.float(), x.float(), a, s).to(out.dtype)
+
+
+def _rows(v: torch.Tensor | float, rows: slice) -> torch.Tensor | float:
+    """``v[rows]`` of a per-sample tensor (a view); a scalar as it is."""
+    return v[rows] if isinstance(v, torch.Tensor) else v
 
 
 def _scaled(w: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:

@@ -64,7 +64,8 @@ def summarise(data: dict, goal_cost: float, goal_share: float) -> tuple[list[str
             else:
                 meets[v] = False
             lines.append(
-                f"| {s} | {v} | {units:.3g} | {units / 3:.2f} | {steps} | "
+                (f"| {s} | {v} | {units:.3g} | {units / 3:.2f} | {steps} | " if units is not None
+                 else f"| {s} | {v} | - | - | {steps} | ")
                 + " | ".join(cells)
                 + f" | {share} |"
             )

@@ -313,7 +313,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from fastat.checkpoint import CheckpointError
     from fastat.config import check_seed
-    from fastat.data import derive_seed
+    from fastat.seeding import derive_seed
     from fastat.eval.evaluate import load_run
     from fastat.samples import SAMPLE_SUFFIXES, generate, write_samples
     from fastat.train import resolve_device, run_eta
@@ -436,10 +436,11 @@ def _cpu_threads(n: int | None, cfg) -> None:
     import torch
 
     from fastat.data import KNOWN
+    from fastat.run_config import resolve_device
 
     if n is None and "OMP_NUM_THREADS" not in os.environ and cfg.data.dataset in KNOWN:
-        on_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
-        n = 1 if on_cpu else None
+        with contextlib.suppress(ConfigError):  # a bad device: train() says so, in turn with the ranks
+            n = 1 if resolve_device(cfg.run.device).type == "cpu" else None
     if n is not None:
         torch.set_num_threads(n)
 

@@ -117,7 +117,6 @@ def _write_folder(dest: Path, write) -> Path:
         else:
             os.replace(tmp, dest)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"cannot write {dest}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,7 +55,7 @@ def _seeded_noise(n: int, shape: Sequence[int], seed: int, what: str) -> torch.T
 def _generate(model, schedule, noise, *, sampler, steps, eta, clip_x0, seed, device, spread=None):
     """Samples from ``noise``; with ``spread`` (:meth:`fastat.distributed.DistContext.spread`) each rank
     samples its rows (with its own sampler noise) and rank 0 gets them all, the others ``None``."""
-    from fastat.data import derive_seed
+    from fastat.seeding import derive_seed
     from fastat.samples import generate
 
     def part(rows: torch.Tensor, start: int) -> torch.Tensor:

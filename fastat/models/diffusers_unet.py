@@ -21,6 +21,8 @@ import torch
 import yaml
 from torch import nn
 
+from fastat.errors import one_line
+
 __all__ = [
     "INSTALL_HINT",
     "TINY_CONFIG",
@@ -69,7 +71,7 @@ def read_unet_config(path: str | os.PathLike) -> dict:
     try:
         d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot parse the UNet2DModel config {p}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot parse the UNet2DModel config {p}: {one_line(e, first_only=True)}") from None
     if not isinstance(d, dict):
         raise ValueError(
             f"the UNet2DModel config {p} must hold a mapping of arguments, got {type(d).__name__}"

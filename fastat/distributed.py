@@ -124,7 +124,8 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     parts = []
     for i, t in enumerate(tensors):
         bits = t.detach().contiguous().view(ints[t.element_size()]).reshape(-1).to(torch.int64)
-        parts.append(torch.stack([bits.sum(), bits.sum() * (2 * i + 1) + bits.numel()]))
+        total = bits.sum()
+        parts.append(torch.stack([total, total * (2 * i + 1) + bits.numel()]))
     if not parts:
         return torch.zeros(2, dtype=torch.int64)
     return torch.stack([p.to(parts[0].device) for p in parts]).sum(dim=0).cpu()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fastat import __version__
 from fastat.checkpoint import NonFiniteWeights
 from fastat.config import TrainConfig
-from fastat.data import TrainingData, derive_seed
+from fastat.data import TrainingData
 from fastat.distributed import DistContext, mark
 from fastat.engine import StepEngine
 from fastat.eval.evaluate import evaluate_known
@@ -36,6 +36,7 @@ from fastat.metrics import StatsAccumulator, peak_rss_mb
 from fastat.run_config import run_eta
 from fastat.run_folder import RunFolder
 from fastat.samples import generate, write_samples
+from fastat.seeding import derive_seed
 from fastat.train_state import TrainState, clip_for, say
 
 __all__ = [
@@ -175,13 +176,12 @@ class Interval:
         self.acc.add({k: v for k, v in stats.items() if k != "skipped"}, weight=1 - skipped)
         self.skipped = skipped.detach().float() + self.skipped
 
-    def pop(self, step: int, streak: torch.Tensor, ctx: DistContext | None = None,
-            **extra: float) -> dict[str, float]:  # fmt: skip
+    def pop(self, step: int, streak: torch.Tensor, ctx: DistContext, **extra: float) -> dict[str, float]:
         """Means since the last pop (over all ranks: ``ctx``), the skipped steps, the engine's
         ``skip_streak``, throughput (of the global batch) and ``extra``: one host sync for all of it."""
         skipped = self.skipped if torch.is_tensor(self.skipped) else torch.zeros(())
         means = self.acc.pop_means({"skip_streak": streak, "skipped": skipped})
-        means = ctx.average(means) if ctx is not None else means  # counts: the same on every rank
+        means = ctx.average(means)  # one process: unchanged; counts: the same on every rank
         means["skipped"], means["skip_streak"] = round(means["skipped"]), round(means["skip_streak"])
         now = time.perf_counter()
         dt, n = max(now - self.t0, 1e-9), max(step - self.step0, 1)
@@ -218,7 +218,8 @@ def save(run: RunFolder, state: TrainState, cfg: TrainConfig, step: int, ctx: Di
     rngs = ctx.gather_to_main(state.rng_state(), "the random states")
     with ctx.together("the checkpoint"), io_errors(run):
         try:
-            return run.save(step, model=state.model, ema=state.ema, state=state.state_dict(step, rngs),
+            full = state.state_dict(step, rngs) if run.writer else {}  # only rank 0 writes
+            return run.save(step, model=state.model, ema=state.ema, state=full,
                             metadata={"fastat_version": __version__})  # fmt: skip
         except NonFiniteWeights as e:
             raise TrainingError(f"{e}; no checkpoint written at step {step}. {_last_good(run)}") from None

@@ -26,7 +26,7 @@ import sys
 import torch
 
 from fastat import kernels as K
-from fastat.timing import count_cuda_launches, device_info, time_fn
+from fastat.utils.timing import count_cuda_launches, device_info, time_fn
 
 SIZES = {"cifar10": (128, 3, 32, 32), "lsun256": (32, 3, 256, 256)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

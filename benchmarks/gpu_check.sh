@@ -48,7 +48,7 @@ warm() { # warm NAME BATCH RUNS...: runs in the background; appends its JSON lin
   shift 2
   t0=$(date +%s.%N)
   eff=$(($(planned nccl) - ($(date +%s) - T0)))
-  timeout -k 2 "$eff" "$PY" -m fastat.bench "${STEP[@]}" --steps 1 --warmup 1 --batch-size "$batch" \
+  timeout -k 2 "$eff" "$PY" -m fastat.app.bench "${STEP[@]}" --steps 1 --warmup 1 --batch-size "$batch" \
     --runs "$@" >"$TMPD/$name.log" 2>&1
   rc=$?
   record "$name" "$rc" "$t0" 0 "$eff" "$TMPD/$name.log" "background compile for the timed stages"
@@ -73,9 +73,9 @@ done
 
 stage kernels_bench "$PY" benchmarks/bench_kernels.py ${KERNELS[@]+"${KERNELS[@]}"} --json "$OUT/kernels.json"
 # naive first, fastat next (the speed-up survives a timeout), DDPM last
-stage step_b128 "$PY" -m fastat.bench "${STEP[@]}" --batch-size 128 --runs naive fastat fastat_ddpm \
+stage step_b128 "$PY" -m fastat.app.bench "${STEP[@]}" --batch-size 128 --runs naive fastat fastat_ddpm \
   --json "$OUT/bench_b128.json"
-stage step_b32 "$PY" -m fastat.bench "${STEP[@]}" --batch-size 32 --runs naive fastat \
+stage step_b32 "$PY" -m fastat.app.bench "${STEP[@]}" --batch-size 32 --runs naive fastat \
   --json "$OUT/bench_b32.json"
 stage loader bash -c "$PY -c \"import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); \
   from bench_storage import make_npy; make_npy(Path('$TMPD/loader-32'), ${LOADER_N:-50000}, 32)\" && \

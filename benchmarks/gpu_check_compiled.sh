@@ -16,6 +16,6 @@ OPTIONAL=
 source benchmarks/gpu_stages.sh
 setup
 # naive + torch.compile first (the new measurement), then fastat for the ratio; fewer timed steps
-stage compiled_b128 "$PY" -m fastat.bench "${STEP[@]}" --steps 10 --warmup 4 --batch-size 128 \
+stage compiled_b128 "$PY" -m fastat.app.bench "${STEP[@]}" --steps 10 --warmup 4 --batch-size 128 \
   --runs naive_compiled fastat --json "$OUT/bench_b128_compiled.json"
 finish

@@ -1,5 +1,5 @@
 """The measurements behind the image recipe (RESULTS.md, "AT's gain on images"): train one configuration
-through :func:`fastat.train.train` and measure it against the known subspace.
+through :func:`fastat.train.run.train` and measure it against the known subspace.
 
     python benchmarks/image_recipe.py NAME '{"objective.mode": "adv", "run.steps": 1000}' --log results.jsonl
     python benchmarks/image_recipe.py NAME '{}' --gain          # + the denoiser's off/on-support gain j(t)
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fastat.config import TrainConfig
+from fastat.train.config import TrainConfig
 from fastat.eval.evaluate import load_run
 from fastat.eval.metrics import denoiser_psnr, sliced_wasserstein
-from fastat.samples import generate
-from fastat.train import build_training_data, train
+from fastat.train.samples import generate
+from fastat.train.run import build_training_data, train
 
 GAIN_TS = (0, 5, 20, 50, 100, 200, 400)
 

@@ -14,9 +14,9 @@ import argparse
 import torch
 
 from fastat import ops
-from fastat.budget import Budget
+from fastat.at.budget import Budget
 from fastat.models import build_model
-from fastat.schedule import NoiseSchedule
+from fastat.at.schedule import NoiseSchedule
 
 
 def main(argv=None):

@@ -16,16 +16,16 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ATObjective": "fastat.objective",
-    "ATOutput": "fastat.objective",
-    "Budget": "fastat.budget",
+    "ATObjective": "fastat.at.objective",
+    "ATOutput": "fastat.at.objective",
+    "Budget": "fastat.at.budget",
     "MLP": "fastat.models",
-    "NoiseSchedule": "fastat.schedule",
-    "StepEngine": "fastat.engine",
+    "NoiseSchedule": "fastat.at.schedule",
+    "StepEngine": "fastat.step.engine",
     "UNet": "fastat.models",
     "build_model": "fastat.models",
-    "ddim_sample": "fastat.sampling",
-    "ddpm_sample": "fastat.sampling",
+    "ddim_sample": "fastat.at.sampling",
+    "ddpm_sample": "fastat.at.sampling",
 }
 _SUBMODULES = ("ops",)
 

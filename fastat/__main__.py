@@ -2,6 +2,6 @@
 
 import sys
 
-from fastat.cli import main
+from fastat.app.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ import torch
 from conftest import at_loss_formula, bshape, pgd_ref
 
 from fastat import kernels as K
-from fastat import ops
+from fastat.at import ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (torch.cuda.is_available() or INTERPRET):
@@ -312,9 +312,9 @@ def test_kernels_handle_non_contiguous_inputs(layout):
 def test_objective_runs_on_the_kernels(mode, norm):
     """The whole objective on the Triton path: finite loss, gradients for every parameter, ascent works,
     and the same generator seed gives the same bits."""
-    from fastat.budget import Budget
-    from fastat.objective import ATObjective
-    from fastat.schedule import NoiseSchedule
+    from fastat.at.budget import Budget
+    from fastat.at.objective import ATObjective
+    from fastat.at.schedule import NoiseSchedule
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).to(DEV)
@@ -334,9 +334,9 @@ def test_objective_runs_on_the_kernels(mode, norm):
 def test_objective_prediction_types_on_the_kernels(prediction, dm_weight, monkeypatch):
     """v- and x0-models on the Triton path: the fused loss on the model's own outputs equals the reference
     ops' loss of the same inputs (the model's inputs are recorded, the loss recomputed on the CPU path)."""
-    from fastat import prediction as P
-    from fastat.objective import ATObjective, _scaled
-    from fastat.schedule import NoiseSchedule
+    from fastat.at import prediction as P
+    from fastat.at.objective import ATObjective, _scaled
+    from fastat.at.schedule import NoiseSchedule
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).to(DEV)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastat import bench
-from fastat.bench import (
+from fastat.app import bench
+from fastat.app.bench import (
     BenchSetting,
     compiled_graphs,
     format_result,
@@ -15,10 +15,10 @@ from fastat.bench import (
     naive_at_step,
     run_bench,
 )
-from fastat.budget import Budget
+from fastat.at.budget import Budget
 from fastat.models import build_model
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
 
 
 def test_compiled_graphs_count_the_second_shape_of_reg_frac():

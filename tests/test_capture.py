@@ -1,6 +1,6 @@
 """Capture safety, proven on the CPU: the step body makes no host read (``host_read_cases.py``, kernels
 under the Triton interpreter), and the engine's capture path — warm-up, capture, replay, and a failed
-capture — runs through a CPU stand-in for ``fastat.capture.CudaGraphs`` with the same methods."""
+capture — runs through a CPU stand-in for ``fastat.step.capture.CudaGraphs`` with the same methods."""
 
 import contextlib
 import os
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastat.engine
-from fastat.budget import Budget
-from fastat.capture import CaptureError, GeneratorSnapshot
-from fastat.engine import StepEngine
+import fastat.step.engine
+from fastat.at.budget import Budget
+from fastat.step.capture import CaptureError, GeneratorSnapshot
+from fastat.step.engine import StepEngine
 from fastat.models import MLP
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
 
 HERE = Path(__file__).parent
 
@@ -121,7 +121,7 @@ class _CaptureSensitive(torch.nn.Module):
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setattr(fastat.engine, "CudaGraphs", StandInGraphs)
+    monkeypatch.setattr(fastat.step.engine, "CudaGraphs", StandInGraphs)
     StandInGraphs.made, StandInGraphs.fail, StandInGraphs.host_objects = [], False, []
     yield StandInGraphs
     StandInGraphs.fail, StandInGraphs.host_objects = False, []

@@ -1,4 +1,4 @@
-"""fastat.checkpoint: atomic writes, keep-last-K, the latest pointer, loading that never unpickles."""
+"""fastat.train.checkpoint: atomic writes, keep-last-K, the latest pointer, loading that never unpickles."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import fastat.checkpoint as ck
-from fastat.checkpoint import (
+import fastat.train.checkpoint as ck
+from fastat.train.checkpoint import (
     CheckpointError,
     atomic_write_text,
     find_checkpoint,

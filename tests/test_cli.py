@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from train_helpers import IMAGES, POINTS, assert_one_line_error, run_cli
 
-from fastat.config import TrainConfig
+from fastat.train.config import TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "img"
-    from fastat.cli import main
+    from fastat.app.cli import main
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def image_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def points_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "pts"
-    from fastat.cli import main
+    from fastat.app.cli import main
 
     assert main(["train", *POINTS, "--steps", "3", "--out", str(run)]) == 0
     return run
@@ -135,7 +135,7 @@ def test_run_folder_holds_the_resolved_config(image_run):
 def test_gain_line_says_what_was_gained_and_its_baseline_command_runs(image_run, capsys):
     from types import SimpleNamespace
 
-    from fastat.eval.cli import gain_line
+    from fastat.app.eval_cli import gain_line
 
     cfg = TrainConfig.from_yaml(image_run / "config.yaml")
     res = SimpleNamespace(run_dir=image_run, eval={"dist_samples": 0.15, "dist_data": 0.2})
@@ -375,7 +375,7 @@ def test_bench_subcommand_has_its_own_options(capsys):
 def test_train_threads_one_on_the_built_in_sets_unless_chosen(monkeypatch):
     """`fastat train` on a built-in set on the CPU runs one torch thread (faster for its small models);
     --threads and OMP_NUM_THREADS win; real image sets keep torch's default."""
-    from fastat import cli
+    from fastat.app import cli
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)

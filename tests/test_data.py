@@ -435,7 +435,7 @@ def test_subspace_exported_to_png_folder_is_the_builtin_set(tmp_path):
     """The known subspace written as 8-bit PNGs (``save_image_folder``) and read back through the
     folder path of the trainer: the same images up to 8-bit rounding (no resampling at the same size), the
     same noisy groups, noise of the same size, and the same distance of the training data to the support."""
-    from fastat.samples import save_image_folder
+    from fastat.train.samples import save_image_folder
 
     kw = dict(image_size=8, n=256, seed=3, noise_p=0.9, noise_sigma=0.2)
     builtin = build_dataset("subspace", **kw)

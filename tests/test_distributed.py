@@ -1,7 +1,7 @@
 """Data-parallel training under ``torchrun``, proven on the CPU with gloo and 2 processes.
 
 Each ``torchrun`` start costs seconds (two interpreters importing torch), so a few runs serve many
-tests: the 2-rank units of :mod:`fastat.distributed` and the step engine in one job
+tests: the 2-rank units of :mod:`fastat.train.distributed` and the step engine in one job
 (``tests/dist_child.py scenario``), one uninterrupted 2-rank training run, and one run stopped twice
 (SIGTERM on one rank, then SIGKILL of one rank) and resumed. Every job runs with a timeout: a hang
 fails the test instead of the suite.
@@ -20,15 +20,15 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import run_cli
 
-from fastat.config import ConfigError, TrainConfig
+from fastat.train.config import ConfigError, TrainConfig
 from fastat.data import build_dataset
-from fastat.distributed import DistContext, fingerprint
-from fastat.engine import StepEngine
-from fastat.metrics import read_metrics
+from fastat.train.distributed import DistContext, fingerprint
+from fastat.step.engine import StepEngine
+from fastat.train.metrics import read_metrics
 from fastat.models import build_model
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
-from fastat.train import evaluate_known
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
+from fastat.train.run import evaluate_known
 
 CHILD = Path(__file__).with_name("dist_child.py")
 TIMEOUT = 150  # seconds for one torchrun job (they take ~10-20 s)
@@ -81,7 +81,7 @@ def test_one_process_is_the_identity():
 def test_gradient_buckets_follow_the_parameters_that_have_gradients():
     """The bucket layout is computed once and again only when the gradients present (or their dtypes)
     change: one dtype per bucket, parameter order within it, at most bucket_bytes each."""
-    from fastat.distributed import GradSync
+    from fastat.train.distributed import GradSync
 
     dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32]
     params = [torch.zeros(4, dtype=d, requires_grad=True) for d in dtypes]

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from fastat.budget import Budget
-from fastat.ema import EMA
-from fastat.engine import DetachedParams, StepEngine
+from fastat.at.budget import Budget
+from fastat.step.ema import EMA
+from fastat.step.engine import DetachedParams, StepEngine
 from fastat.models import MLP
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
 
 
 def make(fast, mode="adv", seed=0, clip=1.0, **kw):
@@ -307,7 +307,7 @@ def test_cuda_failed_capture_restores_generators_and_runs_uncaptured(monkeypatch
     """A real capture failure (a host read that only happens while capturing): the engine puts the
     generators back (torch 2.11 leaves them in capture mode) and goes on uncaptured, drawing the same
     numbers as an engine that never tried."""
-    from fastat import objective
+    from fastat.at import objective
 
     real = objective.ATObjective._loss
 

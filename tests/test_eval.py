@@ -391,8 +391,8 @@ def test_real_inception_weights_if_present():
 
 
 def _tiny_run(tmp_path, dataset="plane3d", **extra):
-    from fastat.config import TrainConfig
-    from fastat.train import train
+    from fastat.train.config import TrainConfig
+    from fastat.train.run import train
 
     over = {
         "data.dataset": dataset,
@@ -418,8 +418,8 @@ def _tiny_run(tmp_path, dataset="plane3d", **extra):
 
 def test_report_after_training(tmp_path, capsys):
     """What `fastat train` prints at the end of a run on a built-in set."""
-    from fastat.config import TrainConfig
-    from fastat.eval.cli import report_after_training
+    from fastat.train.config import TrainConfig
+    from fastat.app.eval_cli import report_after_training
 
     run = _tiny_run(tmp_path)
     cfg = TrainConfig().with_overrides({"data.dataset": "plane3d", "run.eval_n": 16, "run.sample_steps": 4})
@@ -468,7 +468,7 @@ def test_known_metrics_on_subspace_with_the_oracle():
 
 
 def _cli(argv):
-    from fastat.cli import main
+    from fastat.app.cli import main
 
     return main(argv)
 

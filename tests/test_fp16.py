@@ -6,13 +6,13 @@ import pytest
 import torch
 from train_helpers import IMAGES, run_cli, weights
 
-from fastat.budget import Budget
-from fastat.checkpoint import load_checkpoint
-from fastat.engine import StepEngine
-from fastat.metrics import read_metrics
+from fastat.at.budget import Budget
+from fastat.train.checkpoint import load_checkpoint
+from fastat.step.engine import StepEngine
+from fastat.train.metrics import read_metrics
 from fastat.models import build_model
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,10 +78,10 @@ def test_fp16_compile_failure_after_unscale_retries_eagerly(monkeypatch):
     """A compiled first step that fails after ``scaler.unscale_`` (here: in the gradient norm): the eager
     retry unscales again instead of raising "unscale_() has already been called", and the step is the
     eager engine's."""
-    import fastat.engine
+    import fastat.step.engine
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # "compiled": the model itself
-    real, calls = fastat.engine.grad_norm_, []
+    real, calls = fastat.step.engine.grad_norm_, []
 
     def fails_once(*a, **k):
         calls.append(1)
@@ -89,7 +89,7 @@ def test_fp16_compile_failure_after_unscale_retries_eagerly(monkeypatch):
             raise RuntimeError("inductor exploded after unscale_")
         return real(*a, **k)
 
-    monkeypatch.setattr(fastat.engine, "grad_norm_", fails_once)
+    monkeypatch.setattr(fastat.step.engine, "grad_norm_", fails_once)
     torch.manual_seed(0)
     model = build_model("tiny", image_size=8, ch=8, groups=4)
     obj = ATObjective(schedule=NoiseSchedule(T=100), mode="adv", budget=Budget(r_min=0.1, r_scale=0.2))

@@ -7,12 +7,12 @@ import pytest
 import torch
 from test_objective import SCHED, Net, data
 
-from fastat import ops
-from fastat.budget import Budget
-from fastat.engine import StepEngine
+from fastat.at import ops
+from fastat.at.budget import Budget
+from fastat.step.engine import StepEngine
 from fastat.models import MLP
-from fastat.objective import ATObjective
-from fastat.replay import Replay
+from fastat.at.objective import ATObjective
+from fastat.at.replay import Replay
 
 
 class Recorder(torch.nn.Module):

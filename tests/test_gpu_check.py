@@ -75,8 +75,8 @@ def test_plan_in_order_of_importance():
 def test_warm_processes_compile_what_the_timed_stages_run():
     """The background compiles hit the timed stages' graphs only if they run the same settings."""
     text = SCRIPT.read_text().replace("\\\n", " ")
-    warm = re.search(r'"\$PY" -m fastat.bench "\$\{STEP\[@\]\}" --steps 1 --warmup 1 --batch-size', text)
-    assert warm, "the warm processes run fastat.bench with the timed stages' STEP settings"
+    warm = re.search(r'"\$PY" -m fastat.app.bench "\$\{STEP\[@\]\}" --steps 1 --warmup 1 --batch-size', text)
+    assert warm, "the warm processes run fastat.app.bench with the timed stages' STEP settings"
     runs = dict(re.findall(r"^warm warm_b(\d+) \d+ (.*) &$", text, re.M))
     cmd = stage_commands()
     assert runs["128"].split() == ["fastat"] and "--batch-size 128" in cmd["step_b128"]
@@ -163,7 +163,7 @@ def test_an_install_that_leaves_fastat_unimportable_stops_with_one_line(tmp_path
 
 
 def _bench_json(tmp_path, batch, runs, name=None):
-    from fastat.bench import BenchSetting, run_bench
+    from fastat.app.bench import BenchSetting, run_bench
 
     r = run_bench(BenchSetting(model="tiny", image_size=8, batch_size=2, steps=1, warmup=1, device="cpu"),
                   fast=False, log=lambda s: None, runs=("naive", "fastat"))  # fmt: skip

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastat.attack import pgd_attack
-from fastat.budget import Budget
-from fastat.objective import MODES, ATObjective
-from fastat.schedule import NoiseSchedule
+from fastat.at.attack import pgd_attack
+from fastat.at.budget import Budget
+from fastat.at.objective import MODES, ATObjective
+from fastat.at.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule(T=100)
 
@@ -144,8 +144,8 @@ def test_bad_objective_arguments():
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_attack_step_equals_ascent_on_w_by_autograd(target, norm):
     """The attack differentiates w.r.t. the model input; its step must equal one taken with dJ/dw."""
-    from fastat import ops
-    from fastat.attack import attack_objective
+    from fastat.at import ops
+    from fastat.at.attack import attack_objective
 
     torch.manual_seed(1)
     net = Net()

@@ -1,4 +1,4 @@
-"""fastat.ops (the reference path) against float64 formulas written out here."""
+"""fastat.at.ops (the reference path) against float64 formulas written out here."""
 
 import math
 
@@ -8,7 +8,7 @@ from conftest import DTYPES, SHAPES, TOL, at_loss_formula, bshape, pgd_ref, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastat import ops
+from fastat.at import ops
 
 
 def assert_close(out, ref, dtype, loss=False):
@@ -209,7 +209,7 @@ def test_noise_stream_advances_by_itself_and_is_per_rank():
 
 
 def test_rank_generator_gives_each_rank_its_own_stream(monkeypatch):
-    from fastat.seeding import current_rank, rank_seed
+    from fastat.at.seeding import current_rank, rank_seed
 
     draws = [torch.randn(1000, generator=ops.rank_generator(3, rank=r)) for r in range(3)]
     assert torch.equal(draws[0], torch.randn(1000, generator=ops.rank_generator(3, rank=0)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastat.cli import main
+from fastat.app.cli import main
 from fastat.data import (
     Batch,
     DatasetError,

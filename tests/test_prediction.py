@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from fastat import prediction as P
-from fastat.budget import Budget
-from fastat.objective import ATObjective
-from fastat.sampling import ddim_sample, ddpm_sample
-from fastat.schedule import NoiseSchedule
+from fastat.at import prediction as P
+from fastat.at.budget import Budget
+from fastat.at.objective import ATObjective
+from fastat.at.sampling import ddim_sample, ddpm_sample
+from fastat.at.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule(T=100)
 
@@ -21,7 +21,7 @@ def bs(c, like):
     return c.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-# Written out here in float64, independently of fastat.prediction.
+# Written out here in float64, independently of fastat.at.prediction.
 def eps_hat64(pred, o, x, a, s):
     a, s = bs(a, o), bs(s, o)
     return {"eps": o, "v": a * o + s * x, "x0": (x - a * o) / s}[pred]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastat.cli import main
+from fastat.app.cli import main
 from fastat.data import DatasetError, ImageFolder, PreparedImages, decode_image, is_prepared, prepare
 from fastat.data import preparation as prepare_mod
 

@@ -32,9 +32,9 @@ from train_helpers import (
     snapshot,
 )
 
-from fastat import ops
-from fastat.checkpoint import load_checkpoint
-from fastat.metrics import read_metrics
+from fastat.at import ops
+from fastat.train.checkpoint import load_checkpoint
+from fastat.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -322,9 +322,9 @@ def test_ops_accept_the_largest_seed():
 SERVER = r"""
 import json, os, signal, sys
 import torch
-import fastat.checkpoint as ck
+import fastat.train.checkpoint as ck
 import torch._dynamo  # noqa: F401 - what the optimizer's first use imports (seconds)
-import fastat.cli, fastat.train  # noqa: F401 - imported once, before forking
+import fastat.app.cli, fastat.train.run  # noqa: F401 - imported once, before forking
 
 def child(plan, argv):
     torch.set_num_threads(1)
@@ -354,7 +354,7 @@ def child(plan, argv):
                 die()
             real_rmtree(path, ignore_errors=ignore_errors)
         ck.shutil.rmtree = rmtree
-    return fastat.cli.main(argv)
+    return fastat.app.cli.main(argv)
 
 for line in sys.stdin:
     plan, err, argv = json.loads(line)
@@ -503,7 +503,7 @@ def test_resuming_with_an_absurd_lr_keeps_the_good_model(tmp_path, capsys):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
-    import fastat.loop as loop_mod  # where the loop looks the step up
+    import fastat.train.loop as loop_mod  # where the loop looks the step up
 
     real = loop_mod.train_step
 
@@ -530,7 +530,7 @@ def test_k_skipped_steps_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch):
     out of the means; the streak is read at log steps and saves, and `run.max_skipped` in a row stop the
     run (exit 1) naming the last good checkpoint. (After step 8 the engine is stood in for: each step is
     reported as the engine reports a skipped one, ``stats["skipped"]`` = 1 and ``skip_streak`` + 1.)"""
-    import fastat.loop as loop_mod  # where the loop looks the step up
+    import fastat.train.loop as loop_mod  # where the loop looks the step up
 
     real = loop_mod.train_step
 
@@ -646,7 +646,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     line, no traceback (it used to print 31 lines). The process says when Python is up, so the signal
     cannot arrive before Python handles it."""
     argv = ["train", *POINTS, "--steps", "2000", "--out", str(tmp_path / "r")]
-    code = f"import sys; print('up', flush=True); from fastat.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys; print('up', flush=True); from fastat.app.cli import main; sys.exit(main({argv!r}))"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

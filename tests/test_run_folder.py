@@ -1,4 +1,4 @@
-"""fastat.run_folder: one trainer per folder (lock, stale locks), ownership checks before any write,
+"""fastat.train.run_folder: one trainer per folder (lock, stale locks), ownership checks before any write,
 atomic pruning that leaves other writers' temporary folders alone."""
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from train_helpers import (
     snapshot,
 )
 
-import fastat.checkpoint as ck
-import fastat.run_folder as rf
-from fastat.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from fastat.config import ConfigError
-from fastat.metrics import read_metrics
-from fastat.run_folder import LOCK_FILE, RunFolder, RunFolderBusy
+import fastat.train.checkpoint as ck
+import fastat.train.run_folder as rf
+from fastat.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fastat.train.config import ConfigError
+from fastat.train.metrics import read_metrics
+from fastat.train.run_folder import LOCK_FILE, RunFolder, RunFolderBusy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def test_second_open_is_refused_until_the_first_closes(tmp_path):
 def test_lock_of_a_killed_trainer_is_stale(tmp_path):
     """A trainer killed with SIGKILL leaves its lock file; the kernel dropped its flock, so it is taken."""
     code = (
-        "import sys, time; from fastat.run_folder import RunFolder; "
+        "import sys, time; from fastat.train.run_folder import RunFolder; "
         f"r = RunFolder.open({str(tmp_path / 'r')!r}); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from fastat.models import MLP, UNet
-from fastat.sampling import ddim_sample, ddim_timesteps, ddpm_sample
-from fastat.schedule import NoiseSchedule
+from fastat.at.sampling import ddim_sample, ddim_timesteps, ddpm_sample
+from fastat.at.schedule import NoiseSchedule
 
 T_SMALL = 40
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from fastat.budget import Budget
-from fastat.schedule import NoiseSchedule
+from fastat.at.budget import Budget
+from fastat.at.schedule import NoiseSchedule
 
 
 def test_linear_schedule_matches_ddpm():

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from torch import nn
 from train_helpers import IMAGES, POINTS, run_cli, weights
 
-import fastat.loop as loop_mod
-import fastat.train as train_mod
-from fastat.checkpoint import load_checkpoint
-from fastat.config import TrainConfig
-from fastat.ema import EMA
-from fastat.metrics import StatsAccumulator, read_metrics
-from fastat.train import lr_at, resolve_config
+import fastat.train.loop as loop_mod
+import fastat.train.run as train_mod
+from fastat.train.checkpoint import load_checkpoint
+from fastat.train.config import TrainConfig
+from fastat.step.ema import EMA
+from fastat.train.metrics import StatsAccumulator, read_metrics
+from fastat.train.run import lr_at, resolve_config
 
 
 @pytest.fixture(autouse=True)

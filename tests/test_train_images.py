@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastat.budget import Budget
+from fastat.at.budget import Budget
 from fastat.data import Batch, ImageTransform, IndexedCorruption
-from fastat.engine import StepEngine
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
+from fastat.step.engine import StepEngine
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
 
 HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
 
@@ -100,7 +100,7 @@ def prepared_set(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from fastat.cli import main
+    from fastat.app.cli import main
 
     root = tmp_path_factory.mktemp("imgs")
     src = root / "src"
@@ -129,7 +129,7 @@ def test_resume_mid_epoch_is_bit_identical_across_placements(
     (order, flips, corruption noise) are a function of (seed, epoch, position), not of the placement."""
     from train_helpers import run_cli
 
-    from fastat.checkpoint import load_checkpoint
+    from fastat.train.checkpoint import load_checkpoint
 
     _, ds = prepared_set
     common = ["train", "--dataset", ds, *TINY, "--save-every", "4"]

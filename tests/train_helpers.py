@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fastat.cli import main
+from fastat.app.cli import main
 
 # Points: gmm2d with a small MLP; a few steps take well under a second.
 POINTS = [

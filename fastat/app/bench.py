@@ -8,7 +8,7 @@ fastat's DDPM step.
 (a') naive_compiled: the same loop with ``torch.compile`` on the model — the one line a user would add,
     so that what fastat's kernels and graph add over compiling alone is visible (skipped with
     ``--no-fast``, where nothing is compiled);
-(b) fastat: :class:`fastat.engine.StepEngine` with ``fast=True`` (compiled model; on CUDA the fused
+(b) fastat: :class:`fastat.step.engine.StepEngine` with ``fast=True`` (compiled model; on CUDA the fused
     kernels and a CUDA-graph captured step), same mode;
 (c) fastat with ``--mode ddpm``: the same engine without the regulariser, the cost AT is measured against.
 
@@ -43,14 +43,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastat.budget import Budget
-from fastat.capture import CaptureError
-from fastat.checkpoint import atomic_write_text
-from fastat.engine import StepEngine
+from fastat.at.budget import Budget
+from fastat.step.capture import CaptureError
+from fastat.train.checkpoint import atomic_write_text
+from fastat.step.engine import StepEngine
 from fastat.models import PRESETS, build_model
-from fastat.objective import ATObjective
-from fastat.schedule import NoiseSchedule
-from fastat.timing import device_info, time_fn
+from fastat.at.objective import ATObjective
+from fastat.at.schedule import NoiseSchedule
+from fastat.utils.timing import device_info, time_fn
 
 # Dense matrix peak by card (vendor datasheets, SXM parts), FLOP/s: the MFU denominator.
 PEAK_FLOPS = {("H100", "bf16"): 989e12, ("H200", "bf16"): 989e12, ("A100", "bf16"): 312e12}
@@ -179,7 +179,7 @@ def check_setting(setting: BenchSetting) -> None:
         raise ValueError(f"--reg-frac must be in (0, 1], got {setting.reg_frac}")
     if setting.image_size is not None and setting.image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {setting.image_size}")
-    from fastat.train import resolve_device  # ConfigError (a ValueError) for an unusable device
+    from fastat.train.run import resolve_device  # ConfigError (a ValueError) for an unusable device
 
     resolve_device(setting.device)
 
@@ -203,7 +203,7 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, 
     if unknown:
         raise ValueError(f"unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
     check_setting(setting)
-    from fastat.train import resolve_device
+    from fastat.train.run import resolve_device
 
     device = resolve_device(setting.device)
     torch._dynamo.reset()  # every compile below is fresh and static-shaped (no dynamic-shape recompile)
@@ -442,7 +442,7 @@ def run_from_args(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
-def main(argv=None, prog: str = "python -m fastat.bench", parser_class=argparse.ArgumentParser) -> int:
+def main(argv=None, prog: str = "python -m fastat.app.bench", parser_class=argparse.ArgumentParser) -> int:
     ap = parser_class(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(argv)

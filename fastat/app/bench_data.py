@@ -54,7 +54,7 @@ def bench_loader(images, placement: str, *, batch_size: int, device: torch.devic
                  warmup: int = 5, workers: int = 2, prefetch: int = 4, seed: int = 0) -> dict:  # fmt: skip
     """Throughput and memory of one placement (see the module docstring)."""
     from fastat.data import image_loader
-    from fastat.metrics import peak_rss_mb
+    from fastat.train.metrics import peak_rss_mb
 
     peak_reset = _reset_peak()
     rss0 = _status_mb("VmRSS")
@@ -120,13 +120,13 @@ def main(argv=None, prog: str = "fastat bench data", parser_class=argparse.Argum
     if not args.seconds > 0 or args.warmup < 0:
         ap.error("--seconds must be > 0 and --warmup >= 0")
     if args.json:
-        from fastat.checkpoint import atomic_write_text
+        from fastat.train.checkpoint import atomic_write_text
 
         try:  # check the path before the benchmark runs, not after
             atomic_write_text(args.json, "{}\n")
         except OSError as e:
             ap.error(f"cannot write --json {args.json}: {e.strerror or e}")
-    from fastat.train import resolve_device
+    from fastat.train.run import resolve_device
 
     device = resolve_device(args.device)
     images = PreparedImages.open(args.dir)
@@ -161,7 +161,7 @@ def main(argv=None, prog: str = "fastat bench data", parser_class=argparse.Argum
               f"RSS before {r['rss_before_mb']} MB, peak {r['rss_peak_mb']} MB   "
               f"(in-step transform on {device}: {r['transform_img_per_s']:,.0f} img/s)")  # fmt: skip
     if args.json:
-        from fastat.checkpoint import atomic_write_text
+        from fastat.train.checkpoint import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({**head, "results": results}, indent=2) + "\n")
     return 0

@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 from fastat import __version__
-from fastat.config import ConfigError, load_yaml_overrides
-from fastat.errors import one_line
+from fastat.train.config import ConfigError, load_yaml_overrides
+from fastat.utils.errors import one_line
 
 # This module imports torch lazily (in the commands), so that main() can set OpenMP's wait policy
 # before the OpenMP runtime starts; see _passive_openmp.
@@ -196,14 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     x.set_defaults(func=cmd_export)
 
-    # listed for --help; main() hands "fastat bench ..." to fastat.bench's own parser
+    # listed for --help; main() hands "fastat bench ..." to fastat.app.bench's own parser
     sub.add_parser(
         "bench",
         help="time naive eager AT, fastat's AT step and its DDPM step (fastat bench --help); "
         "fastat bench data DIR: loader throughput",
     )
 
-    from fastat.eval.cli import add_eval_parser  # argparse only: no torch at import
+    from fastat.app.eval_cli import add_eval_parser  # argparse only: no torch at import
 
     add_eval_parser(sub)
     return p
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train_overrides(args: argparse.Namespace) -> dict:
     """Dotted config overrides: the ``--config`` file, then ``--set``, then the named flags. Each layer is
     checked on its own, so a bad value is an error even where a later layer sets the same key."""
-    from fastat.config import TrainConfig
+    from fastat.train.config import TrainConfig
 
     file_over = load_yaml_overrides(args.config) if args.config else {}
     set_over: dict = {}
@@ -237,8 +237,8 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastat.distributed import DistContext
-    from fastat.train import resolve_config
+    from fastat.train.distributed import DistContext
+    from fastat.train.run import resolve_config
 
     cfg = ckpt = failure = None
     try:
@@ -254,8 +254,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
-    from fastat.run_folder import RunFolder
-    from fastat.train import TrainingInterrupted, resolve_device, resolve_precision, train
+    from fastat.train.run_folder import RunFolder
+    from fastat.train.run import TrainingInterrupted, resolve_device, resolve_precision, train
 
     if args.dry_run:
         with ctx.together("the dry run"):
@@ -294,7 +294,7 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")
     print(f"metrics:    {result.metrics}")
-    from fastat.eval.cli import gain_line, report_after_training
+    from fastat.app.eval_cli import gain_line, report_after_training
 
     if result.eval:  # built-in known distribution: the full report of fastat eval, and RUN/eval.json
         report_after_training(result, cfg)
@@ -311,12 +311,12 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastat.checkpoint import CheckpointError
-    from fastat.config import check_seed
-    from fastat.seeding import derive_seed
+    from fastat.train.checkpoint import CheckpointError
+    from fastat.train.config import check_seed
+    from fastat.at.seeding import derive_seed
     from fastat.eval.evaluate import load_run
-    from fastat.samples import SAMPLE_SUFFIXES, generate, write_samples
-    from fastat.train import resolve_device, run_eta
+    from fastat.train.samples import SAMPLE_SUFFIXES, generate, write_samples
+    from fastat.train.run import resolve_device, run_eta
 
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -396,7 +396,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fastat.export import export_run
+    from fastat.app.export import export_run
 
     out = export_run(args.run, args.out, format=args.format, ema=not args.no_ema, overwrite=args.overwrite)
     print(out)
@@ -436,7 +436,7 @@ def _cpu_threads(n: int | None, cfg) -> None:
     import torch
 
     from fastat.data import KNOWN
-    from fastat.run_config import resolve_device
+    from fastat.train.run_config import resolve_device
 
     if n is None and "OMP_NUM_THREADS" not in os.environ and cfg.data.dataset in KNOWN:
         with contextlib.suppress(ConfigError):  # a bad device: train() says so, in turn with the ranks
@@ -462,11 +462,11 @@ def _main(argv: list[str] | None) -> int:
         argv = argv[1:]
     if argv[:1] == ["bench"]:  # its own parser and options (argparse cannot forward leading options)
         if argv[1:2] == ["data"]:
-            from fastat.bench_data import main as bench_main
+            from fastat.app.bench_data import main as bench_main
 
             prog, rest = "fastat bench data", argv[2:]
         else:
-            from fastat.bench import main as bench_main
+            from fastat.app.bench import main as bench_main
 
             prog, rest = "fastat bench", argv[1:]
         try:
@@ -493,10 +493,10 @@ def _main(argv: list[str] | None) -> int:
 def _reported(command, *, traceback: bool) -> int:
     """Run ``command()`` and return its exit code; an error is said as one line (:func:`_error`) with its
     exit code: 2 for bad input, 1 for a failed run or an unexpected error (``traceback``: raised as is)."""
-    from fastat.checkpoint import CheckpointError
+    from fastat.train.checkpoint import CheckpointError
     from fastat.data import DatasetError
-    from fastat.distributed import DistributedError
-    from fastat.train import TrainingError
+    from fastat.train.distributed import DistributedError
+    from fastat.train.run import TrainingError
 
     try:
         return command()
@@ -522,7 +522,7 @@ def _reported(command, *, traceback: bool) -> int:
 def _rank() -> tuple[int, int]:
     """``(rank, world size)`` of this process in a torchrun job (``(0, 1)`` outside one, or in a
     half-set environment: the error about it is said by rank 0)."""
-    from fastat.launch import job_ranks
+    from fastat.train.launch import job_ranks
 
     try:
         return job_ranks()[:2]
@@ -533,8 +533,8 @@ def _rank() -> tuple[int, int]:
 def _error(e: BaseException, message: str, code: int) -> int:
     """Say ``fastat: error: MESSAGE`` (one line) and return ``code``. In a torchrun job one rank says it:
     the rank it happened on (``rank R:`` in front), or rank 0 for what every rank raised alike (see
-    :func:`fastat.distributed.who_says`); torchrun's failure report gets the line too (its error file)."""
-    from fastat.distributed import who_says
+    :func:`fastat.train.distributed.who_says`); torchrun's failure report gets the line too (its error file)."""
+    from fastat.train.distributed import who_says
 
     rank, world = _rank()
     who = who_says(e)

@@ -1,4 +1,4 @@
-"""``fastat eval``: the command-line side of :mod:`fastat.eval` (hooked into :mod:`fastat.cli`).
+"""``fastat eval``: the command-line side of :mod:`fastat.eval` (hooked into :mod:`fastat.app.cli`).
 
 fastat eval --run runs/exp                       # metrics of the newest checkpoint -> RUN/eval.json
 fastat eval --run runs/exp --attack --n 2000     # + the trajectory attack
@@ -140,7 +140,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "compare":
         return _cmd_compare(args)
-    from fastat.distributed import DistContext
+    from fastat.train.distributed import DistContext
 
     # under torchrun every rank samples its share; rank 0 measures, writes and prints
     with DistContext.from_env() as ctx:
@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
-    from fastat.config import ConfigError, check_seed
+    from fastat.train.config import ConfigError, check_seed
 
     if not args.run:
         raise ConfigError("fastat eval needs --run DIR (or the subcommand 'compare')")
@@ -173,7 +173,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 
 def _eval_run(args: argparse.Namespace, ctx) -> int:
-    from fastat.config import ConfigError
+    from fastat.train.config import ConfigError
     from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
     from fastat.eval.fid import FIDUnavailable
 
@@ -215,7 +215,7 @@ def _eval_run(args: argparse.Namespace, ctx) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import yaml
 
-    from fastat.config import ConfigError
+    from fastat.train.config import ConfigError
     from fastat.eval.compare import PRESETS, SETTINGS, run_compare, spec_with
 
     if args.list:
@@ -278,7 +278,7 @@ def report_after_training(result, cfg) -> dict | None:
     is made from those, not by sampling again."""
     from fastat.data import KNOWN
     from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report, make_report
-    from fastat.train import run_eta
+    from fastat.train.run import run_eta
 
     if cfg.data.dataset not in KNOWN or cfg.run.eval_n < 2:
         return None

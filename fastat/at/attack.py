@@ -4,7 +4,7 @@
     J(w) = || eps_theta(x_t + s_t*w, t) - eps_clean - w ||^2            (target="equivariance")
 
 with ``eps_clean = eps_theta(x_t, t)`` held constant. Each step is one forward and one input-only
-backward (``torch.autograd.grad`` w.r.t. the model input), then :func:`fastat.ops.pgd_step`, which
+backward (``torch.autograd.grad`` w.r.t. the model input), then :func:`fastat.at.ops.pgd_step`, which
 projects ``w`` and writes the next model input ``x_t + s_t*w`` in the same pass. Since
 ``dJ/dw = s_t * dJ/dx`` with ``s_t > 0``, the gradient w.r.t. the input has the same sign and direction
 as the one w.r.t. ``w`` and is used as it is (the equivariance target adds its direct term in ``w``).
@@ -13,7 +13,7 @@ they were, so the attack leaves nothing behind in the model.
 
 ``J`` lives in eps space whatever the model predicts: ``output(raw, x_in)`` turns the model's raw output
 into its noise estimate (the default reads a tensor, tuple or ``.sample`` and takes it as eps; the
-objective passes the conversion of a v- or x0-model, see :mod:`fastat.prediction`).
+objective passes the conversion of a v- or x0-model, see :mod:`fastat.at.prediction`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastat import ops
-from fastat.prediction import model_output
+from fastat.at import ops
+from fastat.at.prediction import model_output
 
 TARGETS = ("prediction", "equivariance")
 
@@ -76,7 +76,7 @@ def pgd_attack(
 
     ``x_start`` is the model input ``x_t + s*w0`` when the caller already has it (the noise kernel
     writes it). ``output(raw, x_in)``: the eps estimate from the model's raw output at input ``x_in``
-    (default: :func:`fastat.prediction.model_output`). Returns ``(w, x_t + s*w, J(w0))``, all detached.
+    (default: :func:`fastat.at.prediction.model_output`). Returns ``(w, x_t + s*w, J(w0))``, all detached.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown attack target {target!r}; choose one of {', '.join(TARGETS)}")

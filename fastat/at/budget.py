@@ -66,7 +66,7 @@ class Budget:
     def radius_at(self, schedule, t: torch.Tensor, numel: int = 1) -> torch.Tensor:
         """Per-sample bound on ``w`` at integer timesteps ``t`` of ``schedule`` (float32, on ``t``'s device).
 
-        The same as ``radius(schedule.coeffs(t)[1], numel)``: for loops written with :mod:`fastat.ops`.
+        The same as ``radius(schedule.coeffs(t)[1], numel)``: for loops written with :mod:`fastat.at.ops`.
         """
         return self.radius(schedule.coeffs(t)[1], numel)
 

@@ -36,7 +36,7 @@ the replays: Free-AT's approximation). Without a backward (or with a non-finite
 gradient, whose elements count as 0) ``w`` stays where it was. Unlike Shafahi et al., ``w`` is not carried
 to the next batch: its ``x_t`` is new. Statistics: ``j`` is that regulariser's residual ``J(w_k)``,
 ``gain`` is ``J(w_k) / J(w_0)`` with ``J(w_0)`` measured at replay 0 of the batch (1 on fresh replays).
-The replay state lives on the device (:class:`fastat.replay.Replay`): ``state_dict()`` checkpoints it.
+The replay state lives on the device (:class:`fastat.at.replay.Replay`): ``state_dict()`` checkpoints it.
 Pass the same batch to all m calls, or ``None`` on replays 1..m-1 (the kept batch is used either way).
 
 **reg_frac = f** in (0, 1] (every mode but ddpm): the regulariser (attack and perturbed pass) runs on the
@@ -55,7 +55,7 @@ with ``.sample`` (diffusers). With ``prediction="v"`` or ``"x0"`` the model's ou
 - the equivariance term is the *same function* as for an eps-model, evaluated on the implied noise
   estimate ``eps_hat(o) = alpha_t o + beta_t x_t``; it equals ``lambda_t alpha_t^2 mean|| o(x~_t) - o(x_t)
   - c_w w ||^2`` with ``(c_w, alpha_t^2) = (1, 1), (a, a^2), (0, a^2/s^2)`` for eps, v, x0 (derivation in
-  :mod:`fastat.prediction`), so the fused loss runs on the model's outputs directly;
+  :mod:`fastat.at.prediction`), so the fused loss runs on the model's outputs directly;
 - the attack maximises the same eps-space ``J`` (the model's output converted before ``J``).
 """
 
@@ -68,13 +68,13 @@ from typing import Any
 
 import torch
 
-from fastat import ops
-from fastat import prediction as P
-from fastat.attack import TARGETS, attack_objective, pgd_attack
-from fastat.budget import Budget
+from fastat.at import ops
+from fastat.at import prediction as P
+from fastat.at.attack import TARGETS, attack_objective, pgd_attack
+from fastat.at.budget import Budget
 from fastat.kernels import per_sample
-from fastat.replay import Replay, check_replays
-from fastat.schedule import NoiseSchedule, as_schedule
+from fastat.at.replay import Replay, check_replays
+from fastat.at.schedule import NoiseSchedule, as_schedule
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv", "free")
 LAM_SCALES = ("const", "radius")
@@ -241,7 +241,7 @@ class ATObjective:
     def prepare(self, device: torch.device | str) -> None:
         """Build every table a call reads on ``device`` (the schedule's and a ``dm_weight`` table's), so
         that the calls themselves copy nothing from the host (a host-to-device copy synchronises, and a
-        CUDA graph cannot hold one). :class:`fastat.engine.StepEngine` calls it when it is built; without
+        CUDA graph cannot hold one). :class:`fastat.step.engine.StepEngine` calls it when it is built; without
         it the first call on a device builds them."""
         device = torch.device(device)
         self.schedule.tables(device)

@@ -1,6 +1,6 @@
 """The public fused operations of fastat (SPEC section 2), importable by any diffusion codebase.
 
-    from fastat import ops
+    from fastat.at import ops
     x_t = ops.q_sample(x0, a, s, eps)                       # a*x0 + s*eps, a, s of shape (B,)
     w = ops.pgd_step(w, grad, radius, alpha, norm="linf")   # ascent step + projection
     loss = ops.at_loss(eps_pred, eps_adv_pred, eps, w, lam) # DDPM loss + equivariance regulariser
@@ -11,7 +11,7 @@ Every op validates its arguments (clear ``TypeError``/``ValueError``), takes flo
 tensors, computes in float32 and returns the input's dtype. Per-sample coefficients are Python floats,
 0-dim tensors or ``(B,)`` tensors. For loops written with the ops alone: ``Budget.radius_at(schedule, t)``
 is the budget r(t), :class:`NoiseStream` a Philox seed whose offset advances by itself, and
-:func:`rank_generator` a per-rank ``torch.Generator`` (both from :mod:`fastat.seeding`).
+:func:`rank_generator` a per-rank ``torch.Generator`` (both from :mod:`fastat.at.seeding`).
 
 Dispatch: CUDA tensors run the fused Triton kernels of :mod:`fastat.kernels`; CPU tensors run the
 ``*_ref`` references there (the definitions). ``FASTAT_FORCE_TRITON=1`` (read at call time) sends CPU
@@ -31,7 +31,7 @@ from numbers import Real
 import torch
 
 from fastat import kernels as K
-from fastat.seeding import NoiseStream, rank_generator
+from fastat.at.seeding import NoiseStream, rank_generator
 
 __all__ = [
     "NoiseStream",

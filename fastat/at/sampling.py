@@ -7,7 +7,7 @@
 
 The model may return a tensor, a tuple (first element) or an object with ``.sample``, and predict
 ``eps``, ``v`` or ``x0`` (``prediction``; default: what the schedule's source declares, else eps): each
-step reads the noise and clean-sample estimates from the output (:mod:`fastat.prediction`). The schedule
+step reads the noise and clean-sample estimates from the output (:mod:`fastat.at.prediction`). The schedule
 may be a :class:`NoiseSchedule` or another codebase's scheduler (read by ``NoiseSchedule.from_scheduler``).
 
 Both run under ``torch.no_grad`` in float32 with the whole batch at once, in eval mode (each module's
@@ -26,8 +26,8 @@ from numbers import Real
 import torch
 from torch import nn
 
-from fastat.prediction import model_output, resolve_prediction, to_eps, to_x0
-from fastat.schedule import NoiseSchedule, as_schedule
+from fastat.at.prediction import model_output, resolve_prediction, to_eps, to_x0
+from fastat.at.schedule import NoiseSchedule, as_schedule
 
 __all__ = ["ddim_sample", "ddim_timesteps", "ddpm_sample"]
 

@@ -152,7 +152,7 @@ class NoiseSchedule:
 
     @classmethod
     def _custom(cls, betas: torch.Tensor, abar: torch.Tensor, prediction: str | None) -> NoiseSchedule:
-        from fastat.prediction import canonical_prediction
+        from fastat.at.prediction import canonical_prediction
 
         sched = cls.__new__(cls)
         sched.beta_start = sched.beta_end = None
@@ -205,7 +205,7 @@ def as_schedule(obj: Any) -> NoiseSchedule:
 
 def _prediction_of(obj: Any) -> str | None:
     """The prediction type a scheduler object declares (diffusers' config, lucidrains' objective)."""
-    from fastat.prediction import canonical_prediction
+    from fastat.at.prediction import canonical_prediction
 
     config = getattr(obj, "config", None)
     name = (

@@ -58,7 +58,7 @@ def rank_generator(seed: int, device=None, rank: int | None = None, tag: str = "
 
 
 class NoiseStream:
-    """A Philox ``(seed, offset)`` pair for :func:`fastat.ops.noise_inject` whose offset advances by itself.
+    """A Philox ``(seed, offset)`` pair for :func:`fastat.at.ops.noise_inject` whose offset advances by itself.
 
     ``ops.noise_inject(x0, a, s, radius, stream)`` draws with the current offset and then adds 1 to it
     on the device (an in-place add: no host sync, and a CUDA graph that captured the call advances it

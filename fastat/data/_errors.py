@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastat.seeding import derive_seed
+from fastat.at.seeding import derive_seed
 
 __all__ = ["DatasetError", "derive_seed"]
 

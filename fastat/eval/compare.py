@@ -7,7 +7,7 @@
     # ^ an equal FLOP budget: 400 steps of adv (8 units per image), 1067 of ddpm (3), 533 of free (6)
 
 For every setting (a known dataset with its corruption) x variant (a training mode, optionally with
-objective overrides) x seed, the trainer (:func:`fastat.train.train`) trains a small MLP on the same
+objective overrides) x seed, the trainer (:func:`fastat.train.run.train`) trains a small MLP on the same
 corrupted data with the same number of steps (or, with ``budget_units``, the same FLOP budget: each
 variant trains ``round(budget_units / flop_units)`` steps, ``flop_units`` being its forward-pass
 equivalents per image and step, :meth:`fastat.ATObjective.flop_units`), then
@@ -125,7 +125,7 @@ class CompareSpec:
 
     def flop_units(self, over: dict) -> float:
         """Forward-pass equivalents per image and step of the run ``over`` describes (one replay in free)."""
-        from fastat.config import TrainConfig
+        from fastat.train.config import TrainConfig
 
         return TrainConfig().with_overrides(over).build_objective().flop_units(self.batch_size)
 
@@ -248,10 +248,10 @@ def _job(args: tuple) -> dict:
     spec, setting, variant, seed, run_dir, threads = args
     if threads:
         torch.set_num_threads(threads)
-    from fastat.checkpoint import atomic_write_text, latest_checkpoint
-    from fastat.config import TrainConfig
+    from fastat.train.checkpoint import atomic_write_text, latest_checkpoint
+    from fastat.train.config import TrainConfig
     from fastat.eval.evaluate import evaluate_run
-    from fastat.train import train
+    from fastat.train.run import train
 
     run_dir = Path(run_dir)
     over = spec.run_overrides(setting, variant, seed, run_dir)
@@ -489,8 +489,8 @@ def plot_setting(
         return None
     from fastat.eval.evaluate import load_run
     from fastat.eval.metrics import predict_x0
-    from fastat.samples import generate
-    from fastat.train import build_training_data
+    from fastat.train.samples import generate
+    from fastat.train.run import build_training_data
 
     first = next(iter(runs.values()))
     _, cfg, _ = load_run(first)
@@ -550,7 +550,7 @@ def plot_setting(
     view = "side view (in-plane axis, normal)" if hasattr(known, "normal") else "x, y"
     fig.suptitle(f"{setting.name}: {setting.describe()} — {view}", fontsize=10)
     fig.tight_layout()
-    from fastat.checkpoint import atomic_write
+    from fastat.train.checkpoint import atomic_write
 
     try:
         return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90))
@@ -593,7 +593,7 @@ def plot_summary(summary: dict, spec: CompareSpec, path: Path) -> Path | None:
         )
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    from fastat.checkpoint import atomic_write
+    from fastat.train.checkpoint import atomic_write
 
     try:
         return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90))
@@ -672,7 +672,7 @@ def run_compare(
         "seconds": round(seconds, 1),
         "table": table,
     }
-    from fastat.checkpoint import atomic_write_text
+    from fastat.train.checkpoint import atomic_write_text
     from fastat.eval.evaluate import _finite
 
     atomic_write_text(out / "compare.json", json.dumps(_finite(result), indent=2) + "\n")

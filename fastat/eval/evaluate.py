@@ -30,7 +30,7 @@ from fastat.eval.metrics import (
     support_distance,
 )
 from fastat.eval.trajectory import trajectory_attack
-from fastat.schedule import NoiseSchedule
+from fastat.at.schedule import NoiseSchedule
 
 __all__ = [
     "EVAL_FILE",
@@ -53,10 +53,10 @@ def _seeded_noise(n: int, shape: Sequence[int], seed: int, what: str) -> torch.T
 
 
 def _generate(model, schedule, noise, *, sampler, steps, eta, clip_x0, seed, device, spread=None):
-    """Samples from ``noise``; with ``spread`` (:meth:`fastat.distributed.DistContext.spread`) each rank
+    """Samples from ``noise``; with ``spread`` (:meth:`fastat.train.distributed.DistContext.spread`) each rank
     samples its rows (with its own sampler noise) and rank 0 gets them all, the others ``None``."""
-    from fastat.seeding import derive_seed
-    from fastat.samples import generate
+    from fastat.at.seeding import derive_seed
+    from fastat.train.samples import generate
 
     def part(rows: torch.Tensor, start: int) -> torch.Tensor:
         s = seed * 1000 + _SEEDS["sampler"]
@@ -173,7 +173,7 @@ def evaluate_known(
     """The final evaluation on a known distribution: :func:`known_metrics` of ``n`` samples
     (what ``fastat eval --run`` reports, from the same seeded noise), and its summary for metrics.jsonl:
     the mean exact distance to the clean support of the samples, the training data and its clean copy.
-    ``spread``: :meth:`fastat.distributed.DistContext.spread` (``({}, {})`` on ranks other than 0)."""
+    ``spread``: :meth:`fastat.train.distributed.DistContext.spread` (``({}, {})`` on ranks other than 0)."""
     t0 = time.perf_counter()
     m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=sampler, steps=steps, eta=eta,
                       seed=seed, device=device, clip_x0=clip_x0, spread=spread)  # fmt: skip
@@ -194,11 +194,11 @@ def load_run(
 ):
     """``(model, cfg, checkpoint)`` of a run folder (or checkpoint folder): the model with its EMA (or
     raw) weights, in eval mode on ``device`` (with ``eps_model``, a v- or x0-model is seen as an eps-model),
-    and the run's :class:`~fastat.config.TrainConfig`."""
-    from fastat.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
-    from fastat.config import ConfigError, TrainConfig
+    and the run's :class:`~fastat.train.config.TrainConfig`."""
+    from fastat.train.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
+    from fastat.train.config import ConfigError, TrainConfig
     from fastat.models import build_model
-    from fastat.prediction import as_eps_model
+    from fastat.at.prediction import as_eps_model
 
     ckpt = load_checkpoint(run, weights=not ema)
     try:
@@ -238,7 +238,7 @@ def evaluate_run(
 ) -> dict | None:
     """Evaluate the newest checkpoint of ``run`` and (``write``) save ``RUN/eval.json``.
 
-    Under ``torchrun`` (``ctx``, a :class:`fastat.distributed.DistContext`) every rank samples its share
+    Under ``torchrun`` (``ctx``, a :class:`fastat.train.distributed.DistContext`) every rank samples its share
     of the ``n`` samples; rank 0 measures them and returns the report, the other ranks ``None``.
 
     ``sampler``/``steps``/``eta`` default to the run's own (``run.sampler``, ``run.sample_steps``,
@@ -248,8 +248,8 @@ def evaluate_run(
     "metrics", "seconds"}``.
     """
     from fastat.data import KNOWN
-    from fastat.distributed import DistContext
-    from fastat.train import build_training_data, clip_for, resolve_device, run_eta
+    from fastat.train.distributed import DistContext
+    from fastat.train.run import build_training_data, clip_for, resolve_device, run_eta
 
     t0 = time.perf_counter()
     ctx = ctx or DistContext()
@@ -353,7 +353,7 @@ def make_report(run_dir, checkpoint, step, dataset, kind, cfg, settings, metrics
         "seconds": round(seconds, 2),
     }
     if write:
-        from fastat.checkpoint import atomic_write_text
+        from fastat.train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(_finite(report), indent=2) + "\n")
     return report

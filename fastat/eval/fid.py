@@ -86,7 +86,7 @@ def _cache_file(cache_dir: str | os.PathLike, key: str) -> Path:
 
 def save_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
     """Write ``stats`` to an ``.npz`` file atomically."""
-    from fastat.checkpoint import atomic_write
+    from fastat.train.checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

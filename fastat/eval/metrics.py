@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastat.schedule import NoiseSchedule
+from fastat.at.schedule import NoiseSchedule
 
 __all__ = [
     "denoiser_psnr",

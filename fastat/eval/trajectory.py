@@ -12,7 +12,7 @@ At each attacked timestep ``t`` the state ``x_t`` is replaced by ``x_t + d`` wit
                              x0_hat = (x - s_t eps_theta) / a_t
 
 (random start in the box, ``pgd_steps`` signed-gradient steps of ``2.5 radius / pgd_steps``, projection
-after each: :func:`fastat.attack.pgd_attack`, with ``s = 1`` and the ``prediction`` target for ``eps``,
+after each: :func:`fastat.at.attack.pgd_attack`, with ``s = 1`` and the ``prediction`` target for ``eps``,
 with ``s = s_t``, ``w = d / s_t`` and the ``equivariance`` target for ``x0``, since
 ``x0_hat(x_t + d) - x0_hat(x_t) = -(s_t / a_t) (delta eps - d / s_t)``). Both changes are recorded
 whichever is attacked. The ``random`` control uses random corners of the same box
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastat.attack import pgd_attack
-from fastat.sampling import _initial_noise, _model_device, run_plan, sampling_plan
-from fastat.schedule import NoiseSchedule
+from fastat.at.attack import pgd_attack
+from fastat.at.sampling import _initial_noise, _model_device, run_plan, sampling_plan
+from fastat.at.schedule import NoiseSchedule
 
 __all__ = [
     "PERTURBATIONS",

@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from fastat.errors import one_line
+from fastat.utils.errors import one_line
 
 __all__ = [
     "INSTALL_HINT",

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastat.errors import one_line
+from fastat.utils.errors import one_line
 
 __all__ = [
     "CaptureError",

@@ -7,7 +7,7 @@
 and flips) when ``prepare_batch`` turns that into the float batch: it is then the first thing the step
 does, so it is captured with the step, and the static input buffers keep the loader's dtypes.
 
-``--mode free`` trains each batch on ``m`` consecutive steps (:mod:`fastat.replay`): ``engine.wants_batch``
+``--mode free`` trains each batch on ``m`` consecutive steps (:mod:`fastat.at.replay`): ``engine.wants_batch``
 says whether the next step starts a new batch; pass ``None`` for the others (nothing is copied: the
 objective replays the batch it kept on the device), or the same batch again.
 
@@ -34,7 +34,7 @@ an overflow and doubles it after 2000 good steps, all in place on the device (no
 a device value on the host, so it is captured with the step). ``stats["loss_scale"]`` is the scale used.
 Weights, optimizer state and the objective's noise stay float32 in every precision.
 
-**Data parallel** (``reduce_grads``, ``ranks``; see :mod:`fastat.distributed`): right after the
+**Data parallel** (``reduce_grads``, ``ranks``; see :mod:`fastat.train.distributed`): right after the
 training backward (fp16: before ``unscale_``, so every rank's scaler sees the same overflow) the step
 calls ``reduce_grads(loss)``, which averages the gradients over the ranks (explicit all-reduces, captured
 in the graph with the rest of the step on CUDA) and returns the mean loss, so a non-finite step on any
@@ -59,8 +59,8 @@ and after capture, so that all of them run the same kind of step.
   (the engine logs it).
 
 If compilation fails, the engine says why and falls back to the eager step. If capture fails, every
-random generator the capture touched is put back (:func:`fastat.capture.capture_safely`) and the step
-runs uncaptured; if they cannot be put back, :class:`fastat.capture.CaptureError` stops the run with one
+random generator the capture touched is put back (:func:`fastat.step.capture.capture_safely`) and the step
+runs uncaptured; if they cannot be put back, :class:`fastat.step.capture.CaptureError` stops the run with one
 line. A capture records kernels without running them, so a failed one leaves the weights untouched. On
 the CPU ``fast=True`` means compiled, without graphs.
 """
@@ -76,9 +76,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fastat.capture import CaptureFailed, CudaGraphs, capture_safely
-from fastat.ema import EMA
-from fastat.objective import ATObjective
+from fastat.step.capture import CaptureFailed, CudaGraphs, capture_safely
+from fastat.step.ema import EMA
+from fastat.at.objective import ATObjective
 
 __all__ = ["PRECISIONS", "DetachedParams", "StepEngine"]
 

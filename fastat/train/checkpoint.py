@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fastat.errors import one_line
+from fastat.utils.errors import one_line
 
 __all__ = [
     "Checkpoint",

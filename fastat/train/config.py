@@ -228,13 +228,13 @@ class TrainConfig:
     # -- checking --------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every value; return ``self`` or raise :class:`ConfigError` with one line."""
-        from fastat.budget import SPACES
+        from fastat.at.budget import SPACES
         from fastat.data import DATASETS, KNOWN, OUTLIER_KINDS, PLACEMENTS, is_prepared, known_dataset
         from fastat.kernels.pgd import NORMS
         from fastat.models import MODEL_NAMES
-        from fastat.objective import DM_WEIGHTS, LAM_SCALES, MODES
-        from fastat.prediction import PREDICTIONS
-        from fastat.schedule import SCHEDULES
+        from fastat.at.objective import DM_WEIGHTS, LAM_SCALES, MODES
+        from fastat.at.prediction import PREDICTIONS
+        from fastat.at.schedule import SCHEDULES
 
         d, m, o, op, e, r = self.data, self.model, self.objective, self.optim, self.ema, self.run
         # data
@@ -354,9 +354,9 @@ class TrainConfig:
     # -- using ---------------------------------------------------------------------------------------
     def build_objective(self):
         """The :class:`fastat.ATObjective` this config describes."""
-        from fastat.budget import Budget
-        from fastat.objective import ATObjective
-        from fastat.schedule import NoiseSchedule
+        from fastat.at.budget import Budget
+        from fastat.at.objective import ATObjective
+        from fastat.at.schedule import NoiseSchedule
 
         o = self.objective
         budget = Budget(o.r_min, o.r_scale, o.rho, o.space, o.norm) if o.mode != "ddpm" else Budget()
@@ -386,7 +386,7 @@ class TrainConfig:
 
     def dump(self, path: str | os.PathLike) -> Path:
         """Write the YAML atomically to ``path``."""
-        from fastat.checkpoint import atomic_write_text
+        from fastat.train.checkpoint import atomic_write_text
 
         return atomic_write_text(path, self.to_yaml())
 

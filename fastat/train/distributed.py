@@ -51,10 +51,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastat.config import ConfigError
-from fastat.errors import one_line
-from fastat.launch import job_ranks
-from fastat.seeding import derive_seed, rank_seed
+from fastat.train.config import ConfigError
+from fastat.utils.errors import one_line
+from fastat.train.launch import job_ranks
+from fastat.at.seeding import derive_seed, rank_seed
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -110,7 +110,7 @@ def who_says(e: BaseException) -> str:
 
 def usage_error(e: BaseException) -> bool:
     """Errors of the input (config, data, checkpoint): exit status 2, as the command line uses."""
-    from fastat.checkpoint import CheckpointError
+    from fastat.train.checkpoint import CheckpointError
     from fastat.data import DatasetError
 
     return isinstance(e, (ConfigError, DatasetError, CheckpointError)) or type(e) is ValueError
@@ -225,8 +225,8 @@ class DistContext:
         return torch.device("cuda", self.local_rank)
 
     def rank_seed(self, seed: int, tag: str) -> int:
-        """A seed for this rank's own stream ``tag`` (:func:`fastat.seeding.rank_seed`); with one rank
-        the stream of a single-process run (:func:`fastat.seeding.derive_seed`)."""
+        """A seed for this rank's own stream ``tag`` (:func:`fastat.at.seeding.rank_seed`); with one rank
+        the stream of a single-process run (:func:`fastat.at.seeding.derive_seed`)."""
         return rank_seed(seed, self.rank, tag) if self.enabled else derive_seed(seed, tag)
 
     def check_batch(self, batch_size: int) -> None:

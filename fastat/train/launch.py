@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from fastat.config import ConfigError
+from fastat.train.config import ConfigError
 
 __all__ = ["job_ranks"]
 

@@ -1,5 +1,5 @@
 """The training loop and what it does between steps: log, sample, save, stop on a signal, evaluate at the
-end. :func:`fastat.train.train` builds the state and calls :func:`training_loop`, which reads top to
+end. :func:`fastat.train.run.train` builds the state and calls :func:`training_loop`, which reads top to
 bottom::
 
     while step < steps:
@@ -26,18 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fastat import __version__
-from fastat.checkpoint import NonFiniteWeights
-from fastat.config import TrainConfig
+from fastat.train.checkpoint import NonFiniteWeights
+from fastat.train.config import TrainConfig
 from fastat.data import TrainingData
-from fastat.distributed import DistContext, mark
-from fastat.engine import StepEngine
+from fastat.train.distributed import DistContext, mark
+from fastat.step.engine import StepEngine
 from fastat.eval.evaluate import evaluate_known
-from fastat.metrics import StatsAccumulator, peak_rss_mb
-from fastat.run_config import run_eta
-from fastat.run_folder import RunFolder
-from fastat.samples import generate, write_samples
-from fastat.seeding import derive_seed
-from fastat.train_state import TrainState, clip_for, say
+from fastat.train.metrics import StatsAccumulator, peak_rss_mb
+from fastat.train.run_config import run_eta
+from fastat.train.run_folder import RunFolder
+from fastat.train.samples import generate, write_samples
+from fastat.at.seeding import derive_seed
+from fastat.train.state import TrainState, clip_for, say
 
 __all__ = [
     "Interval",
@@ -106,7 +106,7 @@ def step_lr(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(engine: StepEngine, x0, *, lr: float) -> dict[str, torch.Tensor]:
-    """One optimisation step (see :class:`fastat.engine.StepEngine`; ``x0=None`` replays the batch in
+    """One optimisation step (see :class:`fastat.step.engine.StepEngine`; ``x0=None`` replays the batch in
     ``free`` mode); detached device statistics."""
     return engine.step(x0, lr)
 
@@ -164,7 +164,7 @@ class Interval:
     """Statistics of one log interval: device sums (no host sync), read once by :meth:`pop`. A step
     the engine skipped (``stats["skipped"]`` = 1: non-finite loss or gradients) is counted in
     ``skipped`` and left out of the other means. A few device ops per step: the statistics are
-    stacked into one vector (:class:`fastat.metrics.StatsAccumulator`)."""
+    stacked into one vector (:class:`fastat.train.metrics.StatsAccumulator`)."""
 
     def __init__(self, step: int, batch_size: int) -> None:
         self.acc, self.batch_size = StatsAccumulator(), batch_size

@@ -112,7 +112,7 @@ class MetricsLog:
         evaluation records at ``step`` unless ``evals``)."""
         if not self.path.exists():
             return
-        from fastat.checkpoint import atomic_write_text
+        from fastat.train.checkpoint import atomic_write_text
 
         kept = []
         for line in self.path.read_text().splitlines():

@@ -3,22 +3,22 @@
     cfg, ckpt = resolve_config(overrides, resume="auto")   # layering, resume, model "auto", run folder
     result = train(cfg, resume=ckpt)                       # builds data/model/objective, runs the loop
 
-:func:`train` opens the run folder (:class:`fastat.run_folder.RunFolder`: lock, checks), builds the
+:func:`train` opens the run folder (:class:`fastat.train.run_folder.RunFolder`: lock, checks), builds the
 data, the :class:`TrainState` (model, step engine, batches, generator) and restores it from the
-checkpoint, writes the config, and hands over to :func:`fastat.loop.training_loop` (log, sample, save,
-stop, evaluate at the end). The pieces, one module each: :mod:`fastat.run_config` (the config resolved:
-layering, resume, model ``auto``, device, precision), :mod:`fastat.train_state` (the state and how it is
-built), :mod:`fastat.loop` (the loop); this module puts them together and re-exports their public names.
+checkpoint, writes the config, and hands over to :func:`fastat.train.loop.training_loop` (log, sample, save,
+stop, evaluate at the end). The pieces, one module each: :mod:`fastat.train.run_config` (the config resolved:
+layering, resume, model ``auto``, device, precision), :mod:`fastat.train.state` (the state and how it is
+built), :mod:`fastat.train.loop` (the loop); this module puts them together and re-exports their public names.
 
-Each step (:func:`train_step`, run by :class:`fastat.engine.StepEngine`): ``ATObjective`` under
+Each step (:func:`train_step`, run by :class:`fastat.step.engine.StepEngine`): ``ATObjective`` under
 autocast (noise, attack, loss) -> backward -> clip -> AdamW -> EMA; with ``run.fast`` (the default on
 CUDA) the model is compiled and, on CUDA, the step is a CUDA graph. All randomness comes from seeded
 generators (the objective's own ``torch.Generator`` on the device, the loader's generators, the global
 generator for initialisation and dropout), and all of their states go into every checkpoint, so a
 resumed run continues exactly (bit for bit on the CPU). What a run folder holds: see
-:mod:`fastat.run_folder` and :mod:`fastat.checkpoint`.
+:mod:`fastat.train.run_folder` and :mod:`fastat.train.checkpoint`.
 
-Under ``torchrun`` every rank runs all of this with its :class:`fastat.distributed.DistContext`: the
+Under ``torchrun`` every rank runs all of this with its :class:`fastat.train.distributed.DistContext`: the
 same model, its own shard of each batch and its own random streams, gradients averaged in the step;
 rank 0 alone writes the run folder, and the ranks stop at the same step.
 """
@@ -28,11 +28,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from fastat.checkpoint import Checkpoint, load_checkpoint
-from fastat.config import ConfigError, TrainConfig, _plain
-from fastat.distributed import DistContext
+from fastat.train.checkpoint import Checkpoint, load_checkpoint
+from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.train.distributed import DistContext
 from fastat.eval.evaluate import evaluate_known
-from fastat.loop import (
+from fastat.train.loop import (
     TrainingError,
     TrainingInterrupted,
     TrainResult,
@@ -42,7 +42,7 @@ from fastat.loop import (
     train_step,
     training_loop,
 )
-from fastat.run_config import (
+from fastat.train.run_config import (
     data_shape,
     finalize,
     model_spec,
@@ -51,8 +51,8 @@ from fastat.run_config import (
     resolve_precision,
     run_eta,
 )
-from fastat.run_folder import RunFolder
-from fastat.train_state import (
+from fastat.train.run_folder import RunFolder
+from fastat.train.state import (
     TrainState,
     build_batches,
     build_state,
@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
     Under ``torchrun`` every rank calls this (``ctx``; None: joined here from the environment): rank 0
     alone takes and writes the run folder, every rank resumes the checkpoint rank 0 resumes (else a
     ConfigError: the run folder must be on a filesystem every rank sees), the data is built in turn
-    (:meth:`fastat.distributed.DistContext.in_turn`: rank 0 may prepare a cache the others then read), and
+    (:meth:`fastat.train.distributed.DistContext.in_turn`: rank 0 may prepare a cache the others then read), and
     a failed check on any rank stops all of them with one message.
     """
     if ctx is None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from torch import nn
 
-from fastat.checkpoint import (
+from fastat.train.checkpoint import (
     CHECKPOINTS,
     atomic_write_text,
     checkpoint_root,
@@ -47,8 +47,8 @@ from fastat.checkpoint import (
     read_step,
     save_checkpoint,
 )
-from fastat.config import ConfigError
-from fastat.metrics import METRICS_FILE, MetricsLog
+from fastat.train.config import ConfigError
+from fastat.train.metrics import METRICS_FILE, MetricsLog
 
 try:
     import fcntl

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastat.checkpoint import atomic_write
-from fastat.sampling import ddim_sample, ddpm_sample
-from fastat.schedule import NoiseSchedule
+from fastat.train.checkpoint import atomic_write
+from fastat.at.sampling import ddim_sample, ddpm_sample
+from fastat.at.schedule import NoiseSchedule
 
 __all__ = [
     "SAMPLE_SUFFIXES",

@@ -1,6 +1,6 @@
 """Error messages as the command line prints them: one line.
 
-    from fastat.errors import one_line
+    from fastat.utils.errors import one_line
     one_line(ValueError("no such  file"))    # the text, whitespace collapsed (also across lines)
     one_line(yaml_error, first_only=True)    # its first line only (what follows is context)
 

@@ -1,0 +1,3 @@
+"""The command line and the tools around it: ``cli`` (``fastat``), ``eval_cli`` (``fastat eval``),
+``export``, ``bench`` and ``bench_data``. The top layer: nothing imports it.
+"""

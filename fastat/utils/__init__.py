@@ -1,0 +1,1 @@
+"""Helpers every layer may use: one-line error messages and the benchmark timing harness."""

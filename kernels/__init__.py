@@ -6,7 +6,7 @@
 | loss   | ``at_loss_ref``, ``ddpm_loss_ref`` | ``at_loss_triton`` / ``ATLossFunction`` |
 
 Launchers take already-validated arguments; the public, validating, dispatching entry points are in
-:mod:`fastat.ops`. ``per_sample`` (a per-sample coefficient shaped to broadcast over a batch) and
+:mod:`fastat.at.ops`. ``per_sample`` (a per-sample coefficient shaped to broadcast over a batch) and
 ``loss_dtype`` (float32 for float16 losses) are shared with the rest of fastat.
 """
 

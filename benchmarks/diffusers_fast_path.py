@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from fastat.step.engine import StepEngine
-from fastat.models import build_model
-from fastat.models.diffusers_unet import TINY_CONFIG as UNET
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import build_model
+from fastat.models.diffusers_unet import TINY_CONFIG as UNET
+from fastat.step.engine import StepEngine
 
 
 def run(fast: bool, steps: int, device: torch.device) -> dict:

@@ -24,8 +24,8 @@ import torch
 from fastat.app.cli import main as fastat_main
 from fastat.data import build_dataset, known_dataset
 from fastat.eval.evaluate import known_metrics, load_run
-from fastat.train.samples import save_image_folder
 from fastat.train.run import build_training_data, run_eta
+from fastat.train.samples import save_image_folder
 
 
 def export_subspace(folder: Path, *, n: int, size: int, seed: int = 0) -> Path:

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fastat.train.config import TrainConfig
 from fastat.eval.evaluate import load_run
 from fastat.eval.metrics import denoiser_psnr, sliced_wasserstein
-from fastat.train.samples import generate
+from fastat.train.config import TrainConfig
 from fastat.train.run import build_training_data, train
+from fastat.train.samples import generate
 
 GAIN_TS = (0, 5, 20, 50, 100, 200, 400)
 

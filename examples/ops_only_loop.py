@@ -15,8 +15,8 @@ import torch
 
 from fastat import ops
 from fastat.at.budget import Budget
-from fastat.models import build_model
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import build_model
 
 
 def main(argv=None):

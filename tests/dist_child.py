@@ -22,9 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def fault(argv: list[str]) -> int:
+    from fastat.app.cli import main
     from fastat.train import loop as L
     from fastat.train import run as T
-    from fastat.app.cli import main
 
     kind, rank = os.environ.get("FASTAT_TEST_FAULT"), int(os.environ.get("FASTAT_TEST_FAULT_RANK", "1"))
     at = int(os.environ.get("FASTAT_TEST_FAULT_STEP", "1"))
@@ -63,15 +63,15 @@ def scenario(out: Path) -> int:
 
     import torch
 
-    from fastat.step.capture import HostReadCheck
-    from fastat.train.config import ConfigError
-    from fastat.data import TensorLoader
-    from fastat.train.distributed import DistContext, DistributedError, who_says
-    from fastat.step.engine import StepEngine
-    from fastat.models import build_model
     from fastat.at.objective import ATObjective
-    from fastat.train.samples import generate
     from fastat.at.schedule import NoiseSchedule
+    from fastat.data import TensorLoader
+    from fastat.models import build_model
+    from fastat.step.capture import HostReadCheck
+    from fastat.step.engine import StepEngine
+    from fastat.train.config import ConfigError
+    from fastat.train.distributed import DistContext, DistributedError, who_says
+    from fastat.train.samples import generate
 
     class Ops(HostReadCheck):  # every op's name as well as the host reads
         def __init__(self) -> None:
@@ -196,11 +196,11 @@ def cuda_capture(out: Path) -> int:
     import torch
     import torch.distributed as dist
 
-    from fastat.train.distributed import DistContext, GradSync
-    from fastat.step.engine import StepEngine
-    from fastat.models import build_model
     from fastat.at.objective import ATObjective
     from fastat.at.schedule import NoiseSchedule
+    from fastat.models import build_model
+    from fastat.step.engine import StepEngine
+    from fastat.train.distributed import DistContext, GradSync
 
     dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
     ctx = DistContext(rank=0, world_size=2)  # GradSync divides by 2: visible in the weights

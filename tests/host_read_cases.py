@@ -13,15 +13,15 @@ import os
 import pytest
 import torch
 
-from fastat.at import ops
 from fastat.app.bench import naive_at_step
+from fastat.at import ops
 from fastat.at.budget import Budget
-from fastat.step.capture import HostReadCheck
-from fastat.data import Batch, ImageTransform, IndexedCorruption
-from fastat.step.engine import StepEngine
-from fastat.models import build_model
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.data import Batch, ImageTransform, IndexedCorruption
+from fastat.models import build_model
+from fastat.step.capture import HostReadCheck
+from fastat.step.engine import StepEngine
 
 CASES = [  # (mode, objective options, precision, clip): every branch of the objective and the engine
     ("adv", {}, "fp32", 1.0),

@@ -16,9 +16,9 @@ from fastat.app.bench import (
     run_bench,
 )
 from fastat.at.budget import Budget
-from fastat.models import build_model
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import build_model
 
 
 def test_compiled_graphs_count_the_second_shape_of_reg_frac():

@@ -13,11 +13,11 @@ import torch
 
 import fastat.step.engine
 from fastat.at.budget import Budget
-from fastat.step.capture import CaptureError, GeneratorSnapshot
-from fastat.step.engine import StepEngine
-from fastat.models import MLP
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import MLP
+from fastat.step.capture import CaptureError, GeneratorSnapshot
+from fastat.step.engine import StepEngine
 
 HERE = Path(__file__).parent
 

@@ -20,15 +20,15 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import run_cli
 
-from fastat.train.config import ConfigError, TrainConfig
-from fastat.data import build_dataset
-from fastat.train.distributed import DistContext, fingerprint
-from fastat.step.engine import StepEngine
-from fastat.train.metrics import read_metrics
-from fastat.models import build_model
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
-from fastat.train.run import evaluate_known
+from fastat.data import build_dataset
+from fastat.eval.evaluate import evaluate_known
+from fastat.models import build_model
+from fastat.step.engine import StepEngine
+from fastat.train.config import ConfigError, TrainConfig
+from fastat.train.distributed import DistContext, fingerprint
+from fastat.train.metrics import read_metrics
 
 CHILD = Path(__file__).with_name("dist_child.py")
 TIMEOUT = 150  # seconds for one torchrun job (they take ~10-20 s)

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from fastat.at.budget import Budget
-from fastat.step.ema import EMA
-from fastat.step.engine import DetachedParams, StepEngine
-from fastat.models import MLP
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import MLP
+from fastat.step.ema import EMA
+from fastat.step.engine import DetachedParams, StepEngine
 
 
 def make(fast, mode="adv", seed=0, clip=1.0, **kw):

@@ -418,8 +418,8 @@ def _tiny_run(tmp_path, dataset="plane3d", **extra):
 
 def test_report_after_training(tmp_path, capsys):
     """What `fastat train` prints at the end of a run on a built-in set."""
-    from fastat.train.config import TrainConfig
     from fastat.app.eval_cli import report_after_training
+    from fastat.train.config import TrainConfig
 
     run = _tiny_run(tmp_path)
     cfg = TrainConfig().with_overrides({"data.dataset": "plane3d", "run.eval_n": 16, "run.sample_steps": 4})

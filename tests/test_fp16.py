@@ -7,12 +7,12 @@ import torch
 from train_helpers import IMAGES, run_cli, weights
 
 from fastat.at.budget import Budget
-from fastat.train.checkpoint import load_checkpoint
-from fastat.step.engine import StepEngine
-from fastat.train.metrics import read_metrics
-from fastat.models import build_model
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import build_model
+from fastat.step.engine import StepEngine
+from fastat.train.checkpoint import load_checkpoint
+from fastat.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,10 @@ from test_objective import SCHED, Net, data
 
 from fastat.at import ops
 from fastat.at.budget import Budget
-from fastat.step.engine import StepEngine
-from fastat.models import MLP
 from fastat.at.objective import ATObjective
 from fastat.at.replay import Replay
+from fastat.models import MLP
+from fastat.step.engine import StepEngine
 
 
 class Recorder(torch.nn.Module):

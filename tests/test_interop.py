@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from train_helpers import IMAGES, assert_one_line_error, run_cli, snapshot, weights
 
-from fastat.models.diffusers_unet import TINY_CONFIG as TINY_UNET
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models.diffusers_unet import TINY_CONFIG as TINY_UNET
 
 
 def needs(module: str, package: str | None = None):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastat.models import MLP, UNet
 from fastat.at.sampling import ddim_sample, ddim_timesteps, ddpm_sample
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import MLP, UNet
 
 T_SMALL = 40
 

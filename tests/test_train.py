@@ -14,9 +14,9 @@ from train_helpers import IMAGES, POINTS, run_cli, weights
 
 import fastat.train.loop as loop_mod
 import fastat.train.run as train_mod
+from fastat.step.ema import EMA
 from fastat.train.checkpoint import load_checkpoint
 from fastat.train.config import TrainConfig
-from fastat.step.ema import EMA
 from fastat.train.metrics import StatsAccumulator, read_metrics
 from fastat.train.run import lr_at, resolve_config
 

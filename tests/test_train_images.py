@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastat.at.budget import Budget
-from fastat.data import Batch, ImageTransform, IndexedCorruption
-from fastat.step.engine import StepEngine
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.data import Batch, ImageTransform, IndexedCorruption
+from fastat.step.engine import StepEngine
 
 HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
 

@@ -44,12 +44,12 @@ import torch
 from torch import nn
 
 from fastat.at.budget import Budget
-from fastat.step.capture import CaptureError
-from fastat.train.checkpoint import atomic_write_text
-from fastat.step.engine import StepEngine
-from fastat.models import PRESETS, build_model
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.models import PRESETS, build_model
+from fastat.step.capture import CaptureError
+from fastat.step.engine import StepEngine
+from fastat.train.checkpoint import atomic_write_text
 from fastat.utils.timing import device_info, time_fn
 
 # Dense matrix peak by card (vendor datasheets, SXM parts), FLOP/s: the MFU denominator.

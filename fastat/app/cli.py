@@ -254,8 +254,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
-    from fastat.train.run_folder import RunFolder
+    from fastat.eval.evaluate import final_evaluation
     from fastat.train.run import TrainingInterrupted, resolve_device, resolve_precision, train
+    from fastat.train.run_folder import RunFolder
 
     if args.dry_run:
         with ctx.together("the dry run"):
@@ -274,7 +275,7 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
         return 0
     _cpu_threads(args.threads, cfg)
     try:
-        result = train(cfg, resume=ckpt, progress=not args.no_progress, ctx=ctx)
+        result = train(cfg, resume=ckpt, progress=not args.no_progress, ctx=ctx, final_eval=final_evaluation)
     except TrainingInterrupted as e:
         if not ctx.is_main:
             return EXIT_INTERRUPTED
@@ -311,12 +312,12 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastat.train.checkpoint import CheckpointError
-    from fastat.train.config import check_seed
     from fastat.at.seeding import derive_seed
     from fastat.eval.evaluate import load_run
-    from fastat.train.samples import SAMPLE_SUFFIXES, generate, write_samples
+    from fastat.train.checkpoint import CheckpointError
+    from fastat.train.config import check_seed
     from fastat.train.run import resolve_device, run_eta
+    from fastat.train.samples import SAMPLE_SUFFIXES, generate, write_samples
 
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -493,8 +494,8 @@ def _main(argv: list[str] | None) -> int:
 def _reported(command, *, traceback: bool) -> int:
     """Run ``command()`` and return its exit code; an error is said as one line (:func:`_error`) with its
     exit code: 2 for bad input, 1 for a failed run or an unexpected error (``traceback``: raised as is)."""
-    from fastat.train.checkpoint import CheckpointError
     from fastat.data import DatasetError
+    from fastat.train.checkpoint import CheckpointError
     from fastat.train.distributed import DistributedError
     from fastat.train.run import TrainingError
 

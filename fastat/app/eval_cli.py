@@ -173,9 +173,9 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 
 def _eval_run(args: argparse.Namespace, ctx) -> int:
-    from fastat.train.config import ConfigError
     from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
     from fastat.eval.fid import FIDUnavailable
+    from fastat.train.config import ConfigError
 
     try:
         report = evaluate_run(
@@ -215,8 +215,8 @@ def _eval_run(args: argparse.Namespace, ctx) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import yaml
 
-    from fastat.train.config import ConfigError
     from fastat.eval.compare import PRESETS, SETTINGS, run_compare, spec_with
+    from fastat.train.config import ConfigError
 
     if args.list:
         for s in SETTINGS.values():

@@ -20,8 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
-from fastat.train.config import ConfigError
 from fastat.at.schedule import NoiseSchedule
+from fastat.train.config import ConfigError
 
 __all__ = ["DIFFUSERS_PREDICTION", "FORMATS", "ExportError", "diffusers_scheduler_config", "export_run"]
 

@@ -72,9 +72,9 @@ from fastat.at import ops
 from fastat.at import prediction as P
 from fastat.at.attack import TARGETS, attack_objective, pgd_attack
 from fastat.at.budget import Budget
-from fastat.kernels import per_sample
 from fastat.at.replay import Replay, check_replays
 from fastat.at.schedule import NoiseSchedule, as_schedule
+from fastat.kernels import per_sample
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv", "free")
 LAM_SCALES = ("const", "radius")

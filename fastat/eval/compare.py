@@ -248,9 +248,9 @@ def _job(args: tuple) -> dict:
     spec, setting, variant, seed, run_dir, threads = args
     if threads:
         torch.set_num_threads(threads)
+    from fastat.eval.evaluate import evaluate_run, final_evaluation
     from fastat.train.checkpoint import atomic_write_text, latest_checkpoint
     from fastat.train.config import TrainConfig
-    from fastat.eval.evaluate import evaluate_run
     from fastat.train.run import train
 
     run_dir = Path(run_dir)
@@ -271,7 +271,7 @@ def _job(args: tuple) -> dict:
 
             shutil.rmtree(run_dir)
         t0 = time.perf_counter()
-        result = train(TrainConfig().with_overrides(over), progress=False)
+        result = train(TrainConfig().with_overrides(over), progress=False, final_eval=final_evaluation)
         train_s, steps = time.perf_counter() - t0, result.step
     else:
         train_s, steps = prev["record"]["train_seconds"], over["run.steps"]
@@ -489,8 +489,8 @@ def plot_setting(
         return None
     from fastat.eval.evaluate import load_run
     from fastat.eval.metrics import predict_x0
-    from fastat.train.samples import generate
     from fastat.train.run import build_training_data
+    from fastat.train.samples import generate
 
     first = next(iter(runs.values()))
     _, cfg, _ = load_run(first)
@@ -672,8 +672,8 @@ def run_compare(
         "seconds": round(seconds, 1),
         "table": table,
     }
-    from fastat.train.checkpoint import atomic_write_text
     from fastat.eval.evaluate import _finite
+    from fastat.train.checkpoint import atomic_write_text
 
     atomic_write_text(out / "compare.json", json.dumps(_finite(result), indent=2) + "\n")
     atomic_write_text(out / "compare.md", table)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastat.at.schedule import NoiseSchedule
 from fastat.eval.memorization import memorization
 from fastat.eval.metrics import (
     denoiser_psnr,
@@ -30,7 +31,6 @@ from fastat.eval.metrics import (
     support_distance,
 )
 from fastat.eval.trajectory import trajectory_attack
-from fastat.at.schedule import NoiseSchedule
 
 __all__ = [
     "EVAL_FILE",
@@ -189,16 +189,31 @@ def evaluate_known(
     return summary, m
 
 
+def final_evaluation(state, cfg, td, ctx) -> tuple[dict, dict]:
+    """What the training loop measures at the end (its ``final_eval``): :func:`evaluate_known` of the
+    EMA model on a known distribution (the samples spread over the ranks, the metrics on rank 0);
+    ``({}, {})`` for real images and where ``run.eval_n`` is 0."""
+    from fastat.train.run import clip_for, run_eta
+
+    r = cfg.run
+    if td.known is None or r.eval_n <= 0:
+        return {}, {}
+    model, schedule = state.ema_eps_model(), state.engine.objective.schedule
+    return evaluate_known(model, schedule, td.known, td.data, td.clean, n=r.eval_n, sampler=r.sampler,
+                          steps=r.sample_steps, eta=run_eta(cfg), clip_x0=clip_for(td.kind),
+                          seed=r.seed, device=state.device, spread=ctx.spread)  # fmt: skip
+
+
 def load_run(
     run: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu", eps_model: bool = True
 ):
     """``(model, cfg, checkpoint)`` of a run folder (or checkpoint folder): the model with its EMA (or
     raw) weights, in eval mode on ``device`` (with ``eps_model``, a v- or x0-model is seen as an eps-model),
     and the run's :class:`~fastat.train.config.TrainConfig`."""
+    from fastat.at.prediction import as_eps_model
+    from fastat.models import build_model
     from fastat.train.checkpoint import CheckpointError, load_checkpoint, load_weights, require_finite
     from fastat.train.config import ConfigError, TrainConfig
-    from fastat.models import build_model
-    from fastat.at.prediction import as_eps_model
 
     ckpt = load_checkpoint(run, weights=not ema)
     try:

@@ -76,9 +76,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fastat.at.objective import ATObjective
 from fastat.step.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.step.ema import EMA
-from fastat.at.objective import ATObjective
 
 __all__ = ["PRECISIONS", "DetachedParams", "StepEngine"]
 

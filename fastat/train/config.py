@@ -229,12 +229,12 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value; return ``self`` or raise :class:`ConfigError` with one line."""
         from fastat.at.budget import SPACES
-        from fastat.data import DATASETS, KNOWN, OUTLIER_KINDS, PLACEMENTS, is_prepared, known_dataset
-        from fastat.kernels.pgd import NORMS
-        from fastat.models import MODEL_NAMES
         from fastat.at.objective import DM_WEIGHTS, LAM_SCALES, MODES
         from fastat.at.prediction import PREDICTIONS
         from fastat.at.schedule import SCHEDULES
+        from fastat.data import DATASETS, KNOWN, OUTLIER_KINDS, PLACEMENTS, is_prepared, known_dataset
+        from fastat.kernels.pgd import NORMS
+        from fastat.models import MODEL_NAMES
 
         d, m, o, op, e, r = self.data, self.model, self.objective, self.optim, self.ema, self.run
         # data

@@ -51,10 +51,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastat.train.config import ConfigError
-from fastat.utils.errors import one_line
-from fastat.train.launch import job_ranks
 from fastat.at.seeding import derive_seed, rank_seed
+from fastat.train.config import ConfigError
+from fastat.train.launch import job_ranks
+from fastat.utils.errors import one_line
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -110,8 +110,8 @@ def who_says(e: BaseException) -> str:
 
 def usage_error(e: BaseException) -> bool:
     """Errors of the input (config, data, checkpoint): exit status 2, as the command line uses."""
-    from fastat.train.checkpoint import CheckpointError
     from fastat.data import DatasetError
+    from fastat.train.checkpoint import CheckpointError
 
     return isinstance(e, (ConfigError, DatasetError, CheckpointError)) or type(e) is ValueError
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,20 +27,25 @@ import torch
 from tqdm.auto import tqdm
 
 from fastat import __version__
+from fastat.at.seeding import derive_seed
+from fastat.data import TrainingData
+from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import NonFiniteWeights
 from fastat.train.config import TrainConfig
-from fastat.data import TrainingData
 from fastat.train.distributed import DistContext, mark
-from fastat.step.engine import StepEngine
-from fastat.eval.evaluate import evaluate_known
 from fastat.train.metrics import StatsAccumulator, peak_rss_mb
 from fastat.train.run_config import run_eta
 from fastat.train.run_folder import RunFolder
 from fastat.train.samples import generate, write_samples
-from fastat.at.seeding import derive_seed
 from fastat.train.state import TrainState, clip_for, say
 
+# What the loop calls at the end to measure the trained model: (state, cfg, data, ranks) ->
+# (the eval record it logs, the full metrics). The evaluation layer provides it
+# (:func:`fastat.eval.evaluate.final_evaluation`); the loop never imports it.
+FinalEval = Callable[["TrainState", TrainConfig, TrainingData, DistContext], "tuple[dict, dict]"]
+
 __all__ = [
+    "FinalEval",
     "Interval",
     "StopFlag",
     "TrainResult",
@@ -287,6 +293,7 @@ def training_loop(
     start: int = 0,  # the step the state is at
     progress: bool = True,  # tqdm progress bar
     ctx: DistContext | None = None,  # the ranks of a torchrun job (None: this process alone)
+    final_eval: FinalEval | None = None,  # measures the trained model at the end (None: nothing)
 ) -> TrainResult:
     """Train from ``start`` to ``cfg.run.steps`` (every rank): log, sample and save on their intervals,
     save and evaluate at the end. Ctrl-C or SIGTERM finishes the step, saves, raises TrainingInterrupted
@@ -324,7 +331,7 @@ def training_loop(
     finally:
         bar.close()
     samples = write_grid(run, state, cfg, td, step, ctx)
-    summary, eval_metrics = final_evaluation(state, cfg, td, ctx)
+    summary, eval_metrics = final_eval(state, cfg, td, ctx) if final_eval else ({}, {})
     if summary:
         with io_errors(run):
             run.log(step, summary, kind="eval")
@@ -355,19 +362,6 @@ def cost_metrics(engine: StepEngine, batch_size: int, step: int) -> dict[str, fl
     seen = step * batch_size
     return {"flop_units": units, "images_seen": seen, "fresh_images": -(-step // engine.replays) * batch_size,
             "flop_units_total": units * seen}  # fmt: skip
-
-
-def final_evaluation(state: TrainState, cfg: TrainConfig, td: TrainingData,
-                     ctx: DistContext) -> tuple[dict, dict]:  # fmt: skip
-    """Known distributions: :func:`evaluate_known` of the EMA model (the samples spread over the ranks,
-    the metrics on rank 0); ``({}, {})`` for real images and on the other ranks."""
-    r = cfg.run
-    if td.known is None or r.eval_n <= 0:
-        return {}, {}
-    model, schedule = state.ema_eps_model(), state.engine.objective.schedule
-    return evaluate_known(model, schedule, td.known, td.data, td.clean, n=r.eval_n, sampler=r.sampler,
-                          steps=r.sample_steps, eta=run_eta(cfg), clip_x0=clip_for(td.kind),
-                          seed=r.seed, device=state.device, spread=ctx.spread)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ from pathlib import Path
 from fastat.train.checkpoint import Checkpoint, load_checkpoint
 from fastat.train.config import ConfigError, TrainConfig, _plain
 from fastat.train.distributed import DistContext
-from fastat.eval.evaluate import evaluate_known
 from fastat.train.loop import (
+    FinalEval,
     TrainingError,
     TrainingInterrupted,
     TrainResult,
@@ -72,7 +72,6 @@ __all__ = [
     "build_training_data",
     "clip_for",
     "data_shape",
-    "evaluate_known",
     "finalize",
     "lr_at",
     "model_spec",
@@ -88,13 +87,15 @@ __all__ = [
 
 
 def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress: bool = True,
-          ctx: DistContext | None = None) -> TrainResult:  # fmt: skip
+          ctx: DistContext | None = None, final_eval: FinalEval | None = None) -> TrainResult:  # fmt: skip
     """Build everything ``cfg`` describes and run :func:`training_loop` (from ``resume`` if given).
 
     ``cfg`` should come from :func:`resolve_config` (or :func:`finalize`). The run folder is locked
     for the whole run, and nothing in it changes before every check has passed (folder ownership, data,
     model, checkpoint contents); then ``RUN/config.yaml`` is written. Raises ConfigError / DatasetError /
     CheckpointError on bad input, :class:`TrainingInterrupted` on Ctrl-C (after saving).
+    ``final_eval`` measures the trained model at the end (the command line passes
+    :func:`fastat.eval.evaluate.final_evaluation`); None measures nothing.
 
     Under ``torchrun`` every rank calls this (``ctx``; None: joined here from the environment): rank 0
     alone takes and writes the run folder, every rank resumes the checkpoint rank 0 resumes (else a
@@ -104,7 +105,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
     """
     if ctx is None:
         with DistContext.from_env(timeout_s=cfg.run.dist_timeout) as ctx:
-            return train(cfg, resume=resume, progress=progress, ctx=ctx)
+            return train(cfg, resume=resume, progress=progress, ctx=ctx, final_eval=final_eval)
     progress = progress and ctx.is_main
     with ctx.together("the config"):
         cfg = finalize(cfg)
@@ -131,7 +132,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
             with io_errors(run):
                 run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
         ctx.broadcast_(state.model, state.ema)  # one model: rank 0's (the same seed built it everywhere)
-        return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx)
+        return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx, final_eval=final_eval)
 
 
 def check_same_checkpoint(ckpt: Checkpoint | None, ctx: DistContext) -> None:

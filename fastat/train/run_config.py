@@ -18,12 +18,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastat.train.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint, run_dir_of
-from fastat.train.config import ConfigError, TrainConfig, _plain
 from fastat.data import DATASETS, KNOWN, is_prepared, read_manifest
+from fastat.train.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    run_dir_of,
+)
+from fastat.train.config import ConfigError, TrainConfig, _plain
 from fastat.train.distributed import DistContext
-from fastat.utils.errors import one_line
 from fastat.train.run_folder import CONFIG_FILE
+from fastat.utils.errors import one_line
 
 __all__ = [
     "check_data_memory",

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastat.train.checkpoint import atomic_write
 from fastat.at.sampling import ddim_sample, ddpm_sample
 from fastat.at.schedule import NoiseSchedule
+from fastat.train.checkpoint import atomic_write
 
 __all__ = [
     "SAMPLE_SUFFIXES",

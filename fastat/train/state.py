@@ -18,14 +18,14 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from fastat import __version__
-from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
-from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.at.prediction import as_eps_model
 from fastat.data import DatasetError, TensorLoader, TrainingData, build_dataset, image_loader
 from fastat.data.placement import DeviceImages, StreamImages
-from fastat.train.distributed import DistContext
-from fastat.step.engine import StepEngine
 from fastat.models import build_model
-from fastat.at.prediction import as_eps_model
+from fastat.step.engine import StepEngine
+from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
+from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.train.distributed import DistContext
 from fastat.train.run_config import resolve_precision
 
 __all__ = [

@@ -58,10 +58,10 @@ def test_free_replays_ascend_from_the_training_backward():
         net64 = copy.deepcopy(net.net).double()
         out = obj(net, x if k in (0, 3) else None, gen)
         assert len(net.calls) == 2  # the clean and the perturbed pass, nothing else
-        t = obj.replay.buffer("t").clone()
+        t = obj.state_dict()["replay"]["t"]
         a, s = SCHED.coeffs(t)
         r = budget.radius(s)
-        x_t, _, eps, w0 = ops.noise_inject(x, a, s, r, obj.replay.buffer("seed"))
+        x_t, _, eps, w0 = ops.noise_inject(x, a, s, r, obj.state_dict()["replay"]["seed"])
         torch.testing.assert_close(net.calls[0][0], x_t, rtol=0, atol=0)  # x_t is kept across replays
         if k % 3 == 0:
             w = w0  # a new batch: the random start
@@ -82,7 +82,7 @@ def test_free_replays_ascend_from_the_training_backward():
         )
         sure = g.abs() > 1e-6 * g.abs().max()  # signs of float32 and float64 agree away from zero
         assert sure.float().mean() > 0.9
-        w = obj.replay.buffer("w").clone()
+        w = obj.state_dict()["replay"]["w"]
         torch.testing.assert_close(w.double()[sure], w_ref[sure], rtol=1e-6, atol=1e-7)
         assert (w.abs() <= r[:, None] * (1 + 1e-6)).all()
 
@@ -93,12 +93,12 @@ def test_free_without_backward_keeps_w_and_a_non_finite_gradient_counts_as_zero(
     obj = ATObjective(schedule=SCHED, mode="free", replays=2, budget=Budget(norm="l2"))
     x, gen = data(8), torch.Generator().manual_seed(1)
     obj(net, x, gen)  # no backward: the next replay keeps w_0
-    w0 = obj.replay.buffer("w").clone()
+    w0 = obj.state_dict()["replay"]["w"]
     out = obj(net, None, gen)
-    assert torch.equal(obj.replay.buffer("w"), w0) and float(out.stats["gain"]) == 1.0
+    assert torch.equal(obj.state_dict()["replay"]["w"], w0) and float(out.stats["gain"]) == 1.0
     out = obj(net, x, gen)  # fresh; a NaN gradient must not make w NaN
     (out.loss * float("nan")).backward()
-    assert torch.isfinite(obj.replay.buffer("w")).all()
+    assert torch.isfinite(obj.state_dict()["replay"]["w"]).all()
 
 
 def test_replay_state_round_trips_and_refuses_nonsense():

@@ -76,7 +76,7 @@ class ATObjective:
         schedule: the DDPM noise schedule: a :class:`NoiseSchedule`, or another codebase's scheduler
             (a diffusers scheduler, a denoising-diffusion-pytorch ``GaussianDiffusion``), read with
             :meth:`NoiseSchedule.from_scheduler`.
-        mode: one of ``ddpm | rand | adv | pgd | inv | free`` (see module docstring).
+        mode: one of ``ddpm | rand | adv | pgd | inv | free`` (docs/DESIGN.md, "Attack").
         lam: weight of the equivariance regulariser (>= 0).
         lam_scale: ``const`` (lambda_t = lam) or ``radius`` (lambda_t = lam / r_elem(t)^2 with
             r_elem the per-element eps-space radius, so the regulariser is measured in budget units).
@@ -96,7 +96,7 @@ class ATObjective:
         lam_s_min: regularise only at noise levels ``s_t >= lam_s_min`` (lambda_t = 0 below; 0: at
             every t). The attack still runs on every sample.
         replays: ``free``: optimizer steps per batch (m >= 1).
-        reg_frac: the share of each batch that gets the regulariser, in (0, 1] (module docstring).
+        reg_frac: the share of each batch that gets the regulariser, in (0, 1] (docs/DESIGN.md, "Loss").
     """
 
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)

@@ -286,6 +286,7 @@ class ATObjective:
             return self._loss(model, model if attack_model is None else attack_model, x0, generator)
 
     def _loss(self, model, attack_model, x0, generator: torch.Generator | None) -> ATOutput:
+        """L_AT of one call, piece by piece (docs/DESIGN.md, "Loss")."""
         keep = self._keeper(x0)
         z = self._noised(x0, generator, keep)
         out = P.model_output(model(z.x_t, z.t)).to(z.eps.dtype)  # the model's own parameterisation

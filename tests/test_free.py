@@ -58,10 +58,10 @@ def test_free_replays_ascend_from_the_training_backward():
         net64 = copy.deepcopy(net.net).double()
         out = obj(net, x if k in (0, 3) else None, gen)
         assert len(net.calls) == 2  # the clean and the perturbed pass, nothing else
-        t = obj.replay.buffer("t").clone()
+        t = obj.state_dict()["replay"]["t"]
         a, s = SCHED.coeffs(t)
         r = budget.radius(s)
-        x_t, _, eps, w0 = ops.noise_inject(x, a, s, r, obj.replay.buffer("seed"))
+        x_t, _, eps, w0 = ops.noise_inject(x, a, s, r, obj.state_dict()["replay"]["seed"])
         torch.testing.assert_close(net.calls[0][0], x_t, rtol=0, atol=0)  # x_t is kept across replays
         if k % 3 == 0:
             w = w0  # a new batch: the random start
@@ -82,7 +82,7 @@ def test_free_replays_ascend_from_the_training_backward():
         )
         sure = g.abs() > 1e-6 * g.abs().max()  # signs of float32 and float64 agree away from zero
         assert sure.float().mean() > 0.9
-        w = obj.replay.buffer("w").clone()
+        w = obj.state_dict()["replay"]["w"]
         torch.testing.assert_close(w.double()[sure], w_ref[sure], rtol=1e-6, atol=1e-7)
         assert (w.abs() <= r[:, None] * (1 + 1e-6)).all()
 
@@ -93,12 +93,12 @@ def test_free_without_backward_keeps_w_and_a_non_finite_gradient_counts_as_zero(
     obj = ATObjective(schedule=SCHED, mode="free", replays=2, budget=Budget(norm="l2"))
     x, gen = data(8), torch.Generator().manual_seed(1)
     obj(net, x, gen)  # no backward: the next replay keeps w_0
-    w0 = obj.replay.buffer("w").clone()
+    w0 = obj.state_dict()["replay"]["w"]
     out = obj(net, None, gen)
-    assert torch.equal(obj.replay.buffer("w"), w0) and float(out.stats["gain"]) == 1.0
+    assert torch.equal(obj.state_dict()["replay"]["w"], w0) and float(out.stats["gain"]) == 1.0
     out = obj(net, x, gen)  # fresh; a NaN gradient must not make w NaN
     (out.loss * float("nan")).backward()
-    assert torch.isfinite(obj.replay.buffer("w")).all()
+    assert torch.isfinite(obj.state_dict()["replay"]["w"]).all()
 
 
 def test_replay_state_round_trips_and_refuses_nonsense():
@@ -196,3 +196,39 @@ def test_engine_replays_the_kept_batch_and_says_when_it_wants_one():
     assert not fresh.wants_batch and torch.equal(
         fresh.step(None, 1e-3)["loss"], none.step(None, 1e-3)["loss"]
     )
+
+
+def test_objective_says_when_it_wants_a_batch_and_follows_a_graph_replay():
+    """What the engine asks: ``wants_batch`` by the host's count of ``step_done`` calls (no device read),
+    ``steps_per_batch``, and ``host_state`` handed back after a replay, which makes the captured shape's
+    replay set current again (what a checkpoint then saves)."""
+    adv = ATObjective(schedule=SCHED, mode="adv")
+    adv.step_done()
+    assert adv.wants_batch() and adv.steps_per_batch == 1
+    assert adv.host_state() is None and adv.state_dict() == {}
+    obj, net = ATObjective(schedule=SCHED, mode="free", replays=3), Net()
+    x, gen = data(8), torch.Generator().manual_seed(0)
+    wants = []
+    for _ in range(7):
+        wants.append(obj.wants_batch())
+        obj(net, x if wants[-1] else None, gen)
+        obj.step_done()
+    assert wants == [True, False, False, True, False, False, True] and obj.steps_per_batch == 3
+    captured = obj.host_state()
+    obj(net, x[:5], gen)  # a batch of another shape (run uncaptured): its own replay set
+    assert obj.state_dict()["replay"]["x0"].shape == (5, 3)
+    obj.step_done(replayed=captured)  # a graph replay of the 8-sample step runs no Python
+    assert obj.state_dict()["replay"]["x0"].shape == (8, 3) and not obj.wants_batch()
+    with pytest.raises(KeyError, match="no replay state"):
+        obj.step_done(replayed=((3, 3), torch.float32, torch.device("cpu")))
+
+
+def test_engine_takes_an_objective_without_the_hooks():
+    """Any callable objective: a new batch every step, one step per batch, nothing to checkpoint."""
+    inner = ATObjective(schedule=SCHED, mode="adv", budget=Budget(r_min=0.1, r_scale=0.2))
+    eng = StepEngine(MLP(3, hidden=8, depth=1, time_dim=8), lambda *a, **k: inner(*a, **k),
+                     generator=torch.Generator().manual_seed(0), lr=1e-3)  # fmt: skip
+    for _ in range(2):
+        assert eng.wants_batch and eng.steps_per_batch == 1
+        assert torch.isfinite(eng.step(torch.randn(4, 3), 1e-3)["loss"])
+    assert eng.objective_state_dict() == {}

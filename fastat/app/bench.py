@@ -3,29 +3,12 @@ fastat's DDPM step.
 
     fastat bench --model cifar10 --batch-size 128 --precision bf16 --mode adv --json bench.json
 
-(a) naive: the loop a paper would write — separate forward passes, ``torch.autograd.grad``, torch ops
-    for the noise, the PGD step and the loss, eager AdamW, a per-parameter EMA loop;
-(a') naive_compiled: the same loop with ``torch.compile`` on the model — the one line a user would add,
-    so that what fastat's kernels and graph add over compiling alone is visible (skipped with
-    ``--no-fast``, where nothing is compiled);
-(b) fastat: :class:`fastat.step.engine.StepEngine` with ``fast=True`` (compiled model; on CUDA the fused
-    kernels and a CUDA-graph captured step), same mode;
-(c) fastat with ``--mode ddpm``: the same engine without the regulariser, the cost AT is measured against.
-
-``--mode free`` (minibatch replay: every step is one replay of a batch) and ``--reg-frac f`` apply to (b);
-the naive rows run the paper's method on the whole batch (``adv`` for ``free``).
-
-Each run on one resident random batch: warm-up steps first, timed apart (the first compiles; fastat's
-engine reports its own compile and capture seconds, and the warm-up lasts until its graph is captured),
-then the timed steps with device events (CUDA) or a host clock (CPU). Reported: the median and p20/p80,
-img/s, peak memory of the timed steps (``reset_peak_memory_stats`` after warm-up), the engine mode that
-actually ran (a fallback shows), speedups, AT overhead (b)/(c) and model FLOP utilisation (FLOPs of one
-forward counted by ``torch.utils.flop_counter``), and each run's cost per image seen in forward-pass
-equivalents (``units/img``: :meth:`fastat.ATObjective.flop_units`: 3 for DDPM, 3 + (2k + 3) f for k
-ascent passes with the regulariser on a share f of the batch, 3 + 3f for ``free``, whose every replay
-counts as a step that sees its batch) and GFLOP. Every timed step's loss and gradient norm are checked
-on the device (one tiny kernel per step, read once at the end): a run with a non-finite one reports that
-instead of a time.
+Rows: (a) naive, the loop a paper would write; (a') naive_compiled, the same with ``torch.compile`` on
+the model (skipped with ``--no-fast``); (b) fastat, :class:`fastat.step.engine.StepEngine` with
+``fast=True``; (c) fastat in ``--mode ddpm``, the cost AT is measured against. ``--mode free`` and
+``--reg-frac`` apply to (b). Warm-up steps are timed apart; reported are the median and p20/p80, img/s,
+peak memory, the engine mode that ran, speedups, AT overhead, MFU and ``units/img``; a step with a
+non-finite loss or gradient norm is reported instead of a time. Method: docs/DESIGN.md ("Benchmarks").
 """
 
 from __future__ import annotations

@@ -3,18 +3,11 @@
     fastat bench data data/celeba64 --batch-size 256 --seconds 10
     fastat bench data data/lsun256 --placement stream --workers 4 --json loader.json
 
-For each placement (``device``, ``stream``; ``--placement`` picks one) the loader of the trainer
-(:func:`fastat.data.image_loader`) hands out shuffled uint8 batches on the device for ``--seconds``
-after ``--warmup`` batches: img/s and MB/s (uint8 pixels delivered) are the batches over the wall time,
-with the device synchronised at the end. Separately, ``transform_img_per_s`` is the rate of the
-conversion the step itself does first (:class:`fastat.data.ImageTransform`: to float, flip; on the
-device, inside the captured graph on CUDA), measured on the same batches. With ``--warm`` (default) the
-whole set is read once first, so the figures are "from the page cache"; ``--no-warm`` measures whatever
-the cache holds.
-
-RSS: the process's resident memory before the loader is built, and its peak while the loader runs
-(the peak is reset between placements through ``/proc/self/clear_refs`` where Linux allows it).
-``device`` on the CPU holds the set in RAM by design; ``stream`` should stay near its buffers.
+For each placement the trainer's loader (:func:`fastat.data.image_loader`) hands out shuffled uint8
+batches for ``--seconds`` after ``--warmup`` batches: img/s and MB/s, and separately
+``transform_img_per_s`` of the step's own conversion (:class:`fastat.data.ImageTransform`). RSS before the
+loader and at its peak (reset between placements through ``/proc/self/clear_refs``). ``--warm`` (default)
+reads the set once first: figures "from the page cache". Details: docs/DESIGN.md ("Benchmarks").
 """
 
 from __future__ import annotations

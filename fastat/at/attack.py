@@ -4,16 +4,10 @@
     J(w) = || eps_theta(x_t + s_t*w, t) - eps_clean - w ||^2            (target="equivariance")
 
 with ``eps_clean = eps_theta(x_t, t)`` held constant. Each step is one forward and one input-only
-backward (``torch.autograd.grad`` w.r.t. the model input), then :func:`fastat.at.ops.pgd_step`, which
-projects ``w`` and writes the next model input ``x_t + s_t*w`` in the same pass. Since
-``dJ/dw = s_t * dJ/dx`` with ``s_t > 0``, the gradient w.r.t. the input has the same sign and direction
-as the one w.r.t. ``w`` and is used as it is (the equivariance target adds its direct term in ``w``).
-No parameter gradient is accumulated, and the running statistics of batch-norm layers are put back as
-they were, so the attack leaves nothing behind in the model.
-
-``J`` lives in eps space whatever the model predicts: ``output(raw, x_in)`` turns the model's raw output
-into its noise estimate (the default reads a tensor, tuple or ``.sample`` and takes it as eps; the
-objective passes the conversion of a v- or x0-model, see :mod:`fastat.at.prediction`).
+backward, then :func:`fastat.at.ops.pgd_step` (project, and write the next input ``x_t + s_t*w``). No
+parameter gradient accumulates and batch-norm statistics are put back. ``J`` lives in eps space:
+``output(raw, x_in)`` turns a v- or x0-model's output into its noise estimate. Why the input gradient
+serves as the ``w`` gradient: docs/DESIGN.md ("Attack").
 """
 
 from __future__ import annotations

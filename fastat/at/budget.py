@@ -1,19 +1,13 @@
 """The perturbation budget r(t): how far the attack may move the noise at each timestep.
 
-The perturbation ``w`` lives in noise (eps) space: the model sees ``x_t + s_t * w``, i.e. the image
-moves by ``d = s_t * w`` in data (x) space. The budget is written in one of the two spaces:
-
-    r(t) = r_min + r_scale * s_t ** rho             (space="x": bound on |d|; space="eps": on |w|)
-
-and always returned as the bound on ``w`` (for ``space="x"`` divided by ``s_t``). ``r_min`` keeps the
-regulariser alive as ``t -> 0``: our measurement on points on a plane in 3-D (90% of copies noisy at
-sigma=0.2) needed an x-space radius at small t comparable to the data noise (r_min=0.2, r_scale=0.3).
-
-For ``norm="l2"`` the same number means the per-element RMS bound, so the radius of the L2 ball is
-scaled by ``sqrt(numel per sample)`` and one setting means the same at any resolution.
+    r(t) = r_min + r_scale * s_t ** rho             (space="x": bound on |s_t w|; space="eps": on |w|)
 
     budget = Budget()                        # r_min=0.2, r_scale=0.3, rho=1, space="x", norm="linf"
     r = budget.radius_at(schedule, t)        # (B,) bound on w at the timesteps t: what ops.noise_inject takes
+
+Always returned as the bound on ``w`` (x-space divided by ``s_t``). For ``norm="l2"`` the number is the
+per-element RMS bound (the ball's radius scales with ``sqrt(numel)``). Why ``r_min``: docs/DESIGN.md
+("Noise injection").
 """
 
 from __future__ import annotations

@@ -5,65 +5,19 @@
     out = objective(model, x0, generator)                  # draws t, eps, w; attacks; returns the loss
     out.loss.backward()
 
-One call: ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = a_t x0 + s_t eps``, clean prediction
-``eps_theta(x_t)``, then ``w`` by mode, the perturbed prediction ``eps_theta(x_t + s_t w)`` and
+    L_AT = mean||eps_theta(x_t) - eps||^2 + lambda_t mean||eps_theta(x_t + s_t w) - (eps_theta(x_t) + w)||^2
 
-    L_AT = mean|| eps_theta(x_t) - eps ||^2 + lambda_t * mean|| eps_theta(x_t + s_t w) - (eps_theta(x_t) + w) ||^2
-
-| mode | w |
-| ddpm | none: the plain DDPM loss, one forward |
-| rand | w ~ U(budget) |
-| adv  | random start + 1 signed-gradient step of size 1.25 r, projected (FGSM) |
-| pgd  | random start + ``pgd_steps`` steps of size 2.5 r / k, projected after each |
-| inv  | as adv, but the target ignores w: || eps_theta(x_t + s_t w) - eps_theta(x_t) ||^2 (ablation) |
-| free | minibatch replay: no attack passes; the ascent reuses the training backward (below) |
-
-**free** (Free-AT-style, Shafahi et al. 2019, beyond the paper). Each batch is trained on ``replays = m``
-consecutive calls (optimizer steps), its *replays*. Replay 0 draws ``t``, ``eps`` and the random start
-``w_0 ~ U(budget)`` as ``adv`` does; replays 1..m-1 keep the batch, ``t`` and ``eps`` (so ``x_t``) and
-use ``w_k = Proj_r(w_{k-1} + alpha * sign(g_{k-1}))`` (l2: ``alpha * g / ||g||``), ``alpha =
-step_size * r(t)`` (default 1.25 r, the budget r(t) as for every mode), where ``g_{k-1} = dL/dx~`` is the
-gradient of replay k-1's training loss with respect to its perturbed input ``x~ = x_t + s_t w_{k-1}``,
-computed by that replay's own backward (a hook on ``x~``): the perturbation costs no forward or backward
-pass of its own. Exactly: with ``o``, ``o~`` the clean and perturbed outputs and ``N`` the elements,
-``g = dL/dx~ = (2 lambda_t / N) (o~ - o - c_w w)^T do~/dx~`` (the regulariser is the only term that sees
-``x~``). Free-AT's ``dL/dw`` is ``s_t g - (2 lambda_t c_w / N) (o~ - o - c_w w)``: ``free`` uses its first
-term only, leaving out where ``w`` enters the loss directly; ``s_t > 0`` scales each sample's ``g``, so the
-step's sign (l2: direction) is that of the first term. It is not ``adv``'s ascent on either attack target
-(``attack_target`` does not apply): ``equivariance``'s gradient adds the same direct term, ``prediction``'s
-uses the residual ``o~ - o`` without ``w``. And it comes one optimizer step late (the weights moved between
-the replays: Free-AT's approximation). Without a backward (or with a non-finite
-gradient, whose elements count as 0) ``w`` stays where it was. Unlike Shafahi et al., ``w`` is not carried
-to the next batch: its ``x_t`` is new. Statistics: ``j`` is that regulariser's residual ``J(w_k)``,
-``gain`` is ``J(w_k) / J(w_0)`` with ``J(w_0)`` measured at replay 0 of the batch (1 on fresh replays).
-The replay state lives on the device (:class:`fastat.at.replay.Replay`): ``state_dict()`` checkpoints it.
-Pass the same batch to all m calls, or ``None`` on replays 1..m-1 (the kept batch is used either way).
-
-**reg_frac = f** in (0, 1] (every mode but ddpm): the regulariser (attack and perturbed pass) runs on the
-first ``n = ceil(f * B)`` samples of the batch only; the denoising term stays on all ``B``. The loss is
-``mean_B ||eps_theta(x_t) - eps||^2 + mean_n lambda_t ||...||^2``: an unbiased, noisier estimate of the
-same objective. Cost (forward-pass equivalents per image, :meth:`ATObjective.flop_units`): ``3`` for
-ddpm, ``3 + (2k + 3) n / B`` with ``k`` ascent steps (adv, inv: 8 at f = 1; pgd: 3 + (2k + 3); rand: 6),
-``3 + 3 n / B`` for free (per replay: images seen count every replay). Compiled (``StepEngine(fast=True)``),
-``n < B`` costs one more compile: the model runs at batch ``B`` and at ``n``, two static shapes.
-
-**Any model, any parameterisation.** The model may return a tensor, a tuple (first element) or an object
-with ``.sample`` (diffusers). With ``prediction="v"`` or ``"x0"`` the model's output ``o`` is not eps:
-
-- the denoising term is the one the model's own library trains, ``mean|| o(x_t) - target ||^2`` with
-  target ``eps``, ``v = a eps - s x0`` or ``x0``, optionally weighted per timestep (``dm_weight``);
-- the equivariance term is the *same function* as for an eps-model, evaluated on the implied noise
-  estimate ``eps_hat(o) = alpha_t o + beta_t x_t``; it equals ``lambda_t alpha_t^2 mean|| o(x~_t) - o(x_t)
-  - c_w w ||^2`` with ``(c_w, alpha_t^2) = (1, 1), (a, a^2), (0, a^2/s^2)`` for eps, v, x0 (derivation in
-  :mod:`fastat.at.prediction`), so the fused loss runs on the model's outputs directly;
-- the attack maximises the same eps-space ``J`` (the model's output converted before ``J``).
+``w`` by mode: ``ddpm`` none (one forward), ``rand`` uniform in the budget, ``adv`` FGSM, ``pgd`` k
+steps, ``inv`` as adv with the target ignoring w, ``free`` minibatch replay (the ascent reuses the
+training backward). The loss is a few small callables (draw, regularised rows, perturbation, loss,
+gain). ``reg_frac``, v/x0 models, ``free``'s derivation and the cost model: docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -89,6 +43,31 @@ class ATOutput:
     stats: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class _Noised:
+    """One call's draw, per sample on the device: the batch, timesteps, coefficients and radius, the
+    noised batch ``x_t``, the noise and the random start ``w`` with ``x_adv = x_t + s w``."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    a: torch.Tensor
+    s: torch.Tensor
+    radius: torch.Tensor
+    x_t: torch.Tensor
+    x_adv: torch.Tensor
+    eps: torch.Tensor
+    w: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.x0.shape[0]
+
+    def rows(self, n: int) -> _Noised:
+        """The first ``n`` samples (views)."""
+        return _Noised(*(v[:n] for v in (self.x0, self.t, self.a, self.s, self.radius, self.x_t,
+                                         self.x_adv, self.eps, self.w)))  # fmt: skip
+
+
 @dataclass
 class ATObjective:
     """Equivariant AT loss with its noise sampling and attack.
@@ -97,7 +76,7 @@ class ATObjective:
         schedule: the DDPM noise schedule: a :class:`NoiseSchedule`, or another codebase's scheduler
             (a diffusers scheduler, a denoising-diffusion-pytorch ``GaussianDiffusion``), read with
             :meth:`NoiseSchedule.from_scheduler`.
-        mode: one of ``ddpm | rand | adv | pgd | inv | free`` (see module docstring).
+        mode: one of ``ddpm | rand | adv | pgd | inv | free`` (docs/DESIGN.md, "Attack").
         lam: weight of the equivariance regulariser (>= 0).
         lam_scale: ``const`` (lambda_t = lam) or ``radius`` (lambda_t = lam / r_elem(t)^2 with
             r_elem the per-element eps-space radius, so the regulariser is measured in budget units).
@@ -117,7 +96,7 @@ class ATObjective:
         lam_s_min: regularise only at noise levels ``s_t >= lam_s_min`` (lambda_t = 0 below; 0: at
             every t). The attack still runs on every sample.
         replays: ``free``: optimizer steps per batch (m >= 1).
-        reg_frac: the share of each batch that gets the regulariser, in (0, 1] (module docstring).
+        reg_frac: the share of each batch that gets the regulariser, in (0, 1] (docs/DESIGN.md, "Loss").
     """
 
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -205,10 +184,27 @@ class ATObjective:
         f = self.reg_frac if batch_size is None else self.reg_count(batch_size) / batch_size
         return 3.0 + (2 * self.attack_steps + 3) * f
 
+    # -- what StepEngine asks (free keeps a batch across steps; the other modes keep nothing) --------
+
     @property
-    def replay(self) -> Replay | None:
-        """``free``: the replay state (position, kept batch and perturbation); None for other modes."""
-        return self._replay
+    def steps_per_batch(self) -> int:
+        """Steps each batch is trained on: ``replays`` in ``free``, else 1."""
+        return self._replay.m if self._replay is not None else 1
+
+    def wants_batch(self) -> bool:
+        """Whether the next call starts a new batch: always, but on ``free``'s replays 1..m-1 (the host's
+        count of the steps the engine reported with :meth:`step_done`; no device read)."""
+        return self._replay is None or self._replay.wants_batch()
+
+    def step_done(self, replayed: Any = None) -> None:
+        """Count a step on the host. ``replayed``: the step was a CUDA-graph replay, which runs no Python;
+        pass the :meth:`host_state` taken after its capture, so that the objective's host side follows."""
+        if self._replay is not None:
+            self._replay.step_done(replayed)
+
+    def host_state(self) -> Any:
+        """What the last call left on the host (``free``: which batch shape's replay state is in use)."""
+        return self._replay.key if self._replay is not None else None
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to continue the objective exactly: ``free``'s replay state
@@ -290,87 +286,110 @@ class ATObjective:
             return self._loss(model, model if attack_model is None else attack_model, x0, generator)
 
     def _loss(self, model, attack_model, x0, generator: torch.Generator | None) -> ATOutput:
-        replay = self._replay
-        if replay is not None:  # free: a fresh step keeps what it draws, a replay uses what was kept
-            fresh = replay.begin(x0)
-            x0 = replay.keep("x0", fresh, x0)
+        """L_AT of one call, piece by piece (docs/DESIGN.md, "Loss")."""
+        keep = self._keeper(x0)
+        z = self._noised(x0, generator, keep)
+        out = P.model_output(model(z.x_t, z.t)).to(z.eps.dtype)  # the model's own parameterisation
+        target = P.target(self.prediction, z.x0, z.eps, z.a, z.s)  # what it is trained to output
+        dm_weight = self.dm_weight_at(z.t, z.a, z.s)
+        if self.mode == "ddpm":
+            dm = ops.ddpm_loss(out, target, dm_weight)
+            return ATOutput(dm, {"loss_dm": dm.detach(), "reg": torch.zeros_like(dm.detach())})
+        h = self._head(z, generator)
+        eps_clean = self._eps(out[: h.n], h.x_t, h.a, h.s)
+        w, x_adv, j_start = self._perturbation(h, eps_clean, attack_model, keep)
+        out_adv = P.model_output(model(x_adv, h.t)).to(z.eps.dtype)
+        loss, dm = self._at_loss(out, out_adv, target, dm_weight, w, h)
+        with torch.no_grad():
+            j_end = attack_objective(self._eps(out_adv, x_adv, h.a, h.s), eps_clean, w, self._j_target).mean()
+            stats = {"loss_dm": dm, "reg": loss.detach() - dm, "w_abs": w.abs().float().mean(),
+                     "radius": z.radius.mean(), "j": j_end}  # fmt: skip
+            stats.update(self._gain(j_end, j_start, keep))
+        return ATOutput(loss, stats)
+
+    def _keeper(self, x0: torch.Tensor | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """``keep(name, value)``: ``free`` keeps what a batch's fresh step draws and hands the kept value
+        to its replays (:class:`fastat.at.replay.Replay`); the other modes keep nothing."""
+        if self._replay is None:
+            return lambda name, value: value
+        fresh = self._replay.begin(x0)  # 0-dim bool on the device: no host read
+        return lambda name, value: self._replay.keep(name, fresh, value)
+
+    def _noised(self, x0, generator, keep) -> _Noised:
+        """Draw ``t`` and the noise seed and noise the batch: ``x_t = a x0 + s eps`` and the box random
+        start ``x_t + s w0`` (linf; 0 for l2, drawn in :meth:`_head`)."""
+        x0 = keep("x0", x0)
         dev, B = x0.device, x0.shape[0]
         gdev = generator.device if generator is not None else torch.device("cpu")
         t = self.schedule.sample_t(B, generator, device=dev)
         # One 63-bit seed per call from the generator (a device tensor: no host sync on CUDA); the
         # noise kernel draws eps and the random start w0 from it and writes x_t and x_t + s*w0.
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gdev).to(dev)
-        if replay is not None:  # the same seed gives the same eps (and w0) on every replay
-            t, seed = replay.keep("t", fresh, t), replay.keep("seed", fresh, seed)
+        t, seed = keep("t", t), keep("seed", seed)  # free: the same seed, the same eps (and w0) on a replay
         a, s = self.schedule.coeffs(t)
-        numel = math.prod(x0.shape[1:])
-        radius = self.budget.radius(s, numel)
+        radius = self.budget.radius(s, math.prod(x0.shape[1:]))
         x_t, x_adv, eps, w = ops.noise_inject(x0, a, s, radius if self.budget.norm == "linf" else 0.0, seed)
-        # The model's output in its own parameterisation, and what it is trained to output.
-        out = P.model_output(model(x_t, t)).to(eps.dtype)
-        target = P.target(self.prediction, x0, eps, a, s)
-        dm_weight = self.dm_weight_at(t, a, s)
-        if self.mode == "ddpm":
-            dm = ops.ddpm_loss(out, target, dm_weight)
-            return ATOutput(dm, {"loss_dm": dm.detach(), "reg": torch.zeros_like(dm.detach())})
+        return _Noised(x0, t, a, s, radius, x_t, x_adv, eps, w)
 
-        # The regulariser runs on the first n samples (reg_frac); views, no copies.
-        n = self.reg_count(B)
-        head, tail = slice(0, n), slice(n, None)
-        x_t_n, t_n, a_n, s_n, r_n = (_rows(v, head) for v in (x_t, t, a, s, radius))
-        x_adv, w = _rows(x_adv, head), _rows(w, head)
-        if self.budget.norm == "l2":  # uniform in the ball; the noise kernel draws box starts only
-            w = self.budget.random_start(r_n, (n, *x0.shape[1:]), generator).to(dev, x0.dtype)
-            x_adv = ops.q_sample(x_t_n, 1.0, s_n, w)
-        eps_clean = self._eps(out[head], x_t_n, a_n, s_n)
-        j_start, target_j = None, self.attack_target
-        if replay is not None:
-            w = replay.keep("w", fresh, w)
-            x_adv = ops.q_sample(x_t_n, 1.0, s_n, w).detach().requires_grad_(True)
-            x_adv.register_hook(self._ascent_hook(w, r_n, replay.buffer("w")))
-            target_j = "equivariance"
-        elif self.attack_steps:
-            read = None
-            if self.prediction != "eps":
-                read = lambda raw, x: self._eps(P.model_output(raw), x, a_n, s_n)  # noqa: E731
-            w, x_adv, j_start = pgd_attack(
-                attack_model, x_t_n, t_n, s_n, eps_clean, w, r_n, self.step_multiple * r_n,
-                self.attack_steps, self.budget.norm, self.attack_target, x_start=x_adv, output=read,
-            )  # fmt: skip
-        out_adv = P.model_output(model(x_adv, t_n)).to(eps.dtype)
-        # The eps-space equivariance residual, written on the outputs: lam alpha^2 ||o~ - o - c_w w||^2.
-        c_w, lam_factor = P.regulariser_coeffs(self.prediction, a_n, s_n, equivariant=self.mode != "inv")
-        lam = self.lam_per_sample(r_n, numel, s_n) * lam_factor
-        w_c = _scaled(w, c_w)
+    def _head(self, z: _Noised, generator) -> _Noised:
+        """The first ``n = ceil(reg_frac * B)`` rows, which get the regulariser (views, no copies); l2 draws
+        their random start uniformly in the ball (the noise kernel draws box starts only)."""
+        h = z.rows(self.reg_count(z.x0.shape[0]))
+        if self.budget.norm != "l2":
+            return h
+        w = self.budget.random_start(h.radius, tuple(h.x0.shape), generator).to(z.x0.device, z.x0.dtype)
+        return replace(h, w=w, x_adv=ops.q_sample(h.x_t, 1.0, h.s, w))
+
+    def _perturbation(self, h: _Noised, eps_clean, attack_model, keep):
+        """``(w, x~ = x_t + s w, J at the attack's start or None)`` on the regularised rows: ``free``'s kept
+        ``w``, the ascent of ``adv``/``inv``/``pgd``, or the random start (``rand``)."""
+        if self._replay is not None:
+            w = keep("w", h.w)
+            x_adv = ops.q_sample(h.x_t, 1.0, h.s, w).detach().requires_grad_(True)
+            x_adv.register_hook(self._ascent_hook(w, h.radius, self._replay.buffer("w")))
+            return w, x_adv, None
+        if not self.attack_steps:
+            return h.w, h.x_adv, None
+        read = None
+        if self.prediction != "eps":  # the attack maximises the eps-space J
+            read = lambda raw, x: self._eps(P.model_output(raw), x, h.a, h.s)  # noqa: E731
+        return pgd_attack(
+            attack_model, h.x_t, h.t, h.s, eps_clean, h.w, h.radius, self.step_multiple * h.radius,
+            self.attack_steps, self.budget.norm, self.attack_target, x_start=h.x_adv, output=read,
+        )  # fmt: skip
+
+    def _at_loss(self, out, out_adv, target, dm_weight, w, h: _Noised):
+        """``(L_AT, its denoising term)``. The eps-space equivariance residual is written on the outputs,
+        ``lam alpha^2 ||o~ - o - c_w w||^2`` (:func:`fastat.at.prediction.regulariser_coeffs`)."""
+        c_w, lam_factor = P.regulariser_coeffs(self.prediction, h.a, h.s, equivariant=self.mode != "inv")
+        lam = self.lam_per_sample(h.radius, math.prod(h.x0.shape[1:]), h.s) * lam_factor
+        B, n, w_c = out.shape[0], h.n, _scaled(w, c_w)
         if n == B:
-            loss, dm = ops.at_loss_parts(
+            return ops.at_loss_parts(
                 out, out_adv, target, w_c, lam, detach_clean=self.detach_clean, dm_weight=dm_weight
             )
-        else:  # (n/B) * [dm over n + (B/n) * reg over n] + ((B-n)/B) * dm over the rest: dm is a mean over B
-            loss_n, dm_n = ops.at_loss_parts(
-                out[head], out_adv, target[head], w_c, lam * (B / n), detach_clean=self.detach_clean,
-                dm_weight=_rows(dm_weight, head),
-            )  # fmt: skip
-            dm_rest = ops.ddpm_loss(out[tail], target[tail], _rows(dm_weight, tail))
-            loss = loss_n * (n / B) + dm_rest * ((B - n) / B)
-            dm = dm_n * (n / B) + dm_rest.detach() * ((B - n) / B)
+        # (n/B) * [dm over n + (B/n) * reg over n] + ((B-n)/B) * dm over the rest: dm is a mean over B
+        head, tail = slice(0, n), slice(n, None)
+        loss_n, dm_n = ops.at_loss_parts(
+            out[head], out_adv, target[head], w_c, lam * (B / n), detach_clean=self.detach_clean,
+            dm_weight=_rows(dm_weight, head),
+        )  # fmt: skip
+        dm_rest = ops.ddpm_loss(out[tail], target[tail], _rows(dm_weight, tail))
+        return loss_n * (n / B) + dm_rest * ((B - n) / B), dm_n * (n / B) + dm_rest.detach() * ((B - n) / B)
 
-        with torch.no_grad():
-            j_end = attack_objective(self._eps(out_adv, x_adv, a_n, s_n), eps_clean, w, target_j)
-            stats = {
-                "loss_dm": dm,
-                "reg": loss.detach() - dm,
-                "w_abs": w.abs().float().mean(),
-                "radius": radius.mean(),
-                "j": j_end.mean(),
-            }
-            if replay is not None:  # J(w_k) / J(w_0 of this batch, measured at its replay 0)
-                j0 = replay.keep("j0", fresh, j_end.mean())
-                stats["gain"] = j_end.mean() / j0.clamp_min(1e-30)
-                replay.end()
-            elif j_start is not None:
-                stats["gain"] = j_end.mean() / j_start.mean().clamp_min(1e-30)
-        return ATOutput(loss, stats)
+    @property
+    def _j_target(self) -> str:
+        """The ``J`` the statistics report: ``free`` ascends on the training loss's regulariser."""
+        return "equivariance" if self._replay is not None else self.attack_target
+
+    def _gain(self, j_end: torch.Tensor, j_start: torch.Tensor | None, keep) -> dict[str, torch.Tensor]:
+        """``gain = J(w_end) / J(w_start)``; ``free``: over ``J(w_0)`` measured at the batch's replay 0
+        (so 1 on a fresh step), and the replay position moves on."""
+        if self._replay is not None:
+            j0 = keep("j0", j_end)
+            self._replay.end()
+            return {"gain": j_end / j0.clamp_min(1e-30)}
+        return {} if j_start is None else {"gain": j_end / j_start.mean().clamp_min(1e-30)}
 
     def _ascent_hook(self, w: torch.Tensor, radius: torch.Tensor, w_next: torch.Tensor):
         """``free``: the hook on the perturbed input ``x~`` that turns the training backward's gradient

@@ -7,16 +7,10 @@
     x_t, x_adv, eps, w0 = ops.noise_inject(x0, a, s, radius, seed, offset)  # draws eps, w0 in-kernel
     x_t, x_adv, eps, w0 = ops.noise_inject(x0, a, s, radius, stream)        # ops.NoiseStream: offset advances
 
-Every op validates its arguments (clear ``TypeError``/``ValueError``), takes float32, bfloat16 or float16
-tensors, computes in float32 and returns the input's dtype. Per-sample coefficients are Python floats,
-0-dim tensors or ``(B,)`` tensors. For loops written with the ops alone: ``Budget.radius_at(schedule, t)``
-is the budget r(t), :class:`NoiseStream` a Philox seed whose offset advances by itself, and
-:func:`rank_generator` a per-rank ``torch.Generator`` (both from :mod:`fastat.at.seeding`).
-
-Dispatch: CUDA tensors run the fused Triton kernels of :mod:`fastat.kernels`; CPU tensors run the
-``*_ref`` references there (the definitions). ``FASTAT_FORCE_TRITON=1`` (read at call time) sends CPU
-tensors to the Triton kernels too, which then need the interpreter (``TRITON_INTERPRET=1``, set before
-triton is first imported).
+Every op validates its arguments, takes float32, bfloat16 or float16, computes in float32 and returns the
+input's dtype; per-sample coefficients are floats, 0-dim or ``(B,)`` tensors. CUDA tensors run the Triton
+kernels of :mod:`fastat.kernels`, CPU tensors their ``*_ref`` references; ``FASTAT_FORCE_TRITON=1`` (read
+at call time; with ``TRITON_INTERPRET=1``) sends CPU tensors to the kernels too.
 """
 
 from __future__ import annotations

@@ -5,27 +5,10 @@
     x0_hat = to_x0("v", out, x_t, a, s)
     model = EpsModel(unet, "v", schedule)    # any model -> forward(x, t) -> eps tensor
 
-With ``x_t = a x0 + s eps`` (``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``, ``a^2 + s^2 = 1``), a network
-output ``o`` is read according to its prediction type:
-
-| prediction | o is | eps_hat | x0_hat | training target |
-| ``eps`` | the noise | ``o`` | ``(x_t - s o) / a`` | ``eps`` |
-| ``v`` | ``v = a eps - s x0`` | ``a o + s x_t`` | ``a x_t - s o`` | ``a eps - s x0`` |
-| ``x0`` | the clean sample | ``(x_t - a o) / s`` | ``o`` | ``x0`` |
-
-Every row is ``eps_hat = alpha o + beta x_t`` with per-sample ``(alpha, beta)`` = ``(1, 0)``, ``(a, s)``,
-``(-a/s, 1/s)``. The equivariance residual of fastat's objective, written in eps space, is then a residual
-in the model's own space (``x~_t = x_t + s w``):
-
-    eps_hat(x~_t) - eps_hat(x_t) - w = alpha * (o(x~_t) - o(x_t) - c_w w),   c_w = (1 - beta s) / alpha
-
-so ``lam ||eps_hat(x~_t) - eps_hat(x_t) - w||^2 = (lam alpha^2) ||o(x~_t) - o(x_t) - c_w w||^2``:
-``c_w = 1, a, 0`` and ``alpha^2 = 1, a^2, a^2/s^2`` for eps, v, x0 (an x0-model must keep its x0 estimate
-*invariant*; a v-model must move by ``a w``). The invariance ablation (target ``eps_hat(x_t)``, no ``w``)
-has ``c_w = -beta s / alpha = 0, -s^2/a, s/a``. :func:`regulariser_coeffs` returns ``(c_w, alpha^2)``.
-
-Model outputs are read by :func:`model_output`: a tensor as it is, a tuple or list by its first element
-(``return_dict=False``), an object with a tensor ``.sample`` (diffusers' ``UNet2DOutput``) by that.
+Every prediction type (``eps``, ``v``, ``x0``) reads as ``eps_hat = alpha o + beta x_t``, so the eps-space
+equivariance residual is a residual in the model's own space,
+``alpha * (o(x~_t) - o(x_t) - c_w w)``: :func:`regulariser_coeffs` returns ``(c_w, alpha^2)``. The table
+and the derivation: docs/DESIGN.md ("Loss").
 """
 
 from __future__ import annotations

@@ -5,17 +5,12 @@
     x0 = replay.keep("x0", fresh, x0)            # the new batch on a fresh step, the kept one otherwise
     t = replay.keep("t", fresh, t_drawn)         # ... and so for every value the replays share
     replay.end()                                 # the position moves on (on the device)
+    replay.step_done()                           # the host's count (the engine's, once per step)
 
-Nothing here reads a device value on the host: the position ``k`` (0 .. m-1) is a 0-dim int64 tensor
-advanced in place, a step learns whether it is fresh as the 0-dim bool ``k == 0``, and every kept value
-is ``torch.where(fresh, new, kept)`` written back into its buffer. So the same step body serves fresh
-steps and replays, and a CUDA graph captured once replays both. The buffers are allocated on first use
-(an uncaptured warm-up step) and then only rewritten, one set per batch shape (a batch of another shape,
-which the engine runs uncaptured, gets its own set and starts its own replay cycle; the set a graph was
-captured with stays alive and untouched).
-
-``state_dict()`` holds the position and the current set's buffers (plain tensors, safe for
-``torch.load(weights_only=True)``): a checkpoint taken between two replays resumes bit-exactly.
+The position lives on the device and every kept value is ``torch.where(fresh, new, kept)`` written back
+into its buffer, so one step body (and one captured CUDA graph) serves fresh steps and replays with no
+host read. The host keeps its own count for :meth:`Replay.wants_batch`. One buffer set per batch shape;
+``state_dict()`` resumes bit-exactly between two replays. Design: docs/DESIGN.md ("Loss: free").
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ class Replay:
         self.m = check_replays(m)
         self._sets: dict[tuple, dict[str, torch.Tensor]] = {}  # batch key -> {"k": position, name: buffer}
         self._key: tuple | None = None  # the set of the last batch seen
+        self._host_k = 0  # the host's copy of the position (counted by step_done, never read back)
 
     @staticmethod
     def _batch_key(x0: torch.Tensor) -> tuple:
@@ -59,14 +55,6 @@ class Replay:
     def key(self) -> tuple | None:
         """The batch key (shape, dtype, device) of the set in use (None before the first batch)."""
         return self._key
-
-    def select(self, key: tuple) -> None:
-        """Make ``key``'s set the current one, on the host only (no device work). A replayed CUDA graph runs
-        no Python, so :meth:`begin` does not run for it: the engine selects the captured batch's set
-        before each replay, so that :meth:`state_dict` saves that set after a batch of another shape."""
-        if key not in self._sets:
-            raise KeyError(f"no replay state for a batch {key}")
-        self._key = key
 
     def keep(self, name: str, fresh: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
         """``new`` on a fresh step, the kept value otherwise; the result is kept for the next replays.
@@ -91,6 +79,22 @@ class Replay:
         """Move the position on: ``k = (k + 1) % m`` in place on the device."""
         self._sets[self._key]["k"].add_(1).remainder_(self.m)
 
+    # -- the host's side: no device reads -------------------------------------------------------------
+
+    def wants_batch(self) -> bool:
+        """Whether the next step starts a new batch, by the host's count of the steps done."""
+        return self._host_k == 0
+
+    def step_done(self, replayed: tuple | None = None) -> None:
+        """Count a step on the host. ``replayed``: the step was a CUDA-graph replay, which runs no Python
+        (so no :meth:`begin`); the :attr:`key` taken after its capture is made current again, so that
+        :meth:`state_dict` saves the captured batch's set after a batch of another shape."""
+        self._host_k = (self._host_k + 1) % self.m
+        if replayed is not None:
+            if replayed not in self._sets:
+                raise KeyError(f"no replay state for a batch {replayed}")
+            self._key = replayed
+
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -105,7 +109,7 @@ class Replay:
         ``{"m": m}`` alone (nothing kept yet) resets to the start. Saved with another ``m``, a position
         that does not exist under this one starts a new batch."""
         if "x0" not in state:
-            self._sets, self._key = {}, None
+            self._sets, self._key, self._host_k = {}, None, 0
             return
         values = {}
         for name, value in state.items():
@@ -127,6 +131,7 @@ class Replay:
             else:
                 bufs[name] = value.clone()
         self._key = key
+        self._host_k = int(values["k"])  # a host read, once, at load
 
     @property
     def position(self) -> int:

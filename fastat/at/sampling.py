@@ -5,15 +5,10 @@
     x = ddim_sample(ema_model, sched, fixed_noise, steps=50, eta=0.0, clip_x0=1.0)
     x = ddim_sample(unet, ddpm_scheduler, (16, 3, 32, 32), prediction="v")   # a diffusers model and scheduler
 
-The model may return a tensor, a tuple (first element) or an object with ``.sample``, and predict
-``eps``, ``v`` or ``x0`` (``prediction``; default: what the schedule's source declares, else eps): each
-step reads the noise and clean-sample estimates from the output (:mod:`fastat.at.prediction`). The schedule
-may be a :class:`NoiseSchedule` or another codebase's scheduler (read by ``NoiseSchedule.from_scheduler``).
-
-Both run under ``torch.no_grad`` in float32 with the whole batch at once, in eval mode (each module's
-previous train/eval flag is restored afterwards). Every random draw comes from ``generator`` on its own
-device and is then moved to the model's device, so a seed reproduces the samples bit for bit. The
-per-step coefficients are computed once in float64 on the host and used as Python floats: no host sync.
+Any output type and prediction (:mod:`fastat.at.prediction`), any schedule or scheduler. Both run under
+``torch.no_grad`` in float32 on the whole batch, in eval mode (each module's flag restored after). Every
+random draw comes from ``generator`` on its own device, so a seed reproduces the samples bit for bit; the
+per-step coefficients are Python floats computed once in float64: no host sync.
 """
 
 from __future__ import annotations

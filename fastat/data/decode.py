@@ -3,19 +3,11 @@
 
     arr = decode_image("img/0001.png", 64)        # numpy uint8 (3, 64, 64)
 
-Every PIL format and mode is converted to 8-bit RGB by its meaning, not by clipping:
-
-- 16-bit greyscale (``I;16*``, and ``I`` as PIL opens some 16-bit files) is scaled by 255/65535
-  (rounded); a plain ``.convert("RGB")`` would clip it and turn almost every pixel white;
-- float images (``F``) are read as ``[0, 1]`` when all values lie there, else as ``[0, 255]`` (clipped);
-- 16-bit RGB(A) PNGs: PIL already keeps their high byte;
-- transparency (``RGBA``, ``LA``, ``PA``, palette images with a transparent colour) is composited over
-  white, so transparent pixels do not show whatever colour happens to be stored under them;
-- greyscale, bilevel, palette, CMYK and YCbCr images go through PIL's own conversion.
-
-Then EXIF orientation is applied, the short side is resized to ``size`` (bicubic, antialiased; JPEGs are
-first reduced by the decoder's DCT scaling while they stay at least twice that size) and the centre is
-cropped. This module imports PIL and numpy only (no torch), so decode workers start quickly.
+Every PIL format and mode is converted to 8-bit RGB by its meaning, not by clipping (16-bit greyscale
+scaled, float images read as [0, 1] or [0, 255], transparency composited over white); then EXIF
+orientation, the short side resized to ``size`` (bicubic, antialiased; JPEGs DCT-reduced first) and the
+centre cropped. PIL and numpy only (no torch), so decode workers start quickly. The rules:
+docs/DESIGN.md ("Data").
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Known distributions: clean data whose support is known exactly, so errors can be measured exactly.
 
+    dist = known_dataset("plane3d")          # or gmm2d (points), subspace (images, the default dataset)
+    d = dist.distance_to_support(dist.sample(16, torch.Generator().manual_seed(0)))
+
 Each distribution draws fresh clean samples from a caller's ``torch.Generator`` and measures the exact
-distance of any point (or image) to the clean support. They are the proof-of-concept suite of SPEC
-section 4 and need no download; ``subspace`` is the default dataset of ``fastat train``.
-
-=========  ======  ============  ===========================================================
-name       kind    sample_shape  clean support; ``distance_to_support``
-=========  ======  ============  ===========================================================
-gmm2d      points  (2,)          8 mode centres on a circle of radius 2 (std 0.05 around them);
-                                 Euclidean distance to the nearest centre
-plane3d    points  (3,)          square [-1, 1]^2 on a tilted plane through the origin;
-                                 exact Euclidean distance to the square patch
-subspace   image   (3, 8, 8)     affine k-dim subspace (k = 8) of image space (any H x W);
-                                 RMS per-pixel residual of the orthogonal projection
-=========  ======  ============  ===========================================================
-
-All geometry is held in float64 and distances are computed in float64 (returned as float32), so a point
-exactly on the support measures ~1e-7 or less, not float32 rounding of large intermediate values.
+distance of any point (or image) to the clean support, in float64. They are the proof-of-concept suite
+of SPEC section 4 and need no download. The supports: docs/DESIGN.md ("Data").
 """
 
 from __future__ import annotations

@@ -4,17 +4,10 @@
     idx, flips = order.next()          # this rank's (128,) sample indices and flip flags
     state = order.state_dict()         # plain values; load_state_dict(state) continues exactly
 
-Every rank draws the same global permutation of the epoch (and the same flip per position) from two
-generators of their own seeded from ``seed``; the global batch at sample position ``s`` is
-``perm[s : s + batch_size]`` and rank ``r`` takes its ``r``-th slice of ``batch_size // world_size``.
-So the ranks' shards are disjoint, their union is what one process with the global batch would see,
-and the position is counted in samples: a run can continue with another world size or batch size
-(``strict=False``) from the same place in the same epoch. With ``drop_last`` every batch is full and
-the last ``N % batch_size`` samples of each permutation sit that epoch out.
-
-The state holds the generator states *at the start of the current epoch*, the epoch and the samples
-consumed in it: loading regenerates the epoch's permutation and flips, so a resumed run sees exactly
-the batches an uninterrupted one would.
+Every rank draws the same global permutation and takes its slice of each global batch; the position is
+counted in samples, so a run can continue with another world size or batch size (``strict=False``). The
+state holds the generators at the start of the epoch: loading regenerates the permutation, so a resumed
+run sees exactly the batches an uninterrupted one would. Details: docs/DESIGN.md ("Batches").
 """
 
 from __future__ import annotations

@@ -5,23 +5,10 @@
     x0 = loader.transform(batch)         # float32 in [-1, 1], flipped, corrupted: run inside the step
     state = loader.state_dict()          # exact mid-epoch resume: loader.load_state_dict(state)
 
-``images`` is a :class:`fastat.data.PreparedImages` (a prepared folder) or a :class:`MemoryImages`
-(a uint8 tensor, e.g. CIFAR-10). The two placements give the very same batches for the same seed (the
-order comes from :class:`fastat.data.order.EpochOrder`):
-
-- ``device`` (:class:`DeviceImages`): the whole uint8 set is copied to the device once (4x less than
-  float32); a batch is one ``index_select`` there;
-- ``stream`` (:class:`StreamImages`): worker threads read each batch with positioned reads into pinned
-  host buffers, ``prefetch`` batches ahead, and copy it to the device asynchronously on a side stream;
-  the step only waits when the disk does not keep up. Resident memory stays at the buffers' size
-  whatever the size of the set;
-- ``auto`` (:func:`choose_placement`): ``device`` when the set fits the memory budget (default 25% of
-  the free device memory; of the available RAM on the CPU), else ``stream``; the reason is returned for
-  the run log.
-
-The conversion to float, the flips and the corruption (:class:`fastat.data.IndexedCorruption`) happen
-in :class:`ImageTransform`, which the training step applies to the batch (inside the captured CUDA
-graph when there is one): batches cross the host-device boundary as uint8.
+``images`` is a :class:`fastat.data.PreparedImages` or a :class:`MemoryImages`. Placements ``device``
+(:class:`DeviceImages`), ``stream`` (:class:`StreamImages`: worker threads, pinned buffers, async copies)
+and ``auto`` (:func:`choose_placement`) give the very same batches for the same seed. Batches cross to
+the device as uint8; :class:`ImageTransform` runs in the step. Details: docs/DESIGN.md ("Batches").
 """
 
 from __future__ import annotations

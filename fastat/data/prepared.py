@@ -5,18 +5,10 @@
     ds.read_into(torch.tensor([5, 0, 4711, ...]), out)   # one positioned read per image
     ds.verify()                                     # recompute the checksums (reads everything)
 
-Layout of a prepared folder (written by :func:`fastat.data.preparation.prepare`)::
-
-    DIR/manifest.json        format, version, count, shape, image_size, shard_size, shards (file, count,
-                             blake2b of the pixel bytes), checksum (of the shard digests), source,
-                             skipped files (count and the first names), fastat version, date
-    DIR/shard-00000.npy      a standard .npy array (count, C, H, W) uint8: np.load(f, mmap_mode="r") reads it
-    DIR/shard-00001.npy      every shard holds shard_size images except the last
-
-Reads are ``os.preadv`` calls straight into the caller's (pinned) buffer: no memory map, so streaming a
-set much larger than RAM does not grow the process's resident memory (pages of a mapped file count in
-its RSS), a truncated file is a clean error instead of a SIGBUS, and reads release the GIL (loader
-threads run in parallel). The manifest is written last, so a folder without one is not a prepared set.
+A folder holds ``manifest.json`` (written last: without it, a folder is not a prepared set) and
+``shard-NNNNN.npy`` arrays. Reads are ``os.preadv`` into the caller's (pinned) buffer: no memory map, so
+resident memory does not grow, a truncated file is a clean error, and reads release the GIL. The layout:
+docs/DESIGN.md ("Data").
 """
 
 from __future__ import annotations

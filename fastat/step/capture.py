@@ -7,22 +7,9 @@ snapshots, and the thin CUDA layer the engine captures through.
 
     graph, out = capture_safely(CudaGraphs(device), fn, [generator])   # CaptureFailed: nothing changed
 
-What a CUDA graph cannot hold: a host read of a device value (``.item()``, ``bool(t)``, ``nonzero``,
-``torch.equal``, a ``Scalar`` overload fed a 0-dim tensor such as ``torch._foreach_lerp_``'s), a
-host-to-device copy of a Python value (``torch.tensor(x, device="cuda")``), an allocation whose address
-changes between replays. :class:`HostReadCheck` finds the first two on any device, CPU included: it is a
-``TorchDispatchMode`` that records every such op with the fastat line that issued it. It also records
-every copy of a CPU tensor into a tensor on another device (``t.to("cuda")``, ``dst.copy_(cpu_t)``); on
-a CPU-only run there is no other device, so there the step's freedom from such copies rests on what it
-builds beforehand (``ATObjective.prepare``: the schedule's and ``dm_weight``'s tables, made on the device
-when the engine is built; ``tests/test_engine.py`` checks that the step builds none).
-
-A capture that fails part-way leaves the random generators it registered in capture mode on torch 2.11
-(the next ``torch.randint(generator=g)`` raises). :func:`capture_safely` snapshots every generator the
-capture touches and, on failure, puts each back (``graphsafe_set_state`` with a clone taken before, then
-its seed and offset), checks it draws again, and raises :class:`CaptureFailed`; if a generator cannot be
-made usable again it raises :class:`CaptureError` with one line instead: the run must stop rather than
-continue on a broken generator. Nothing else needs undoing: a capture records kernels, it runs none.
+:class:`HostReadCheck` records host reads and host-to-device copies (what a graph cannot hold) with the
+fastat line that issued them. :func:`capture_safely` puts every generator a failed capture touched back
+(:class:`CaptureError` with one line if it cannot). Why and how: docs/DESIGN.md ("Capture").
 """
 
 from __future__ import annotations

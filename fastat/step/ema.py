@@ -4,13 +4,10 @@
     ...; optimizer.step(); ema.update(model)
     samples = ddim_sample(ema.module, ...)
 
-After ``n`` updates the decay is ``min(decay, (1 + n) / (10 + n))`` when ``warmup`` is on, so early
-averages are not dominated by the random initial weights. The decay is a Python float computed from a
-host counter; the update ``ema += w * (model - ema)`` is three ``torch._foreach_*`` ops over all
-parameters (sub, mul, add), so ``w`` may be a 0-dim device tensor that a captured CUDA graph reads at
-replay: no host sync, no per-parameter Python loop. (``torch._foreach_lerp_`` has no Tensor-weight
-overload: given a 0-dim tensor it reads it back to the host, which a CUDA graph cannot capture.)
-Buffers (if any) are copied, not averaged; a weight of 0 leaves the average and its buffers untouched.
+With ``warmup`` the decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))`` (a Python float from a
+host counter). The update is three ``torch._foreach_*`` ops, so its weight may be a 0-dim device tensor a
+captured CUDA graph reads at replay (no host sync; ``_foreach_lerp_`` would read it back). Buffers are
+copied; a weight of 0 (a skipped step) leaves the average untouched. Details: docs/DESIGN.md ("EMA").
 """
 
 from __future__ import annotations

@@ -1,68 +1,15 @@
 """The training step, eager or fast, behind one interface.
 
     engine = StepEngine(model, objective, generator=g, lr=2e-4, fast=True)
-    stats = engine.step(x0, lr)          # device tensors; engine.optimizer / engine.ema for checkpoints
+    stats = engine.step(x0 if engine.wants_batch else None, lr)   # device tensors, no host sync
 
-``x0`` is the float batch, or whatever the data loader hands out (e.g. a tuple of uint8 images, indices
-and flips) when ``prepare_batch`` turns that into the float batch: it is then the first thing the step
-does, so it is captured with the step, and the static input buffers keep the loader's dtypes.
-
-``--mode free`` trains each batch on ``m`` consecutive steps (:mod:`fastat.at.replay`): ``engine.wants_batch``
-says whether the next step starts a new batch; pass ``None`` for the others (nothing is copied: the
-objective replays the batch it kept on the device), or the same batch again.
-
-A step is: ATObjective (noise kernel -> model -> attack gradient -> PGD kernel -> model -> fused loss)
--> backward -> gradient norm (and clipping) -> fused AdamW -> EMA update. Every mode runs the same step
-body, the one a CUDA graph captures: the learning rate and the EMA weight are 0-dim device tensors filled
-before each step, and nothing in it reads a device value on the host (``tests/host_read_cases.py``
-checks this op by op on the CPU, kernels included).
-
-**Non-finite steps are skipped on the device, without a host sync.** If the loss or the total gradient
-norm is not finite, the step changes nothing: fused AdamW gets a 0-dim ``found_inf`` = 1 (the mechanism
-``torch.amp.GradScaler`` uses) and leaves parameters, moments and step counts as they were, and the EMA
-weight is multiplied by 0. The random generators still advance, and the EMA's host counter (its warm-up
-schedule) still counts the step. ``stats["skipped"]`` is 1.0 for a skipped step (0-dim float32 device
-tensor, like every statistic; ``stats["loss"]`` is then the non-finite loss itself), and
-``engine.skip_streak`` (0-dim int64 device tensor, updated inside the step) counts the consecutive
-skipped steps up to the last one. Reading either is the caller's host sync.
-
-**Precision.** ``fp32``; ``bf16`` (autocast); ``fp16``: autocast to float16 with a
-``torch.amp.GradScaler``: the loss is multiplied by the scale before backward, the gradients are unscaled
-(``unscale_``: a fused non-finite check, on the device) before their norm and clipping, a step whose
-gradients overflowed is skipped by the same ``found_inf`` as above, and ``update`` halves the scale after
-an overflow and doubles it after 2000 good steps, all in place on the device (nothing of the scaler reads
-a device value on the host, so it is captured with the step). ``stats["loss_scale"]`` is the scale used.
-Weights, optimizer state and the objective's noise stay float32 in every precision.
-
-**Data parallel** (``reduce_grads``, ``ranks``; see :mod:`fastat.train.distributed`): right after the
-training backward (fp16: before ``unscale_``, so every rank's scaler sees the same overflow) the step
-calls ``reduce_grads(loss)``, which averages the gradients over the ranks (explicit all-reduces, captured
-in the graph with the rest of the step on CUDA) and returns the mean loss, so a non-finite step on any
-rank is skipped on all of them. The attack's input-only backwards come before it and touch no parameter
-gradient. The ranks agree (``ranks.all_true``) after the first compiled step, at the host-sync pre-check
-and after capture, so that all of them run the same kind of step.
-
-``fast=False`` runs the step eagerly: the reference. ``fast=True`` computes the same function faster:
-
-- the model is ``torch.compile``d (static shapes: a new batch size is a fresh compile, not a dynamic-shape
-  one); the attack's forwards go through a second compiled copy whose parameters are detached, so its
-  backward computes the input gradient only (one compiled backward would otherwise compute, and drop,
-  every weight gradient too);
-- on CUDA (``graph=None``: whenever fast on CUDA) the whole step is captured once in a CUDA graph and
-  replayed: the batch is copied into a static input buffer, the learning rate and EMA weight tensors are
-  filled (no recompile, no re-capture), AdamW is fused and capturable, and the random generators are
-  registered with the graph so that every replay draws new numbers. The first ``warmup_steps`` steps run
-  uncaptured on a side stream (compilation, autotuning, lazy allocations); the last of them runs with
-  CUDA's sync debug mode on, and a step that synchronises is not captured. ``compile_mode``
-  ``"reduce-overhead"`` and ``"max-autotune"`` turn on Inductor's own CUDA graphs, which cannot run
-  inside this capture: with the graph on they become the default mode and ``"max-autotune-no-cudagraphs"``
-  (the engine logs it).
-
-If compilation fails, the engine says why and falls back to the eager step. If capture fails, every
-random generator the capture touched is put back (:func:`fastat.step.capture.capture_safely`) and the step
-runs uncaptured; if they cannot be put back, :class:`fastat.step.capture.CaptureError` stops the run with one
-line. A capture records kernels without running them, so a failed one leaves the weights untouched. On
-the CPU ``fast=True`` means compiled, without graphs.
+A step: objective (noise -> model -> attack -> model -> fused loss) -> backward -> gradient norm and
+clipping -> fused AdamW -> EMA. Every mode runs the same body (:meth:`StepEngine._body`), the one a CUDA
+graph captures; a non-finite loss or gradient norm skips the update on the device (``found_inf``).
+``fast=True`` compiles the model and, on CUDA, captures the step; on failure it falls back and says why.
+The engine asks the objective what it needs (``wants_batch``, ``step_done``, ``host_state``,
+``state_dict``; all optional): it knows no mode. Precision, data parallel, capture and the skip are
+explained in docs/DESIGN.md ("Step engine").
 """
 
 from __future__ import annotations
@@ -149,6 +96,11 @@ class StepEngine:
         self.device = next(model.parameters()).device
         if hasattr(objective, "prepare"):  # its tables on the device now: the step copies nothing in
             objective.prepare(self.device)
+        # What the step asks the objective beyond calling it (any callable works; ATObjective has all):
+        # whether the next step wants a batch, and the host's record of each step (see step_done).
+        self._wants_batch = getattr(objective, "wants_batch", lambda: True)
+        self._step_done = getattr(objective, "step_done", lambda replayed=None: None)
+        self._host_state = getattr(objective, "host_state", lambda: None)
         self.clip, self.precision, self.fast = clip, precision, fast
         self.log = log
         cuda = self.device.type == "cuda"
@@ -181,12 +133,11 @@ class StepEngine:
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 self._fallback(f"torch.compile failed ({type(e).__name__}: {e})")
         self._graph = None
-        self._graph_replay_key = None  # free: the replay set (batch key) the graph was captured with
+        self._graph_host = None  # the objective's host_state() after the capture (a replay runs no Python)
         self._static_x0 = None  # the captured step's input: x0's structure, dtypes and shapes
         self._static_stats: dict[str, torch.Tensor] | None = None
         self._odd_batch_logged = False
-        self._replay_fits = False  # free: whether the batch being replayed fits the captured graph
-        self._replay_pos = 0  # free: the host's copy of the replay position (which steps want a batch)
+        self._batch_fits = False  # whether the batch in use fits the captured graph (x0=None reuses it)
         self.steps_done = 0
         self.compile_seconds: float | None = None  # the first compiled step, compilation included
         self.capture_seconds: float | None = None
@@ -200,26 +151,24 @@ class StepEngine:
         return base + "+graph" if self.use_graph else base
 
     @property
-    def replays(self) -> int:
-        """Steps per batch: the objective's ``replays`` in ``free`` mode, else 1."""
-        replay = getattr(self.objective, "replay", None)  # any callable objective works; only ours replays
-        return replay.m if replay is not None else 1
+    def steps_per_batch(self) -> int:
+        """Steps each batch is trained on: the objective's (``free``: its replays), else 1."""
+        return getattr(self.objective, "steps_per_batch", 1)
 
     @property
     def wants_batch(self) -> bool:
-        """Whether the next step starts a new batch (always, but for ``free``'s replays 1..m-1)."""
-        return self._replay_pos == 0
+        """Whether the next step starts a new batch; if not, pass ``None`` (the objective reuses the batch
+        it kept on the device) or the same batch again. Asked of the objective: no device read."""
+        return self._wants_batch()
 
     def objective_state_dict(self) -> dict:
-        """The objective's state for a checkpoint (``free``: the replay; ``{}`` for other modes)."""
+        """The objective's state for a checkpoint (``{}`` when it keeps nothing between steps)."""
         return self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
 
     def load_objective_state(self, state: dict) -> None:
-        """Continue the objective from a checkpoint (``free``: mid-replay too)."""
+        """Continue the objective from a checkpoint (``free``: mid-batch too)."""
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state, self.device)
-        replay = getattr(self.objective, "replay", None)
-        self._replay_pos = replay.position if replay is not None else 0  # a host read, once, at load
 
     @property
     def captured(self) -> bool:
@@ -229,27 +178,27 @@ class StepEngine:
     def step(self, x0, lr: float) -> dict[str, torch.Tensor]:
         """One optimisation step on the batch ``x0`` at learning rate ``lr``: detached device stats
         (``loss``, ``grad_norm``, ``skipped`` and the objective's). Once captured, every step returns the
-        same tensors, rewritten by each replay: copy what you keep. ``free``: ``x0=None`` on the steps
-        that do not want a batch replays the kept one."""
+        same tensors, rewritten by each replay: copy what you keep. ``x0=None`` on a step that does not
+        want a batch (:attr:`wants_batch`) reuses the kept one."""
         if x0 is None and self.wants_batch:
             raise ValueError("x0 is None, but this step starts a new batch (see engine.wants_batch)")
         self.steps_done += 1
-        self._replay_pos = (self._replay_pos + 1) % self.replays
         self._lr.fill_(lr)
         self._ema_w.fill_(1.0 - self.ema.current_decay())
         if self.use_graph and self._graph is None and self.steps_done > self.warmup_steps and x0 is not None:
-            self._capture(x0)  # free: a replay with x0=None waits for the next batch (on every rank alike)
+            self._capture(x0)  # a step without a batch waits for the next one (on every rank alike)
             if not self._everywhere(self._graph is not None) and self._graph is not None:
                 self._drop_graph("the CUDA graph was not captured on every rank")
+            replayed = None  # the capture ran the objective's Python: its host side is up to date
+        else:
+            replayed = self._graph_host
         if x0 is not None:
-            self._replay_fits = self._graph is not None and self._fits_graph(x0)
-        if self._graph is not None and self._replay_fits:
+            self._batch_fits = self._graph is not None and self._fits_graph(x0)
+        if self._graph is not None and self._batch_fits:
             if x0 is not None:
                 tree_map(lambda dst, src: dst.copy_(src), self._static_x0, x0)
-            if self._graph_replay_key is not None:  # free: the captured batch's replay set (host only)
-                self.objective.replay.select(self._graph_replay_key)
             self._graph.replay()
-            self.ema.num_updates += 1
+            self._done(replayed=replayed)
             return self._static_stats
         side = self._graphs is not None and self._graph is None  # warm-up before capture
         precheck = side and self.steps_done == self.warmup_steps
@@ -264,7 +213,7 @@ class StepEngine:
             where = syncs[0] if syncs else "on another rank"
             self._fallback(f"the step synchronises with the host ({where}); not capturing it",
                            keep_compiled=True)  # fmt: skip
-        self.ema.num_updates += 1
+        self._done()
         return stats
 
     def load_optimizer_state(self, state: dict) -> None:
@@ -276,6 +225,12 @@ class StepEngine:
             group["lr"] = self._lr
 
     # -- internals ------------------------------------------------------------------------------------
+
+    def _done(self, replayed=None) -> None:
+        """The host's record of a step that ran: the EMA's warm-up count and the objective's (a graph
+        replay runs no Python: ``replayed`` is the objective's host state after the capture)."""
+        self.ema.num_updates += 1
+        self._step_done(replayed)
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -337,8 +292,8 @@ class StepEngine:
             self.generator.set_state(snapshot)
             if self.scaler is not None:  # fp16: forget an unscale_ of the failed step (it would raise again)
                 _reset_scaler_step(self.scaler)
-            if kept:  # free: the replay position and kept values as they were (the host's count is right)
-                self.objective.load_state_dict(kept, self.device)
+            if kept:  # what the objective keeps between steps, as it was (it counts the step in _done)
+                self.load_objective_state(kept)
             return self._body(x0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -372,8 +327,7 @@ class StepEngine:
             self._static_stats = self._static_x0 = None
             self._fallback(f"CUDA-graph capture failed ({e})", keep_compiled=True)
             return
-        replay = getattr(self.objective, "replay", None)
-        self._graph_replay_key = replay.key if replay is not None else None
+        self._graph_host = self._host_state()
         self.capture_seconds = time.perf_counter() - t0
 
     def _everywhere(self, flag: bool) -> bool:

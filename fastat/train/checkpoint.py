@@ -1,25 +1,13 @@
 """Safe, resumable checkpoints: atomic writes, the last K kept, loading that never unpickles objects.
 
-A run folder holds its checkpoints as one folder per step, plus a pointer to the newest::
+    RUN/checkpoints/ckpt-002000/{model,ema}.safetensors, state.pt    # weights; optimizer, step, RNG, ...
+    RUN/checkpoints/latest                                           # "ckpt-002000"
 
-    RUN/checkpoints/ckpt-002000/model.safetensors   # model weights
-                                ema.safetensors     # EMA weights (what sampling uses)
-                                state.pt            # optimizer, step, RNG states, data position, config
-    RUN/checkpoints/latest                          # "ckpt-002000"
-
-A checkpoint is written into a hidden temporary folder next to its final place
-(``.tmp-ckpt-002000-<pid>@<host>``), flushed to disk, then renamed into place (one atomic
-``os.replace``); only then is ``latest`` rewritten (temp file + rename) and the oldest folders beyond
-``keep`` pruned: each is first renamed to a trash name (``.trash-...``), then deleted. A crash at any
-moment leaves either the old or the new checkpoint complete, never a partial one under a ``ckpt-*``
-name; leftover temporary and trash folders are ignored by readers and removed by the next save (a
-temporary folder only once the process that was writing it is gone).
-
-Files are written from bytes in memory with plain ``write`` calls, so a full disk or a read-only folder
-raises an ``OSError`` that names the file and the cause (and the previous checkpoint stays intact).
-
-``state.pt`` holds only tensors and plain Python values (dicts, lists, numbers, strings) and is read
-with ``torch.load(weights_only=True)``; the weights are safetensors. Nothing is unpickled.
+A checkpoint is written into a hidden temporary folder, flushed, then renamed into place (one atomic
+``os.replace``); only then is ``latest`` rewritten and the oldest beyond ``keep`` pruned, so a crash
+leaves the old or the new checkpoint complete. Files are written from bytes with plain ``write`` calls
+(an ``OSError`` names the file). ``state.pt`` holds tensors and plain values only, read with
+``torch.load(weights_only=True)``. Details: docs/DESIGN.md ("Checkpoints and the loop").
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ def step_lr(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(engine: StepEngine, x0, *, lr: float) -> dict[str, torch.Tensor]:
-    """One optimisation step (see :class:`fastat.step.engine.StepEngine`; ``x0=None`` replays the batch in
-    ``free`` mode); detached device statistics."""
+    """One optimisation step (see :class:`fastat.step.engine.StepEngine`; ``x0=None`` when the engine does
+    not want a batch: the objective reuses the one it kept); detached device statistics."""
     return engine.step(x0, lr)
 
 
@@ -307,7 +307,7 @@ def training_loop(
         with stop.installed():
             while step < r.steps:
                 with io_errors(run, "read"):
-                    x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: replays
+                    x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: reuse it
                 stats = train_step(state.engine, x0, lr=step_lr(cfg, step))
                 step += 1
                 interval.add(stats)
@@ -360,8 +360,8 @@ def cost_metrics(engine: StepEngine, batch_size: int, step: int) -> dict[str, fl
     ``free``'s replays included; ``fresh_images`` counts each batch once."""
     units = engine.objective.flop_units(batch_size)
     seen = step * batch_size
-    return {"flop_units": units, "images_seen": seen, "fresh_images": -(-step // engine.replays) * batch_size,
-            "flop_units_total": units * seen}  # fmt: skip
+    fresh = -(-step // engine.steps_per_batch) * batch_size  # free trains each batch on several steps
+    return {"flop_units": units, "images_seen": seen, "fresh_images": fresh, "flop_units_total": units * seen}
 
 
 @contextlib.contextmanager

@@ -3,24 +3,12 @@
     cfg, ckpt = resolve_config(overrides, resume="auto")   # layering, resume, model "auto", run folder
     result = train(cfg, resume=ckpt)                       # builds data/model/objective, runs the loop
 
-:func:`train` opens the run folder (:class:`fastat.train.run_folder.RunFolder`: lock, checks), builds the
-data, the :class:`TrainState` (model, step engine, batches, generator) and restores it from the
-checkpoint, writes the config, and hands over to :func:`fastat.train.loop.training_loop` (log, sample, save,
-stop, evaluate at the end). The pieces, one module each: :mod:`fastat.train.run_config` (the config resolved:
-layering, resume, model ``auto``, device, precision), :mod:`fastat.train.state` (the state and how it is
-built), :mod:`fastat.train.loop` (the loop); this module puts them together and re-exports their public names.
-
-Each step (:func:`train_step`, run by :class:`fastat.step.engine.StepEngine`): ``ATObjective`` under
-autocast (noise, attack, loss) -> backward -> clip -> AdamW -> EMA; with ``run.fast`` (the default on
-CUDA) the model is compiled and, on CUDA, the step is a CUDA graph. All randomness comes from seeded
-generators (the objective's own ``torch.Generator`` on the device, the loader's generators, the global
-generator for initialisation and dropout), and all of their states go into every checkpoint, so a
-resumed run continues exactly (bit for bit on the CPU). What a run folder holds: see
-:mod:`fastat.train.run_folder` and :mod:`fastat.train.checkpoint`.
-
-Under ``torchrun`` every rank runs all of this with its :class:`fastat.train.distributed.DistContext`: the
-same model, its own shard of each batch and its own random streams, gradients averaged in the step;
-rank 0 alone writes the run folder, and the ranks stop at the same step.
+:func:`train` opens the run folder, builds the data and the :class:`TrainState`, restores it from the
+checkpoint, writes the config and hands over to :func:`fastat.train.loop.training_loop`. The pieces, one
+module each: :mod:`fastat.train.run_config` (the config resolved), :mod:`fastat.train.state` (the state),
+:mod:`fastat.train.loop` (the loop); this module puts them together and re-exports their public names.
+Every random state goes into every checkpoint, so a resumed run continues exactly; under ``torchrun``
+every rank runs all of this. Details: docs/DESIGN.md ("Checkpoints and the loop").
 """
 
 from __future__ import annotations

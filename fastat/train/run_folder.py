@@ -3,28 +3,15 @@ run writes there (config, checkpoints, metrics, sample grids).
 
     RunFolder.check("runs/exp", resume=ckpt, steps=2000)   # read-only: what --dry-run checks
     with RunFolder.open("runs/exp", resume=ckpt, steps=2000) as run:   # checks, then takes the lock
-        ...                                                 # build data and model, restore the state
         run.start(cfg.to_yaml(), step=start)                # the first write: config.yaml, metrics
         run.save(step, model=model, ema=ema, state=state)   # atomic checkpoint, pruned to run.keep
-        run.log(step, {"loss": 0.1})
-        run.write_samples(step, x, "image")
+        run.log(step, {"loss": 0.1}); run.write_samples(step, x, "image")
     # the lock is released on any exit; a folder created by a start that failed is removed again
 
-Rules (a folder belongs to one run):
-
-- one trainer at a time: ``RUN/.lock`` is held (``flock``) for the trainer's life; a second trainer
-  exits at once naming the holder. The kernel drops the lock when its process dies however it dies, so
-  a lock file left by a killed trainer is stale and taken over. On filesystems without ``flock`` the
-  pid in the file is checked instead (a dead process on this host: stale).
-- a fresh run refuses a folder that holds checkpoints (``--resume auto`` continues it);
-- a resume continues its own run's newest checkpoint, or branches a checkpoint into a folder that holds
-  no checkpoints; anything else (another run's folder, an older checkpoint of this one, whose newer
-  checkpoints would be overwritten) is refused, and so is ``--steps`` below the checkpoint's step;
-- nothing in the folder changes until :meth:`RunFolder.start`, which the trainer calls once every other
-  check (data, model, checkpoint contents) has passed.
-
-``writer=False`` makes a RunFolder that checks nothing and writes nothing (the seam for ranks other
-than 0 of a distributed run: one run folder, one writer).
+One trainer at a time (``RUN/.lock``, ``flock``; a dead holder's lock is stale); a fresh run refuses a
+folder with checkpoints; a resume continues its own newest checkpoint or branches into an empty folder;
+nothing changes until :meth:`RunFolder.start`. ``writer=False`` checks and writes nothing (ranks other
+than 0). The rules: docs/DESIGN.md ("Checkpoints and the loop").
 """
 
 from __future__ import annotations

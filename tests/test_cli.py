@@ -375,15 +375,15 @@ def test_bench_subcommand_has_its_own_options(capsys):
 def test_train_threads_one_on_the_built_in_sets_unless_chosen(monkeypatch):
     """`fastat train` on a built-in set on the CPU runs one torch thread (faster for its small models);
     --threads and OMP_NUM_THREADS win; real image sets keep torch's default."""
-    from fastat.app import cli
+    from fastat.app import commands
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cpu = TrainConfig().with_overrides({"run.device": "cpu"})
-    cli._cpu_threads(None, cpu)
-    cli._cpu_threads(3, cpu)
-    cli._cpu_threads(None, cpu.with_overrides({"data.dataset": "cifar10"}))
+    commands._cpu_threads(None, cpu)
+    commands._cpu_threads(3, cpu)
+    commands._cpu_threads(None, cpu.with_overrides({"data.dataset": "cifar10"}))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    cli._cpu_threads(None, cpu)
+    commands._cpu_threads(None, cpu)
     assert calls == [1, 3]

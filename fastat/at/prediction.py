@@ -87,7 +87,7 @@ def resolve_prediction(requested: Any, declared: str | None) -> str:
         raise SettingError(
             "prediction",
             f"{{name}}={requested!r} contradicts the scheduler, which trains {declared}-prediction "
-            f"(leave prediction unset to use the scheduler's)"
+            f"(leave prediction unset to use the scheduler's)",
         )
     return pred
 

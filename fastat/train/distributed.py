@@ -10,7 +10,7 @@ together (data parallelism: one model, identical on every rank, each rank a shar
     stop = ctx.agree_stop(requested)            # at the same steps on every rank (the loop: every 10)
 
 With world size 1 every method is the single-process identity. The process group, the gradient
-average (:mod:`fastat.train.grad_sync`) and who says an error: docs/DESIGN.md, "Configuration".
+average (:mod:`fastat.train.grad_sync`) and who says an error: docs/DESIGN.md, "Many processes".
 """
 
 from __future__ import annotations
@@ -217,8 +217,9 @@ class DistContext:
 
     @contextlib.contextmanager
     def together(self, what: str) -> Iterator[None]:
-        """Run the block on every rank, then agree: if it raised anywhere, it raises everywhere (see the
-        module docstring). The block must not communicate (the agreement is a collective)."""
+        """Run the block on every rank, then agree: if it raised anywhere, it raises everywhere: the
+        failing rank its own exception, the others :class:`RankFailed`; :func:`who_says` picks the rank
+        that prints it. The block must not communicate (the agreement is a collective)."""
         if not self.enabled:
             yield
             return

@@ -4,7 +4,7 @@
     mean_loss = sync(loss)        # once per step, after the training backward: gradients averaged in place
 
 No autograd hook: the attack's input-only backward cannot start a collective, and the one explicit call
-in the step body is what a CUDA graph captures (why not DDP: docs/DESIGN.md, "Configuration").
+in the step body is what a CUDA graph captures (why not DDP: docs/DESIGN.md, "Many processes").
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ Numbers in YAML may be written ``1e-4`` (PyYAML reads that as a string; we conve
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -23,8 +22,18 @@ from typing import Any
 
 import yaml
 
-from fastat.train.config_keys import SEED_LIMIT, ConfigError, check_seed, coerce, flatten, label, plain
-from fastat.utils.checks import SettingError, is_number
+from fastat.train.config_keys import (
+    SEED_LIMIT,
+    ConfigError,
+    canonical,
+    check_seed,
+    coerce,
+    flatten,
+    label,
+    owned_by,
+    plain,
+)
+from fastat.utils.checks import is_number
 
 __all__ = [
     "SEED_LIMIT",
@@ -223,7 +232,7 @@ class TrainConfig:
             if len(parts) > 2:
                 raise ConfigError(f"unknown config key {key!r}: {section}.{name} has no sub-keys")
             value = coerce(value, fields[name].type, f"{section}.{name}")
-            sections[section][name] = _canonical(f"{section}.{name}", value)
+            sections[section][name] = canonical(f"{section}.{name}", value)
         return TrainConfig(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
 
     # -- checking --------------------------------------------------------------------------------------
@@ -275,7 +284,7 @@ class TrainConfig:
         # model
         _one_of(m.name, ("auto", *MODEL_NAMES), "model.name (--model)")
         # objective: checked by its owners (ATObjective, Budget, NoiseSchedule), named here by key and flag
-        with _owned_by("objective", _OWNER_NAMES):
+        with owned_by("objective", {"kind": "schedule"}):  # NoiseSchedule(kind=...) is objective.schedule
             self.build_objective()
             if o.mode == "ddpm" and (o.r_min or o.r_scale):  # ddpm draws no perturbation: its budget unused
                 self.build_budget()
@@ -398,35 +407,6 @@ def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"section {section!r} in {p} must be a mapping of keys, got {value!r}")
     return flatten({k: v for k, v in d.items() if v is not None})
-
-
-# Owner argument names that differ from their config key (within the section).
-_OWNER_NAMES = {"kind": "schedule"}  # NoiseSchedule(kind=...) is objective.schedule
-
-
-@contextlib.contextmanager
-def _owned_by(section: str, renames: dict[str, str]):
-    """Checks made by the component that owns a section's settings: its SettingError, said with the
-    config key and flag (its own argument name mapped through ``renames``); any other ValueError with
-    the section."""
-    try:
-        yield
-    except SettingError as err:
-        key = f"{section}.{renames.get(err.setting, err.setting)}"
-        raise ConfigError(err.message(label(key))) from None
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{section}: {err}") from None
-
-
-def _canonical(key: str, value: Any) -> Any:
-    """The canonical spelling of a value the owner accepts under several names (left as it is when the
-    owner refuses it: validate says why)."""
-    if key == "objective.prediction" and isinstance(value, str):
-        from fastat.at.prediction import canonical_prediction  # torch: imported when the key is set
-
-        with contextlib.suppress(ValueError):
-            return canonical_prediction(value)
-    return value
 
 
 def _fail(key: str, what: str, value: Any) -> None:

@@ -1,17 +1,33 @@
 """Config keys as people write them: the command-line flag of a key, values from YAML and flags converted
-to the field's type, and the one-line :class:`ConfigError`.
+to the field's type, an owner's errors said with the key, and the one-line :class:`ConfigError`.
 
     label("objective.lam")               # "objective.lam (--lam)": how messages name a key
     coerce("1e-4", "float", "optim.lr")  # 0.0001 (PyYAML reads 1e-4 as a string)
+    with owned_by("objective", {}):      # ATObjective's SettingError -> ConfigError naming the key
+        cfg.build_objective()
     plain({"betas": (0.9, 0.999)})       # {"betas": [0.9, 0.999]}: what YAML and JSON give back
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
-__all__ = ["FLAGS", "SEED_LIMIT", "ConfigError", "check_seed", "coerce", "flatten", "label", "plain"]
+from fastat.utils.checks import SettingError
+
+__all__ = [
+    "FLAGS",
+    "SEED_LIMIT",
+    "ConfigError",
+    "canonical",
+    "check_seed",
+    "coerce",
+    "flatten",
+    "label",
+    "owned_by",
+    "plain",
+]
 
 SEED_LIMIT = 2**53  # seeds stay exact in YAML/JSON numbers and in the seeds derived from them
 
@@ -60,6 +76,31 @@ def label(key: str) -> str:
     """How a message names the config key ``key``: with its flag when it has one."""
     flag = _FLAG_OF.get(key)
     return f"{key} ({flag})" if flag else key
+
+
+@contextlib.contextmanager
+def owned_by(section: str, renames: dict[str, str]):
+    """Checks made by the component that owns a section's settings (e.g. ``build_objective()``): its
+    :class:`SettingError` said with the config key and flag (its argument name mapped through ``renames``
+    where the two differ), any other ValueError or TypeError with the section, as a ConfigError."""
+    try:
+        yield
+    except SettingError as err:
+        key = f"{section}.{renames.get(err.setting, err.setting)}"
+        raise ConfigError(err.message(label(key))) from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{section}: {err}") from None
+
+
+def canonical(key: str, value: Any) -> Any:
+    """The canonical spelling of a value that its owner accepts under several names (``objective.prediction``:
+    ``v_prediction`` -> ``v``); a value the owner refuses is left as it is (validate says why)."""
+    if key == "objective.prediction" and isinstance(value, str):
+        from fastat.at.prediction import canonical_prediction  # torch: imported when the key is set
+
+        with contextlib.suppress(ValueError):
+            return canonical_prediction(value)
+    return value
 
 
 def check_seed(x: Any, key: str) -> int:

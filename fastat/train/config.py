@@ -39,8 +39,6 @@ __all__ = [
     "SEED_LIMIT",
     "ConfigError",
     "check_seed",
-    "label",
-    "plain",
     "DataConfig",
     "EMAConfig",
     "ModelConfig",
@@ -49,7 +47,9 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "flatten",
+    "label",
     "load_yaml_overrides",
+    "plain",
 ]
 
 

@@ -264,8 +264,8 @@ BAD = {
     "unknown --set key": (lambda p: ["--set", "objective.radius=1"], "unknown config key objective.radius"),
     "negative radius": (lambda p: ["--set", "objective.r_min=-0.1"], "objective.r_min"),
     "negative lam": (lambda p: ["--lam", "-0.5"], "objective.lam"),
-    "zero reg_frac": (lambda p: ["--reg-frac", "0"], "objective.reg_frac must be a fraction in (0, 1]"),
-    "zero replays": (lambda p: ["--mode", "free", "--replays", "0"], "objective.replays must be an integer"),
+    "zero reg_frac": (lambda p: ["--reg-frac", "0"], "objective.reg_frac (--reg-frac) must be a fraction"),
+    "zero replays": (lambda p: ["--mode", "free", "--replays", "0"], "objective.replays (--replays) must be an"),
     "lam_s_min 1": (lambda p: ["--set", "objective.lam_s_min=1"], "objective.lam_s_min must be a noise"),
     "bad number": (lambda p: ["--set", "optim.lr=fast"], "optim.lr must be a number"),
     "batch > known data": (lambda p: ["--batch-size", "5000"], "larger than the dataset"),
@@ -375,15 +375,15 @@ def test_bench_subcommand_has_its_own_options(capsys):
 def test_train_threads_one_on_the_built_in_sets_unless_chosen(monkeypatch):
     """`fastat train` on a built-in set on the CPU runs one torch thread (faster for its small models);
     --threads and OMP_NUM_THREADS win; real image sets keep torch's default."""
-    from fastat.app import cli
+    from fastat.app import commands
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cpu = TrainConfig().with_overrides({"run.device": "cpu"})
-    cli._cpu_threads(None, cpu)
-    cli._cpu_threads(3, cpu)
-    cli._cpu_threads(None, cpu.with_overrides({"data.dataset": "cifar10"}))
+    commands._cpu_threads(None, cpu)
+    commands._cpu_threads(3, cpu)
+    commands._cpu_threads(None, cpu.with_overrides({"data.dataset": "cifar10"}))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    cli._cpu_threads(None, cpu)
+    commands._cpu_threads(None, cpu)
     assert calls == [1, 3]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fastat.kernels.pgd import NORMS
+from fastat.utils.checks import SettingError, is_number, must, unknown
 
 SPACES = ("x", "eps")
 
@@ -33,16 +34,16 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("r_min", "r_scale"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"budget {name} must be a finite number >= 0, got {v}")
-        if not (math.isfinite(self.rho) and self.rho > 0):
-            raise ValueError(f"budget rho must be > 0, got {self.rho}")
+            if not (is_number(v) and v >= 0):
+                raise must(name, "a finite number >= 0", v, display=f"budget {name}")
+        if not (is_number(self.rho) and self.rho > 0):
+            raise must("rho", "a finite number > 0", self.rho, display="budget rho")
         if self.r_min == 0 and self.r_scale == 0:
-            raise ValueError("budget is empty: r_min and r_scale are both 0 (use mode 'ddpm' for no attack)")
+            raise SettingError("r_min", "the budget is empty: {name} = r_scale = 0 (mode ddpm: no attack)")
         if self.space not in SPACES:
-            raise ValueError(f"unknown budget space {self.space!r}; choose one of {', '.join(SPACES)}")
+            raise unknown("space", self.space, SPACES, display="budget space")
         if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+            raise unknown("norm", self.norm, NORMS)
 
     def radius(self, s: torch.Tensor, numel: int = 1) -> torch.Tensor:
         """Per-sample bound on ``w`` (eps space) for noise levels ``s`` of shape ``(B,)``.

@@ -29,6 +29,7 @@ from fastat.at.budget import Budget
 from fastat.at.replay import Replay, check_replays
 from fastat.at.schedule import NoiseSchedule, as_schedule
 from fastat.kernels import per_sample
+from fastat.utils.checks import is_number, must, unknown
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv", "free")
 LAM_SCALES = ("const", "radius")
@@ -115,27 +116,26 @@ class ATObjective:
     reg_frac: float = 1.0
 
     def __post_init__(self) -> None:
+        # The rules of every setting live here (SettingError names it; the config adds key and flag).
         self.schedule = as_schedule(self.schedule)
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
+            raise unknown("mode", self.mode, MODES)
+        if not (is_number(self.lam) and self.lam >= 0):
+            raise must("lam", "a finite number >= 0", self.lam)
         if self.lam_scale not in LAM_SCALES:
-            raise ValueError(f"unknown lam_scale {self.lam_scale!r}; choose one of {', '.join(LAM_SCALES)}")
-        if not (isinstance(self.lam_s_min, (int, float)) and 0 <= self.lam_s_min < 1):
-            raise ValueError(f"lam_s_min must be a noise level in [0, 1), got {self.lam_s_min!r}")
-        if not (isinstance(self.reg_frac, (int, float)) and 0 < self.reg_frac <= 1):
-            raise ValueError(f"reg_frac must be in (0, 1], got {self.reg_frac!r}")
+            raise unknown("lam_scale", self.lam_scale, LAM_SCALES)
+        if not (is_number(self.lam_s_min) and 0 <= self.lam_s_min < 1):
+            raise must("lam_s_min", "a noise level in [0, 1)", self.lam_s_min)
+        if not (is_number(self.reg_frac) and 0 < self.reg_frac <= 1):
+            raise must("reg_frac", "a fraction in (0, 1]", self.reg_frac)
         check_replays(self.replays)  # in every mode: the config is checked alike
         self._replay = Replay(self.replays) if self.mode == "free" else None
-        if not (isinstance(self.pgd_steps, int) and self.pgd_steps >= 1):
-            raise ValueError(f"pgd_steps must be an integer >= 1, got {self.pgd_steps!r}")
-        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
-            raise ValueError(f"step_size must be > 0, got {self.step_size!r}")
+        if isinstance(self.pgd_steps, bool) or not (isinstance(self.pgd_steps, int) and self.pgd_steps >= 1):
+            raise must("pgd_steps", "an integer >= 1", self.pgd_steps)
+        if self.step_size is not None and not (is_number(self.step_size) and self.step_size > 0):
+            raise must("step_size", "a finite number > 0 (or None: the default)", self.step_size)
         if self.attack_target not in TARGETS:
-            raise ValueError(
-                f"unknown attack target {self.attack_target!r}; choose one of {', '.join(TARGETS)}"
-            )
+            raise unknown("attack_target", self.attack_target, TARGETS, display="attack target")
         self.prediction = P.resolve_prediction(self.prediction, self.schedule.prediction)
         self._dm_table: torch.Tensor | None = None
         self._dm_cache: dict[torch.device, torch.Tensor] = {}
@@ -146,9 +146,7 @@ class ATObjective:
         if w is None or (isinstance(w, str) and w in DM_WEIGHTS):
             return
         if isinstance(w, str):
-            raise ValueError(
-                f"unknown dm_weight {w!r}; choose one of {', '.join(DM_WEIGHTS)} or a (T,) tensor"
-            )
+            raise unknown("dm_weight", w, DM_WEIGHTS, also=" or a (T,) tensor")
         try:
             table = torch.as_tensor(
                 w.detach().cpu() if isinstance(w, torch.Tensor) else w, dtype=torch.float64

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fastat.kernels import per_sample
+from fastat.utils.checks import SettingError, unknown
 
 __all__ = [
     "PREDICTIONS",
@@ -55,10 +56,8 @@ def canonical_prediction(name: Any) -> str:
             return key
         if key in ALIASES:
             return ALIASES[key]
-    raise ValueError(
-        f"unknown prediction type {name!r}; choose one of {', '.join(PREDICTIONS)} "
-        f"(also accepted: {', '.join(ALIASES)})"
-    )
+    raise unknown("prediction", name, PREDICTIONS, display="prediction type",
+                  also=f" (also accepted: {', '.join(ALIASES)})")  # fmt: skip
 
 
 def resolve_prediction(requested: Any, declared: str | None) -> str:
@@ -68,9 +67,10 @@ def resolve_prediction(requested: Any, declared: str | None) -> str:
         return declared or "eps"
     pred = canonical_prediction(requested)
     if declared is not None and pred != declared:
-        raise ValueError(
-            f"prediction={requested!r} contradicts the scheduler, which trains {declared}-prediction "
-            f"(leave prediction unset to use the scheduler's)"
+        raise SettingError(
+            "prediction",
+            f"{{name}}={requested!r} contradicts the scheduler, which trains {declared}-prediction "
+            f"(leave prediction unset to use the scheduler's)",
         )
     return pred
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from fastat.utils.checks import must
+
 __all__ = ["Replay", "check_replays"]
 
 
 def check_replays(m) -> int:
     """``m`` if it is a valid replay count (an integer >= 1), else a ValueError."""
     if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
-        raise ValueError(f"replays must be an integer >= 1, got {m!r}")
+        raise must("replays", "an integer >= 1", m)
     return m
 
 

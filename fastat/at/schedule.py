@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fastat.utils.checks import SettingError, must, unknown
+
 __all__ = ["SCHEDULES", "NoiseSchedule", "as_schedule"]
 
 SCHEDULES = ("linear", "cosine", "scaled_linear", "squaredcos_cap_v2")
@@ -83,11 +85,12 @@ class NoiseSchedule:
         beta_end: float = 0.02,
     ) -> None:
         if kind not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+            raise unknown("kind", kind, SCHEDULES, display="noise schedule")
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"T must be a positive integer, got {T!r}")
+            raise must("T", "a positive integer", T)
         if kind in ("linear", "scaled_linear") and not (0 < beta_start <= beta_end < 1):
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+            got = f"got {beta_start}, {beta_end}"
+            raise SettingError("beta_start", f"need 0 < {{name}} <= beta_end < 1, {got}")
         if kind == "linear":
             betas = _linear_betas(T, beta_start, beta_end)
         elif kind == "scaled_linear":

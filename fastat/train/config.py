@@ -22,6 +22,19 @@ from typing import Any
 
 import yaml
 
+from fastat.train.config_keys import (
+    SEED_LIMIT,
+    ConfigError,
+    canonical,
+    check_seed,
+    coerce,
+    flatten,
+    label,
+    owned_by,
+    plain,
+)
+from fastat.utils.checks import is_number
+
 __all__ = [
     "SEED_LIMIT",
     "ConfigError",
@@ -34,12 +47,10 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "flatten",
+    "label",
     "load_yaml_overrides",
+    "plain",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value, key or file is wrong. The message is one line that says which and why."""
 
 
 @dataclass(frozen=True)
@@ -161,8 +172,6 @@ SECTIONS: dict[str, type] = {
 }
 
 DEVICES = ("auto", "cpu", "cuda")
-SEED_LIMIT = 2**53  # seeds stay exact in YAML/JSON numbers and in the seeds derived from them
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "ddpm")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -222,19 +231,16 @@ class TrainConfig:
                 continue
             if len(parts) > 2:
                 raise ConfigError(f"unknown config key {key!r}: {section}.{name} has no sub-keys")
-            sections[section][name] = _coerce(value, fields[name].type, f"{section}.{name}")
+            value = coerce(value, fields[name].type, f"{section}.{name}")
+            sections[section][name] = canonical(f"{section}.{name}", value)
         return TrainConfig(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
 
     # -- checking --------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every value; return ``self`` or raise :class:`ConfigError` with one line."""
-        from fastat.at.budget import SPACES
-        from fastat.at.objective import DM_WEIGHTS, LAM_SCALES, MODES
-        from fastat.at.prediction import PREDICTIONS
-        from fastat.at.schedule import SCHEDULES
         from fastat.data import DATASETS, KNOWN, OUTLIER_KINDS, PLACEMENTS, is_prepared, known_dataset
-        from fastat.kernels.pgd import NORMS
         from fastat.models import MODEL_NAMES
+        from fastat.step.engine import PRECISIONS
 
         d, m, o, op, e, r = self.data, self.model, self.objective, self.optim, self.ema, self.run
         # data
@@ -277,32 +283,11 @@ class TrainConfig:
                 )
         # model
         _one_of(m.name, ("auto", *MODEL_NAMES), "model.name (--model)")
-        # objective
-        _one_of(o.mode, MODES, "objective.mode (--mode)")
-        _nonneg(o.lam, "objective.lam (--lam)")
-        _one_of(o.lam_scale, LAM_SCALES, "objective.lam_scale")
-        if not (_finite(o.lam_s_min) and 0 <= o.lam_s_min < 1):
-            _fail("objective.lam_s_min", "a noise level in [0, 1)", o.lam_s_min)
-        if not (_finite(o.reg_frac) and 0 < o.reg_frac <= 1):
-            _fail("objective.reg_frac", "a fraction in (0, 1]", o.reg_frac)
-        _positive_int(o.replays, "objective.replays")
-        _nonneg(o.r_min, "objective.r_min (budget radius)")
-        _nonneg(o.r_scale, "objective.r_scale (budget radius)")
-        _positive(o.rho, "objective.rho")
-        if o.mode != "ddpm" and o.r_min == 0 and o.r_scale == 0:
-            raise ConfigError(
-                "the budget is empty (objective.r_min = r_scale = 0); use --mode ddpm for no attack"
-            )
-        _one_of(o.space, SPACES, "objective.space")
-        _one_of(o.norm, NORMS, "objective.norm")
-        _positive_int(o.pgd_steps, "objective.pgd_steps")
-        if o.step_size is not None:
-            _positive(o.step_size, "objective.step_size")
-        _one_of(o.attack_target, ("prediction", "equivariance"), "objective.attack_target")
-        _one_of(o.schedule, SCHEDULES, "objective.schedule")
-        _positive_int(o.T, "objective.T")
-        _one_of(o.prediction, PREDICTIONS, "objective.prediction")
-        _one_of(o.dm_weight, DM_WEIGHTS, "objective.dm_weight")
+        # objective: checked by its owners (ATObjective, Budget, NoiseSchedule), named here by key and flag
+        with owned_by("objective", {"kind": "schedule"}):  # NoiseSchedule(kind=...) is objective.schedule
+            self.build_objective()
+            if o.mode == "ddpm" and (o.r_min or o.r_scale):  # ddpm draws no perturbation: its budget unused
+                self.build_budget()
         # optim
         _positive(op.lr, "optim.lr (--lr)")
         _nonneg_int(op.warmup, "optim.warmup")
@@ -329,7 +314,7 @@ class TrainConfig:
         check_seed(r.seed, "run.seed (--seed)")
         if not (r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
             raise ConfigError(f"run.device (--device) must be auto, cpu, cuda or cuda:N, got {r.device!r}")
-        _one_of(r.precision, PRECISIONS, "run.precision (--precision)")
+        _one_of(r.precision, ("auto", *PRECISIONS), "run.precision (--precision)")
         _positive_int(r.log_every, "run.log_every")
         _nonneg_int(r.save_every, "run.save_every (--save-every)")
         _nonneg_int(r.sample_every, "run.sample_every (--sample-every)")
@@ -337,21 +322,23 @@ class TrainConfig:
         _positive_int(r.sample_n, "run.sample_n")
         _one_of(r.sampler, SAMPLERS, "run.sampler")
         _positive_int(r.sample_steps, "run.sample_steps")
-        if r.sample_eta is not None and not (_finite(r.sample_eta) and 0 <= r.sample_eta <= 1):
+        if r.sample_eta is not None and not (is_number(r.sample_eta) and 0 <= r.sample_eta <= 1):
             _fail("run.sample_eta", "a number in [0, 1] (or none: auto)", r.sample_eta)
         if r.sample_steps > o.T:
             raise ConfigError(f"run.sample_steps must be <= objective.T = {o.T}, got {r.sample_steps}")
         _nonneg_int(r.eval_n, "run.eval_n")
         _positive_int(r.max_skipped, "run.max_skipped")
         _positive(r.dist_timeout, "run.dist_timeout")
-        # the objects themselves (catches anything the checks above missed)
-        try:
-            self.build_objective()
-        except ValueError as err:
-            raise ConfigError(f"objective: {err}") from None
         return self
 
     # -- using ---------------------------------------------------------------------------------------
+    def build_budget(self):
+        """The :class:`fastat.at.budget.Budget` of ``objective.r_min, r_scale, rho, space, norm``."""
+        from fastat.at.budget import Budget
+
+        o = self.objective
+        return Budget(o.r_min, o.r_scale, o.rho, o.space, o.norm)
+
     def build_objective(self):
         """The :class:`fastat.ATObjective` this config describes."""
         from fastat.at.budget import Budget
@@ -359,7 +346,7 @@ class TrainConfig:
         from fastat.at.schedule import NoiseSchedule
 
         o = self.objective
-        budget = Budget(o.r_min, o.r_scale, o.rho, o.space, o.norm) if o.mode != "ddpm" else Budget()
+        budget = self.build_budget() if o.mode != "ddpm" else Budget()  # ddpm: the default, unused
         return ATObjective(
             schedule=NoiseSchedule(o.schedule, T=o.T, beta_start=o.beta_start, beta_end=o.beta_end),
             mode=o.mode,
@@ -379,7 +366,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists, not tuples): what ``config.yaml`` holds."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
@@ -392,17 +379,6 @@ class TrainConfig:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def flatten(d: dict) -> dict[str, Any]:
-    """``{"run": {"steps": 5}}`` -> ``{"run.steps": 5}`` (one level: sections, then their keys)."""
-    out: dict[str, Any] = {}
-    for section, value in d.items():
-        if isinstance(value, dict):
-            out.update({f"{section}.{k}": v for k, v in value.items()})
-        else:
-            out[str(section)] = value
-    return out
 
 
 def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
@@ -433,90 +409,22 @@ def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
     return flatten({k: v for k, v in d.items() if v is not None})
 
 
-def _plain(x):
-    """Tuples -> lists, recursively: what YAML and JSON give back (so saved and new values compare equal)."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _coerce(value: Any, typ: str, key: str) -> Any:
-    """Convert ``value`` to the annotated type ``typ`` (a string, e.g. ``"float | None"``)."""
-    optional = typ.endswith("| None")
-    base = typ.replace("| None", "").strip()
-    if value is None or (
-        optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "~")
-    ):
-        if optional:
-            return None
-        raise ConfigError(f"{key} must not be empty (expected {base})")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if base == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                f = math.nan
-            if math.isfinite(f) and f.is_integer():
-                return int(f)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if base == "float":
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if base == "str":
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    if base.startswith("tuple[float"):
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").replace(",", " ").split()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
-        return tuple(_coerce(v, "float", key) for v in value)
-    raise AssertionError(f"no conversion for type {typ} of {key}")  # pragma: no cover
-
-
 def _fail(key: str, what: str, value: Any) -> None:
-    raise ConfigError(f"{key} must be {what}, got {value!r}")
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    raise ConfigError(f"{label(key)} must be {what}, got {value!r}")
 
 
 def _nonneg(x, key):
-    if not (_finite(x) and x >= 0):
+    if not (is_number(x) and x >= 0):
         _fail(key, "a finite number >= 0", x)
 
 
 def _positive(x, key):
-    if not (_finite(x) and x > 0):
+    if not (is_number(x) and x > 0):
         _fail(key, "a finite number > 0", x)
 
 
 def _frac(x, key):
-    if not (_finite(x) and 0 <= x <= 1):
+    if not (is_number(x) and 0 <= x <= 1):
         _fail(key, "a fraction in [0, 1]", x)
 
 
@@ -532,14 +440,7 @@ def _nonneg_int(x, key):
 
 def _one_of(x, choices, key):
     if x not in choices:
-        raise ConfigError(f"unknown {key} {x!r}; choose one of {', '.join(choices)}")
-
-
-def check_seed(x: Any, key: str) -> int:
-    """A seed: an integer in ``[0, SEED_LIMIT)``; ConfigError naming ``key`` otherwise."""
-    if not (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < SEED_LIMIT):
-        _fail(key, "an integer in [0, 2**53)", x)
-    return x
+        raise ConfigError(f"unknown {label(key)} {x!r}; choose one of {', '.join(choices)}")
 
 
 def _nonempty(x, key):

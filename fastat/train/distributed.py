@@ -8,36 +8,9 @@ together (data parallelism: one model, identical on every rank, each rank a shar
     engine = StepEngine(..., reduce_grads=ctx.grad_sync(model))   # gradients averaged in the step
     data = ctx.in_turn(build, "the data")       # rank 0 first, then the others (waiting through the store)
     stop = ctx.agree_stop(requested)            # at the same steps on every rank (the loop: every 10)
-    x = ctx.spread(sample, noise)               # each rank samples its rows; all of them on rank 0
-    rngs = ctx.gather_to_main(state)            # every rank's value on rank 0 (None elsewhere)
-    ctx.close()
 
-With world size 1 (no ``torchrun``, or ``--nproc_per_node 1``) every method is the single-process
-identity: nothing is initialised and nothing is communicated.
-
-**One process group** carries both kinds of traffic: ``gloo`` on a machine without CUDA, else
-``cpu:gloo,cuda:nccl`` (CUDA tensors, the gradients, go through NCCL; the small CPU tensors of the
-control plane, votes, checksums, random states, gathered samples, through gloo). Every collective has
-the group's timeout (``run.dist_timeout``): a rank that stops answering makes the others fail with
-:class:`PeerFailed` instead of hanging; a rank that dies makes them fail at their next collective (gloo
-notices the closed connection at once).
-
-**Gradients** are averaged by :class:`GradSync`, which the step engine calls once, right after the
-training backward: the gradients are packed into flat buckets, each all-reduced once (the loss rides
-along in the first, so every rank sees the global mean loss and skips a non-finite step together).
-No autograd hook is registered anywhere, so the attack's input-only backward (``torch.autograd.grad``
-with respect to the model input) cannot start a collective; one explicit call in the step body is
-also what a CUDA graph captures (NCCL >= 2.9.6 allows collectives in graphs). DDP was not used: its
-reducer expects every forward through the wrapped module to be followed by a backward that reaches all
-parameters (the attack's forwards are not), its static-graph mode needs eager warm-up iterations before
-capture and its hooks fire inside the backward, and ``torch.compile`` splits the model at DDP's bucket
-boundaries; the price is no overlap of the all-reduce with the backward (see the README's estimate).
-
-**Errors** are said once. An exception inside :meth:`together` is exchanged: every rank raises (the
-failing rank its own exception, the others :class:`RankFailed`), and :func:`who_says` tells the command
-line which rank prints it (rank 0; with ``rank R:`` in front when it happened on rank R only). A rank
-that stops because another one died raises :class:`PeerFailed`, which nobody prints (the rank that
-failed said why, or ``torchrun`` reports the signal that killed it).
+With world size 1 every method is the single-process identity. The process group, the gradient
+average (:mod:`fastat.train.grad_sync`) and who says an error: docs/DESIGN.md, "Many processes".
 """
 
 from __future__ import annotations
@@ -53,10 +26,12 @@ from torch import nn
 
 from fastat.at.seeding import derive_seed, rank_seed
 from fastat.train.config import ConfigError
+from fastat.train.grad_sync import BUCKET_BYTES, GradSync
 from fastat.train.launch import job_ranks
 from fastat.utils.errors import one_line
 
 __all__ = [
+    "BUCKET_BYTES",
     "DEFAULT_TIMEOUT_S",
     "DistContext",
     "DistributedError",
@@ -70,7 +45,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 900.0
-BUCKET_BYTES = 64 << 20  # gradient bucket: few, large all-reduces (a CUDA graph replays them as they are)
 
 
 class DistributedError(RuntimeError):
@@ -243,8 +217,9 @@ class DistContext:
 
     @contextlib.contextmanager
     def together(self, what: str) -> Iterator[None]:
-        """Run the block on every rank, then agree: if it raised anywhere, it raises everywhere (see the
-        module docstring). The block must not communicate (the agreement is a collective)."""
+        """Run the block on every rank, then agree: if it raised anywhere, it raises everywhere: the
+        failing rank its own exception, the others :class:`RankFailed`; :func:`who_says` picks the rank
+        that prints it. The block must not communicate (the agreement is a collective)."""
         if not self.enabled:
             yield
             return
@@ -285,7 +260,7 @@ class DistContext:
         result, failure, ok = None, None, False
         try:
             if before:
-                with self._talking(what):
+                with self.talking(what):
                     store.wait(before, datetime.timedelta(days=7))
             if all(store.get(k) == b"ok" for k in before):  # else an earlier wave failed: it says why
                 result = build()
@@ -306,7 +281,7 @@ class DistContext:
         import torch.distributed as dist
 
         t = torch.tensor([int(bool(flag))], dtype=torch.int32)
-        with self._talking("an agreement"):
+        with self.talking("an agreement"):
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
@@ -321,7 +296,7 @@ class DistContext:
 
         stop = self._wait_vote()
         t = torch.tensor([int(bool(requested))], dtype=torch.int32)
-        with self._talking("the stop vote"):
+        with self.talking("the stop vote"):
             self._vote = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
         if stop or last:
             stop = self._wait_vote() or stop
@@ -331,7 +306,7 @@ class DistContext:
         if self._vote is None:
             return False
         (work, t), self._vote = self._vote, None
-        with self._talking("the stop vote"):
+        with self.talking("the stop vote"):
             work.wait()
         return bool(t.item())
 
@@ -355,7 +330,7 @@ class DistContext:
         import torch.distributed as dist
 
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        with self._talking(what):
+        with self.talking(what):
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
             dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64))
             n = max(int(s) for s in sizes)
@@ -383,7 +358,7 @@ class DistContext:
 
         keys = sorted(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        with self._talking("the log interval"):
+        with self.talking("the log interval"):
             dist.all_reduce(t)
         return {**values, **dict(zip(keys, (t / self.world_size).tolist(), strict=True))}
 
@@ -394,7 +369,7 @@ class DistContext:
             return
         import torch.distributed as dist
 
-        with self._talking("the weight broadcast"), torch.no_grad():
+        with self.talking("the weight broadcast"), torch.no_grad():
             for obj in objs:
                 if isinstance(obj, nn.Module):
                     tensors = _tensors(obj)
@@ -435,7 +410,7 @@ class DistContext:
         padded = torch.zeros((per, *rows.shape[1:]), dtype=part.dtype)
         padded[: part.shape[0]] = part
         gathered = [torch.empty_like(padded) for _ in range(w)] if self.is_main else None
-        with self._talking("gathering samples"):
+        with self.talking("gathering samples"):
             dist.gather(padded, gathered, dst=0)
         return torch.cat(gathered)[:n] if self.is_main else None
 
@@ -443,11 +418,10 @@ class DistContext:
         """The gradient average for the step engine (``None`` with one rank)."""
         return GradSync(list(model.parameters()), self) if self.enabled else None
 
-    # -- internals ---------------------------------------------------------------------------------------
-
     @contextlib.contextmanager
-    def _talking(self, what: str) -> Iterator[None]:
-        """A failed collective means another rank ended or stopped answering: :class:`PeerFailed`."""
+    def talking(self, what: str) -> Iterator[None]:
+        """A block of collectives (``what`` names it in messages): a failed collective means another rank
+        ended or stopped answering, raised as :class:`PeerFailed`."""
         try:
             yield
         except DistributedError:
@@ -459,64 +433,3 @@ class DistContext:
                     f"{what} (run.dist_timeout): a rank is stuck or gone"
                 ), "main") from None  # fmt: skip
             raise mark(PeerFailed(f"another rank ended during {what}: {one_line(e)}"), "none") from None
-
-
-class GradSync:
-    """Averages the gradients of ``params`` over the ranks, and the loss with them: the step engine's
-    ``reduce_grads`` hook, called once per step after the training backward (see the module docstring).
-
-    The gradients are packed into flat buckets of at most :data:`BUCKET_BYTES` (one per dtype at least),
-    each summed over the ranks by one all-reduce and divided by the world size, then copied back. The
-    bucket layout is computed on the first call (host only, again only if the set of gradients changes).
-    Shapes and allocations are the same every step, so a CUDA graph can capture it.
-    """
-
-    def __init__(
-        self, params: list[torch.Tensor], ctx: DistContext, bucket_bytes: int = BUCKET_BYTES
-    ) -> None:
-        self.params, self.ctx, self.bucket_bytes = params, ctx, bucket_bytes
-        self._key: tuple | None = None  # which parameters have gradients, and their dtypes
-        self._layout: list[list[int]] = []  # parameter indices per bucket, computed once per key
-
-    def _buckets(self) -> list[list[torch.Tensor]]:
-        """The gradients in buckets: one dtype each, parameter order within a dtype (the layout is
-        computed again only when the parameters that have gradients, or their dtypes, change)."""
-        grads = [p.grad for p in self.params]
-        key = tuple(None if g is None else g.dtype for g in grads)
-        if key != self._key:
-            self._key, self._layout, size = key, [], 0
-            present = [i for i, g in enumerate(grads) if g is not None]
-            last = None
-            for i in sorted(present, key=lambda i: str(key[i])):  # stable: parameter order within a dtype
-                nbytes = grads[i].numel() * grads[i].element_size()
-                if not self._layout or key[i] != last or size + nbytes > self.bucket_bytes:
-                    self._layout.append([])
-                    size, last = 0, key[i]
-                self._layout[-1].append(i)
-                size += nbytes
-        return [[grads[i] for i in bucket] for bucket in self._layout]
-
-    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        """Average the gradients in place; returns the mean of ``loss`` (0-dim) over the ranks."""
-        import torch.distributed as dist
-
-        buckets = self._buckets()
-        # the loss rides along in the first float32 bucket (else in a bucket of its own)
-        lead = next((b for b in buckets if b[0].dtype == torch.float32), None)
-        if lead is None:
-            lead = []
-            buckets.insert(0, lead)
-        with self.ctx._talking("the gradient all-reduce"):
-            for bucket in buckets:
-                parts = [g.reshape(-1) for g in bucket]
-                if bucket is lead:
-                    parts.insert(0, loss.detach().float().reshape(1))
-                flat = torch.cat(parts)
-                dist.all_reduce(flat)
-                flat.div_(self.ctx.world_size)
-                if bucket is lead:
-                    mean_loss, flat = flat[0], flat[1:]
-                if bucket:
-                    views = flat.split([g.numel() for g in bucket])
-                    torch._foreach_copy_(bucket, [v.view_as(g) for v, g in zip(views, bucket, strict=True)])
-        return mean_loss.to(loss.dtype)

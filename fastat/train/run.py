@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 
 from fastat.train.checkpoint import Checkpoint, load_checkpoint
-from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
 from fastat.train.loop import (
     FinalEval,
@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         check_same_checkpoint(ckpt, ctx)
         td = ctx.in_turn(lambda: build_training_data(cfg, progress=progress), "reading the data")
         with ctx.together("building the model"):
-            spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+            spec = plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
             info = data_info(td)
             if ckpt is not None:
                 check_compatible(ckpt, spec, info)

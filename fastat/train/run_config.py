@@ -26,7 +26,7 @@ from fastat.train.checkpoint import (
     load_checkpoint,
     run_dir_of,
 )
-from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
 from fastat.train.run_folder import CONFIG_FILE
 from fastat.utils.errors import one_line
@@ -102,7 +102,7 @@ def model_spec(cfg: TrainConfig) -> dict:
     kind, shape = data_shape(cfg)
     name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
     if name == "diffusers":
-        return _plain({"name": name, "kwargs": diffusers_kwargs(cfg, kind, shape, kwargs)})
+        return plain({"name": name, "kwargs": diffusers_kwargs(cfg, kind, shape, kwargs)})
     if name == "auto":
         if kind == "points":
             name = "mlp"
@@ -124,7 +124,7 @@ def model_spec(cfg: TrainConfig) -> dict:
                 f"{shape} (use --model mlp or auto)"
             )
         kwargs.update(in_channels=shape[0], image_size=shape[-1])
-    return _plain({"name": name, "kwargs": kwargs})
+    return plain({"name": name, "kwargs": kwargs})
 
 
 def diffusers_kwargs(cfg: TrainConfig, kind: str, shape: tuple[int, ...], kwargs: dict) -> dict:

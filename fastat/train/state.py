@@ -24,7 +24,7 @@ from fastat.data.placement import DeviceImages, StreamImages
 from fastat.models import build_model
 from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
-from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
 from fastat.train.run_config import resolve_precision
 
@@ -246,7 +246,7 @@ def data_info(td: TrainingData) -> dict:
 def check_compatible(ckpt: Checkpoint, spec: dict, data_info: dict) -> None:
     """CheckpointError unless the checkpoint holds the model ``spec`` (plain, as saved) and was trained on
     data of this shape and size."""
-    saved = _plain(ckpt.state.get("model"))
+    saved = plain(ckpt.state.get("model"))
     if saved != spec:
         raise CheckpointError(
             f"cannot resume {ckpt.path}: it holds model {_describe(saved)}, "

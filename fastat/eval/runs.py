@@ -102,8 +102,8 @@ def runs_table(reports: list[dict]) -> str:
 
 def runs_json(reports: list[dict]) -> dict:
     first = reports[0]["metrics"]
-    return {"kind": RUNS_MARK, "runs": reports, "vs_first": [vs_first(first, r["metrics"]) for r in reports],
-            "table": runs_table(reports)}  # fmt: skip
+    changes = [{}] + [vs_first(first, r["metrics"]) for r in reports[1:]]
+    return {"kind": RUNS_MARK, "runs": reports, "vs_first": changes, "table": runs_table(reports)}
 
 
 def write_runs_json(reports: list[dict], path: str | os.PathLike) -> Path:

@@ -499,6 +499,15 @@ def test_cli_compare_quick(tmp_path, capsys):
     assert set(block) == {"reference", "variants"} and set(block["variants"]) == {"ddpm", "adv"}
     assert "vs_ddpm" in block["variants"]["adv"] and "data_dist_mean" in block["reference"]
     assert {"setting", "variant", "seed", "flop_units", "metrics"} <= set(data["records"][0])
+    # benchmarks/cost_summary.py reads the records as before
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cost_summary
+
+    lines, _ = cost_summary.summarise(data, goal_cost=1.5, goal_share=0.8)
+    assert any("| plane3d-s0.2 | adv | 8 | 2.67 | 60 |" in line for line in lines)
     # a second call reuses the finished runs (same records, training times included)
     assert _cli(["eval", "compare", "--quick", "--out", str(out), "--no-plots"]) == 0
     again = json.loads((out / "compare.json").read_text())
@@ -546,3 +555,43 @@ def test_compare_equal_flop_budget_gives_each_variant_its_steps(tmp_path):
     table = markdown_table(summary, spec)
     assert "| units/img | steps | s/step |" in table and "| 8 | 300 |" in table
     assert "equal FLOP budget of 2400" in table
+
+
+def test_sampler_spec_checks_and_generate_takes_it_or_its_fields(tiny_mlp):
+    from fastat.train.samples import generate
+
+    sched = NoiseSchedule(T=50)
+    with pytest.raises(ValueError, match="sampler steps"):
+        SamplerSpec(steps=0).check(50)
+    with pytest.raises(ValueError, match="eta"):
+        SamplerSpec(eta=1.5).check(50)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SamplerSpec("euler").check(50)
+    assert SamplerSpec("ddpm", steps=0).check(50).visited(50) == 50  # ddpm visits every step
+    noise = torch.randn(6, 3, generator=_g(30))
+    spec = SamplerSpec("ddim", steps=5, eta=0.5, clip_x0=1.0)
+    a = generate(tiny_mlp, sched, noise, spec, generator=_g(31))
+    b = generate(tiny_mlp, sched, noise, steps=5, eta=0.5, clip_x0=1.0, generator=_g(31))
+    c = ddim_sample(tiny_mlp, sched, noise, steps=5, eta=0.5, clip_x0=1.0, generator=_g(31))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_compare_records_are_typed_and_round_trip():
+    from fastat.eval.compare import RunRecord, aggregate
+    from fastat.eval.compare.spec import CompareSpec
+
+    recs = [RunRecord("plane3d-s0.2", v, seed, f"r/{v}{seed}", 1.0, 0.01, 100,
+                      {"dist_mean": d, "data_dist_mean": 0.2}, flop_units=u, flop_units_total=100 * u)
+            for v, u, seed, d in (("ddpm", 3.0, 0, 0.3), ("ddpm", 3.0, 1, 0.32), ("adv", 8.0, 0, 0.1),
+                                  ("adv", 8.0, 1, 0.12))]  # fmt: skip
+    assert RunRecord.from_dict(json.loads(json.dumps(recs[2].to_dict()))) == recs[2]
+    old = {k: v for k, v in recs[0].to_dict().items() if k not in ("flop_units", "flop_units_total")}
+    assert RunRecord.from_dict(old).flop_units is None  # a record written before the costs were kept
+    summary = aggregate(recs, CompareSpec(settings=("plane3d-s0.2",), modes=("ddpm", "adv")))
+    block = summary["plane3d-s0.2"]
+    assert block.reference == {"data_dist_mean": 0.2} and list(block.variants) == ["ddpm", "adv"]
+    adv = block.variants["adv"]
+    assert adv.stats["dist_mean"] == pytest.approx((0.11, math.sqrt(2e-4)))
+    assert adv.vs_ddpm["dist_mean"].verdict == "better" and block.variants["ddpm"].vs_ddpm is None
+    js = block.to_json()
+    assert js["variants"]["adv"]["vs_ddpm"]["dist_mean"][2] == "better" and "_reference" not in js

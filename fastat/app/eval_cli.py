@@ -66,8 +66,11 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="evaluate a run, or run the DDPM vs AT comparison",
         description=(
             "With --run: sample the EMA model of a run's newest checkpoint and measure it. Known sets: exact "
-            "distance to the clean support, sliced W2 to fresh clean samples, x0_hat PSNR (subspace), "
-            "memorisation (images). Real images: memorisation, FID/IS with --fid. Writes RUN/eval.json. "
+            "distance to the clean support, sliced W2 to fresh clean samples, x0_hat PSNR (subspace). "
+            "Images: the noise level (scikit-image) and memorisation of the samples beside the training "
+            "images' own, FID/KID against held-out clean images with --ref DIR, FID/IS against the training "
+            "set with --fid. "
+            "Writes RUN/eval.json. 'fastat eval runs A B ...' tabulates several runs against the first; "
             "'fastat eval compare' trains ddpm/rand/adv/pgd on corrupted known sets and tabulates them."
         ),
     )

@@ -201,8 +201,8 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 def _check_sampling_args(args: argparse.Namespace) -> None:
     from fastat.train.config import ConfigError, check_seed
 
-    if args.n < 2:
-        raise ConfigError(f"--n must be >= 2, got {args.n}")
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:

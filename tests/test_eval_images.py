@@ -86,10 +86,11 @@ def test_vs_first_and_the_table():
     assert change["nn_cos_mean"] == pytest.approx(-0.05) and change["near_copy_share"] == pytest.approx(-0.1)
     settings = {"n": 8, "sampler": "ddim", "steps": 3, "eta": 0.0, "seed": 0}
     reps = [{"run": name, "step": 5, "dataset": "folder", "objective": {"mode": mode}, "settings": settings,
-             "metrics": {**m, "data_sigma_mean": 30.0}}
+             "metrics": {**m, "data_sigma_mean": 30.0, "ref_sigma_mean": 1.5, "ref_sigma_median": 1.4}}
             for name, mode, m in (("A", "ddpm", a), ("B", "adv", b))]  # fmt: skip
     table = runs_table(reps)
     assert "| vs the first run |" in table and "| *training images* (folder) | | | 30.00 |" in table
+    assert "| *--ref images* | | | 1.50 | 1.40 |" in table
     assert "| B | adv | 5 | 10.00 |" in table and "sigma -50%" in table and "FID +25%" in table
 
 
@@ -129,7 +130,7 @@ def test_eval_of_a_folder_run_reports_each_measure_with_its_reference(folder_run
     code, out, err = run_cli(capsys, "eval", "--run", ddpm, "--n", 12, "--steps", 3, "--ref", root / "ref")
     assert code == 0, err
     assert "sampling" in err  # the progress bar
-    assert "noise level sigma (0-255)" in out and "| training images" in out
+    assert "noise level sigma (0-255)" in out and "| training images" in out and "| --ref images" in out
     assert "| held-out training images:" in out
     (note,) = [line for line in out.splitlines() if "FID/KID skipped" in line]
     assert "Inception weights" in note
@@ -137,8 +138,9 @@ def test_eval_of_a_folder_run_reports_each_measure_with_its_reference(folder_run
     for key in ("sigma_mean", "sigma_median", "data_sigma_mean", "nn_cos_mean", "ref_nn_cos_mean",
                 "near_copy_share", "ref_near_copy_share"):  # fmt: skip
         assert math.isfinite(m[key]), key
-    # 90% of the training images carry noise of sigma 0.2 (25.5 in pixel units; less after clamping)
-    assert noisemod.noise_summary(_smooth_images(60, 8))["sigma_mean"] < 2 < 15 < m["data_sigma_mean"] < 30
+    # 90% of the training images carry noise of sigma 0.2 (25.5 in pixel units; less after clamping);
+    # the held-out clean images (smooth, then rounded to 8 bits) next to none
+    assert m["ref_sigma_mean"] < 2 < 15 < m["data_sigma_mean"] < 30
     code, _, err = run_cli(capsys, "eval", "--run", ddpm, "--n", 12, "--ref", root / "missing")
     assert code == 2 and "--ref" in err and "does not exist" in err
 
@@ -149,7 +151,9 @@ def test_eval_runs_prints_one_table_and_writes_json(folder_runs, capsys, tmp_pat
     out_file = tmp_path / "cmp.json"
     code, out, err = run_cli(capsys, "eval", "runs", ddpm, adv, "--n", 8, "--steps", 3, "--out", out_file)
     assert code == 0, err
-    assert "| vs the first run |" in out and "*training images* (folder)" in out
+    assert (
+        "| vs the first run |" in out and "*training images* (folder)" in out and "*--ref images*" not in out
+    )
     assert f"| {ddpm} | ddpm | 6 |" in out and f"| {adv} | adv | 6 |" in out
     data = json.loads(out_file.read_text())
     assert [r["run"] for r in data["runs"]] == [str(ddpm), str(adv)] and data["vs_first"][0] == {}

@@ -67,6 +67,8 @@ def format_report(report: dict) -> str:
         ref = ""
         if "data_sigma_mean" in m:
             ref = f"  | training images {m['data_sigma_mean']:.2f}, {m['data_sigma_median']:.2f}"
+        if "ref_sigma_mean" in m:
+            ref += f"  | --ref images {m['ref_sigma_mean']:.2f}, {m['ref_sigma_median']:.2f}"
         lines.append(f"  {'noise level sigma (0-255), mean, median':<46} {m['sigma_mean']:.2f}, "
                      f"{m['sigma_median']:.2f}{ref}")  # fmt: skip
     elif report["kind"] == "image":

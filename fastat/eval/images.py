@@ -4,8 +4,8 @@ For the samples and for the training images, the same measures side by side: the
 (:mod:`fastat.eval.noise`; ``data_sigma_*``: the first ``n`` training images as trained on); memorisation
 (:mod:`fastat.eval.memorization`) against the training set, beside the training set's own value
 (``ref_*``: its last ``min(n, N/5)`` images against the rest, what images that were not copied score);
-with ``FIDSpec.ref`` FID/KID against held-out clean images (``data_fid``, ``data_kid``: the training
-images'), or a one-line ``fid_note`` saying why they were skipped.
+with ``FIDSpec.ref`` (held-out clean images) their noise level and FID/KID against them (``data_fid``,
+``data_kid``: the training images'), or a one-line ``fid_note`` saying why FID/KID were skipped.
 """
 
 from __future__ import annotations
@@ -85,22 +85,22 @@ def image_metrics(
 
 
 def ref_metrics(x: torch.Tensor, train: torch.Tensor, fid: FIDSpec, shape, *, seed: int, device) -> dict:
-    """FID and KID of the samples ``x`` and of the training images ``train`` against the clean images in
-    the folder ``fid.ref`` (read at the run's size and channels); ``{"fid_note": why}`` when the Inception
-    network is not available."""
+    """Against the clean images in the folder ``fid.ref`` (read at the run's size and channels): their own
+    noise level (``ref_sigma_*``), and FID and KID of the samples ``x`` and of the training images
+    ``train``; ``fid_note`` says why FID/KID were skipped when the Inception network is not available."""
     from fastat.data.images import ImageFolder, load_tensor
     from fastat.eval.fid import FeatureStats, InceptionFeatures, fid_from_stats, kid
 
-    try:
-        extractor = InceptionFeatures(fid.weights, device=device)
-    except FIDUnavailable as e:
-        return {"fid_note": f"FID/KID skipped: {e}"}
     ref = load_tensor(ImageFolder(fid.ref, int(shape[-1])))
     if shape[0] == 1:
         ref = ref.mean(dim=1, keepdim=True)
+    out: dict = {"ref_images": int(ref.shape[0]), **noise_summary(ref, "ref_sigma")}
+    try:
+        extractor = InceptionFeatures(fid.weights, device=device)
+    except FIDUnavailable as e:
+        return {**out, "fid_note": f"FID/KID skipped: {e}"}
     ref_feats = extractor(ref)
     ref_stats = FeatureStats.from_features(ref_feats)
-    out: dict = {"ref_images": int(ref.shape[0])}
     for prefix, images in (("", x), ("data_", train)):
         feats = extractor(images)
         out[f"{prefix}fid"] = fid_from_stats(FeatureStats.from_features(feats), ref_stats)

@@ -85,6 +85,12 @@ def runs_table(reports: list[dict]) -> str:
         seen.add(r["dataset"])
         lines.append(f"| *training images* ({r['dataset']}) | | | "
                      + " | ".join(_cell(k, m.get(ref)) for k, _, ref in cols) + " | |")  # fmt: skip
+    ref = next((r["metrics"] for r in reports if "ref_sigma_mean" in r["metrics"]), None)
+    if ref is not None:  # the held-out clean images' own noise level
+        refs = {"sigma_mean": ref["ref_sigma_mean"], "sigma_median": ref["ref_sigma_median"]}
+        lines.append(
+            "| *--ref images* | | | " + " | ".join(_cell(k, refs.get(k)) for k, _, _ in cols) + " | |"
+        )
     first = reports[0]["metrics"]
     for i, r in enumerate(reports):
         m = r["metrics"]

@@ -23,9 +23,10 @@ import torch
 
 from fastat.app.cli import main as fastat_main
 from fastat.data import build_dataset, known_dataset
-from fastat.eval.evaluate import known_metrics, load_run
-from fastat.train.run import build_training_data, run_eta
+from fastat.eval.evaluate import MeasureSpec, known_metrics, load_run
+from fastat.train.run import build_training_data
 from fastat.train.samples import save_image_folder
+from fastat.train.state import run_sampler
 
 
 def export_subspace(folder: Path, *, n: int, size: int, seed: int = 0) -> Path:
@@ -41,8 +42,9 @@ def measure(run: Path, size: int, n: int) -> dict:
     data = td.data if td.data is not None else torch.cat(list(td.train_view().blocks()))
     known = known_dataset("subspace", height=size, width=size)
     schedule = cfg.build_objective().schedule
-    m = known_metrics(model, schedule, known, train_data=data, n=n, sampler=cfg.run.sampler,
-                      steps=cfg.run.sample_steps, eta=run_eta(cfg), clip_x0=1.0)  # fmt: skip
+    m = known_metrics(
+        model, schedule, known, MeasureSpec(n=n, sampler=run_sampler(cfg, "image")), train_data=data
+    )
     keys = ("dist_mean", "data_dist_mean", "sw", "sw_proj", "psnr_t50", "psnr_t100", "nn_cos_mean")
     return {k: round(m[k], 4) for k in keys if k in m}
 

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from train_helpers import run_cli
 
 from fastat.at.objective import ATObjective
+from fastat.at.sampling import SamplerSpec
 from fastat.at.schedule import NoiseSchedule
 from fastat.data import build_dataset
-from fastat.eval.evaluate import evaluate_known
+from fastat.eval.evaluate import MeasureSpec, evaluate_known
 from fastat.models import build_model
 from fastat.step.engine import StepEngine
 from fastat.train.config import ConfigError, TrainConfig
@@ -242,8 +243,8 @@ def test_two_ranks_write_one_run_folder(two_ranks):
     ema = build_model("mlp", dim=2, hidden=32, depth=1, time_dim=16).eval()
     ema.load_state_dict(load_file(out / "checkpoints" / "ckpt-000060" / "ema.safetensors"))
     td = build_dataset("gmm2d", n=512, seed=0, noise_p=0.9, noise_sigma=0.2)
-    summary, _ = evaluate_known(ema, cfg.build_objective().schedule, td.known, td.data, td.clean, n=16,
-                                steps=4, seed=0)  # fmt: skip
+    summary, _ = evaluate_known(ema, cfg.build_objective().schedule, td.known, td.data, td.clean,
+                                MeasureSpec(n=16, sampler=SamplerSpec(steps=4)))  # fmt: skip
     (record,) = [r for r in records if r["kind"] == "eval"]
     assert record["dist_samples"] == pytest.approx(summary["dist_samples"], rel=1e-6)
 

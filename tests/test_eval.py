@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from torch import nn
 from fastat import NoiseSchedule, build_model, ddim_sample, ddpm_sample
 from fastat.data import GMM2D, Plane3D, Subspace
 from fastat.eval import (
+    AttackSpec,
+    MeasureSpec,
+    SamplerSpec,
     denoiser_psnr,
     distance_summary,
     frechet_distance,
@@ -250,7 +254,9 @@ def test_attack_increases_prediction_change_and_leaves_the_model_alone(tiny_mlp)
     tiny_mlp.train()
     before = {k: v.clone() for k, v in tiny_mlp.state_dict().items()}
     noise = torch.randn(64, 3, generator=_g(18))
-    res = trajectory_attack(tiny_mlp, sched, noise, attack_at=(10, 50, 90), radius=0.2, pgd_steps=8, steps=20)
+    res = trajectory_attack(
+        tiny_mlp, sched, noise, AttackSpec(at=(10, 50, 90), radius=0.2, steps=8), SamplerSpec(steps=20)
+    )
     assert res.timesteps == [89, 49, 9]  # snapped to the DDIM grid, newest first
     for t in res.timesteps:
         assert res.change[t] > 1.2 * res.change_random[t] > 0
@@ -276,9 +282,9 @@ class _WavyEps(nn.Module):
 def test_x0_target_attack_maximises_the_x0_change():
     model, sched = _WavyEps(), NoiseSchedule(T=100)
     noise = torch.randn(64, 3, generator=_g(18))
-    kw = dict(attack_at=(10, 50, 90), radius=0.2, pgd_steps=8, steps=20)
-    on_x0 = trajectory_attack(model, sched, noise, target="x0", **kw)
-    on_eps = trajectory_attack(model, sched, noise, target="eps", **kw)
+    spec, sampler = AttackSpec(at=(10, 50, 90), radius=0.2, steps=8), SamplerSpec(steps=20)
+    on_x0 = trajectory_attack(model, sched, noise, replace(spec, target="x0"), sampler)
+    on_eps = trajectory_attack(model, sched, noise, replace(spec, target="eps"), sampler)
     for t in on_x0.timesteps:
         assert on_x0.change_x0[t] > 1.2 * on_x0.change_x0_random[t] > 0
         assert on_x0.change_x0[t] > on_eps.change_x0[t]  # each target is best at its own measure
@@ -434,7 +440,7 @@ def test_evaluate_run_writes_eval_json(tmp_path):
     from fastat.eval import evaluate_run, format_report
 
     run = _tiny_run(tmp_path)
-    rep = evaluate_run(run, n=64, steps=5, attack=True, attack_n=16, attack_at=(20, 60), attack_steps=2)
+    rep = evaluate_run(run, n=64, steps=5, attack=AttackSpec(n=16, at=(20, 60), steps=2))
     saved = json.loads((run / "eval.json").read_text())
     m = saved["metrics"]
     assert saved["step"] == 30 and saved["dataset"] == "plane3d"
@@ -458,9 +464,8 @@ def test_known_metrics_on_subspace_with_the_oracle():
 
     known, sched = Subspace(channels=1, height=4, width=4, k=2), NoiseSchedule(T=100)
     train = known.sample(200, _g(23))
-    m = known_metrics(
-        _OracleEps(known, sched), sched, known, train_data=train, n=128, steps=20, psnr_ts=(10, 50)
-    )
+    spec = MeasureSpec(n=128, sampler=SamplerSpec(steps=20), psnr_ts=(10, 50))
+    m = known_metrics(_OracleEps(known, sched), sched, known, spec, train_data=train)
     assert m["dist_mean"] < 0.02  # the oracle's DDIM samples stay on the subspace
     assert m["psnr_t10"] == pytest.approx(m["psnr_oracle_t10"], abs=1e-3)
     assert m["sw"] < 3 * m["sw_floor"] + 0.02
@@ -490,7 +495,19 @@ def test_cli_compare_quick(tmp_path, capsys):
     data = json.loads((out / "compare.json").read_text())
     assert "| plane3d-s0.2 | ddpm |" in table and "| plane3d-s0.2 | adv |" in table
     assert len(data["records"]) == 4 and "plane3d-s0.2" in data["summary"]
-    assert "vs_ddpm" in data["summary"]["plane3d-s0.2"]["adv"]
+    block = data["summary"]["plane3d-s0.2"]
+    assert set(block) == {"reference", "variants"} and set(block["variants"]) == {"ddpm", "adv"}
+    assert "vs_ddpm" in block["variants"]["adv"] and "data_dist_mean" in block["reference"]
+    assert {"setting", "variant", "seed", "flop_units", "metrics"} <= set(data["records"][0])
+    # benchmarks/cost_summary.py reads the records as before
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cost_summary
+
+    lines, _ = cost_summary.summarise(data, goal_cost=1.5, goal_share=0.8)
+    assert any("| plane3d-s0.2 | adv | 8 | 2.67 | 60 |" in line for line in lines)
     # a second call reuses the finished runs (same records, training times included)
     assert _cli(["eval", "compare", "--quick", "--out", str(out), "--no-plots"]) == 0
     again = json.loads((out / "compare.json").read_text())
@@ -510,17 +527,18 @@ def test_compare_images_preset_smoke(tmp_path, capsys):
     res = run_compare(spec, tmp_path / "cmp", plots=False, log=lambda s: None)
     cfg = (tmp_path / "cmp" / "runs" / "subspace-s0.2" / "adv-seed0" / "config.yaml").read_text()
     assert "schedule: cosine" in cfg and "ch: 8" in cfg and "image_size: 4" in cfg
-    table = res["table"]
+    table = res.table
     assert "| subspace-s0.2 | adv |" in table and "x0_hat PSNR t=100" in table and "NN cosine" in table
     assert "(exact posterior mean" in table and "(fresh clean data" in table
     assert "UNet tiny 4x4 (ch=8, groups=4)" in table and "no trajectory attack" in table
-    adv = res["summary"]["subspace-s0.2"]["adv"]
-    assert {"dist_mean", "psnr_t100", "nn_cos_mean"} <= set(adv) and "psnr_t100" in adv["vs_ddpm"]
+    adv = res.summary["subspace-s0.2"].variants["adv"]
+    assert {"dist_mean", "psnr_t100", "nn_cos_mean"} <= set(adv.stats) and "psnr_t100" in adv.vs_ddpm
 
 
 def test_compare_equal_flop_budget_gives_each_variant_its_steps(tmp_path):
     """budget_units U: each variant trains round(U / units per image and step) steps (batch 8)."""
-    from fastat.eval.compare import SETTINGS, CompareSpec, markdown_table
+    from fastat.eval.compare import SETTINGS, CompareSpec, SettingSummary, markdown_table
+    from fastat.eval.compare.report import VariantSummary
 
     spec = CompareSpec(batch_size=8, budget_units=2400)
     steps = {
@@ -532,8 +550,48 @@ def test_compare_equal_flop_budget_gives_each_variant_its_steps(tmp_path):
                      "adv[reg_frac=0.25]": 565}  # fmt: skip
     equal = CompareSpec(batch_size=8)
     assert equal.run_overrides(SETTINGS["plane3d-s0.2"], "free", 0, tmp_path)["run.steps"] == 400
-    summary = {"plane3d-s0.2": {"_reference": {}, "adv": {"dist_mean": [0.1, 0.0], "flop_units": [8.0, 0.0],
-                                                          "steps": [300.0, 0.0]}}}  # fmt: skip
+    row = VariantSummary(1, {"dist_mean": (0.1, 0.0), "flop_units": (8.0, 0.0), "steps": (300.0, 0.0)})
+    summary = {"plane3d-s0.2": SettingSummary({}, {"adv": row})}
     table = markdown_table(summary, spec)
     assert "| units/img | steps | s/step |" in table and "| 8 | 300 |" in table
     assert "equal FLOP budget of 2400" in table
+
+
+def test_sampler_spec_checks_and_generate_takes_it_or_its_fields(tiny_mlp):
+    from fastat.train.samples import generate
+
+    sched = NoiseSchedule(T=50)
+    with pytest.raises(ValueError, match="sampler steps"):
+        SamplerSpec(steps=0).check(50)
+    with pytest.raises(ValueError, match="eta"):
+        SamplerSpec(eta=1.5).check(50)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SamplerSpec("euler").check(50)
+    assert SamplerSpec("ddpm", steps=0).check(50).visited(50) == 50  # ddpm visits every step
+    noise = torch.randn(6, 3, generator=_g(30))
+    spec = SamplerSpec("ddim", steps=5, eta=0.5, clip_x0=1.0)
+    a = generate(tiny_mlp, sched, noise, spec, generator=_g(31))
+    b = generate(tiny_mlp, sched, noise, steps=5, eta=0.5, clip_x0=1.0, generator=_g(31))
+    c = ddim_sample(tiny_mlp, sched, noise, steps=5, eta=0.5, clip_x0=1.0, generator=_g(31))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_compare_records_are_typed_and_round_trip():
+    from fastat.eval.compare import RunRecord, aggregate
+    from fastat.eval.compare.spec import CompareSpec
+
+    recs = [RunRecord("plane3d-s0.2", v, seed, f"r/{v}{seed}", 1.0, 0.01, 100,
+                      {"dist_mean": d, "data_dist_mean": 0.2}, flop_units=u, flop_units_total=100 * u)
+            for v, u, seed, d in (("ddpm", 3.0, 0, 0.3), ("ddpm", 3.0, 1, 0.32), ("adv", 8.0, 0, 0.1),
+                                  ("adv", 8.0, 1, 0.12))]  # fmt: skip
+    assert RunRecord.from_dict(json.loads(json.dumps(recs[2].to_dict()))) == recs[2]
+    old = {k: v for k, v in recs[0].to_dict().items() if k not in ("flop_units", "flop_units_total")}
+    assert RunRecord.from_dict(old).flop_units is None  # a record written before the costs were kept
+    summary = aggregate(recs, CompareSpec(settings=("plane3d-s0.2",), modes=("ddpm", "adv")))
+    block = summary["plane3d-s0.2"]
+    assert block.reference == {"data_dist_mean": 0.2} and list(block.variants) == ["ddpm", "adv"]
+    adv = block.variants["adv"]
+    assert adv.stats["dist_mean"] == pytest.approx((0.11, math.sqrt(2e-4)))
+    assert adv.vs_ddpm["dist_mean"].verdict == "better" and block.variants["ddpm"].vs_ddpm is None
+    js = block.to_json()
+    assert js["variants"]["adv"]["vs_ddpm"]["dist_mean"][2] == "better" and "_reference" not in js

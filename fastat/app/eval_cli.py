@@ -3,6 +3,8 @@
 fastat eval --run runs/exp                       # metrics of the newest checkpoint -> RUN/eval.json
 fastat eval --run runs/exp --attack --n 2000     # + the trajectory attack
 fastat eval --run runs/cifar --fid --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
+fastat eval --run runs/mine --ref held_out/       # + FID/KID against held-out clean images
+fastat eval runs runs/ddpm runs/adv --out cmp.json  # several runs as one table, vs the first
 fastat eval compare                              # DDPM vs AT on corrupted known sets (<= 15 min, CPU)
 fastat eval compare --preset images              # the same on subspace images with a UNet (<= 30 min, CPU)
 fastat eval compare --quick --out /tmp/cmp       # smoke run (< 1 min)
@@ -22,6 +24,41 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The options ``eval`` and ``eval runs`` share: samples, sampler, device, weights, FID against --ref."""
+    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample_steps)")
+    p.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta (0: deterministic; default: the run's sample_eta)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling noise and the fresh clean samples"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    p.add_argument(
+        "--ref",
+        metavar="DIR",
+        help="held-out clean images: FID/KID of the samples and of the "
+        "training images against them (skipped, with a note, without the Inception weights)",
+    )
+    p.add_argument(
+        "--fid-weights",
+        "--inception-weights",
+        dest="inception_weights",
+        metavar="PATH",
+        help="Inception weights file for offline FID/KID (default: torch-fidelity's cache)",
+    )
+    p.add_argument(
+        "--fid-cache", metavar="DIR", help="cache of reference statistics (default ~/.cache/fastat/fid)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits small models)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+
+
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     """Add ``eval`` (and ``eval compare``) to the ``fastat`` subcommands ``sub``."""
     e = sub.add_parser(
@@ -29,23 +66,16 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="evaluate a run, or run the DDPM vs AT comparison",
         description=(
             "With --run: sample the EMA model of a run's newest checkpoint and measure it. Known sets: exact "
-            "distance to the clean support, sliced W2 to fresh clean samples, x0_hat PSNR (subspace), "
-            "memorisation (images). Real images: memorisation, FID/IS with --fid. Writes RUN/eval.json. "
+            "distance to the clean support, sliced W2 to fresh clean samples, x0_hat PSNR (subspace). "
+            "Images: the noise level (scikit-image) and memorisation of the samples beside the training "
+            "images' own, FID/KID against held-out clean images with --ref DIR, FID/IS against the training "
+            "set with --fid. "
+            "Writes RUN/eval.json. 'fastat eval runs A B ...' tabulates several runs against the first; "
             "'fastat eval compare' trains ddpm/rand/adv/pgd on corrupted known sets and tabulates them."
         ),
     )
     e.add_argument("--run", metavar="DIR", help="run folder (or one of its checkpoint folders)")
-    e.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
-    e.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the run's sampler")
-    e.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample_steps)")
-    e.add_argument(
-        "--eta", type=float, default=None, help="DDIM eta (0: deterministic; default: the run's sample_eta)"
-    )
-    e.add_argument(
-        "--seed", type=int, default=0, help="seed of the sampling noise and the fresh clean samples"
-    )
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    _sampling_args(e)
     e.add_argument(
         "--attack", action="store_true", help="also run the trajectory attack (PGD on x_t while sampling)"
     )
@@ -72,17 +102,21 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     e.add_argument(
         "--fid", action="store_true", help="FID/IS against the clean training images (needs torch-fidelity)"
     )
-    e.add_argument("--inception-weights", metavar="PATH", help="Inception weights file for offline FID")
-    e.add_argument(
-        "--fid-cache", metavar="DIR", help="cache of reference statistics (default ~/.cache/fastat/fid)"
-    )
-    e.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 suits small models)"
-    )
-    e.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     e.set_defaults(func=cmd_eval, eval_command=None)
 
-    esub = e.add_subparsers(dest="eval_command", metavar="{compare}")
+    esub = e.add_subparsers(dest="eval_command", metavar="{compare,runs}")
+    r = esub.add_parser(
+        "runs",
+        help="several finished runs as one table, each against the first",
+        description=(
+            "Evaluate each run with the same options (noise level, memorisation, with --ref FID/KID; "
+            "known sets: distance to the support) and print one table with the training images' own "
+            "values and a 'vs the first run' column. Each RUN/eval.json is written; --out FILE: the JSON."
+        ),
+    )
+    r.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is the baseline")
+    _sampling_args(r)
+    r.add_argument("--out", metavar="FILE", help="write the table and the reports as JSON")
     c = esub.add_parser(
         "compare",
         help="train ddpm/rand/adv/pgd on corrupted known sets and compare",
@@ -140,6 +174,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "compare":
         return _cmd_compare(args)
+    if args.eval_command == "runs":
+        return _cmd_runs(args)
     from fastat.train.distributed import DistContext
 
     # under torchrun every rank samples its share; rank 0 measures, writes and prints
@@ -150,19 +186,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
-    from fastat.train.config import ConfigError, check_seed
+    from fastat.train.config import ConfigError
 
     if not args.run:
-        raise ConfigError("fastat eval needs --run DIR (or the subcommand 'compare')")
-    for name in ("n", "attack_n", "attack_steps"):
+        raise ConfigError("fastat eval needs --run DIR (or the subcommand 'compare' or 'runs')")
+    _check_sampling_args(args)
+    for name in ("attack_n", "attack_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.attack_radius > 0:
+        raise ConfigError(f"--attack-radius must be > 0, got {args.attack_radius}")
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    from fastat.train.config import ConfigError, check_seed
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
-    if not args.attack_radius > 0:
-        raise ConfigError(f"--attack-radius must be > 0, got {args.attack_radius}")
     check_seed(args.seed, "--seed")
     if args.threads is not None:
         if args.threads < 1:
@@ -172,43 +216,59 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _options(args: argparse.Namespace, attack=None, fid_train: bool = False):
+    from fastat.eval.evaluate import EvalOptions
+    from fastat.eval.fid import FIDSpec
+
+    fid = None
+    if fid_train or args.ref:
+        fid = FIDSpec(train=fid_train, ref=args.ref, weights=args.inception_weights, cache=args.fid_cache)
+    return EvalOptions(n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                       ema=not args.no_ema, attack=attack, fid=fid, progress=True)  # fmt: skip
+
+
 def _eval_run(args: argparse.Namespace, ctx) -> int:
-    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report
+    from fastat.eval.evaluate import EVAL_FILE, evaluate_run
     from fastat.eval.fid import FIDUnavailable
+    from fastat.eval.format import format_report, json_safe
+    from fastat.eval.trajectory import AttackSpec
     from fastat.train.config import ConfigError
 
+    attack = None
+    if args.attack:
+        attack = AttackSpec(n=args.attack_n, at=tuple(args.attack_at), radius=args.attack_radius,
+                            steps=args.attack_steps, target=args.attack_target)  # fmt: skip
     try:
-        report = evaluate_run(
-            args.run,
-            n=args.n,
-            sampler=args.sampler,
-            steps=args.steps,
-            eta=args.eta,
-            seed=args.seed,
-            device=args.device,
-            ema=not args.no_ema,
-            attack=args.attack,
-            attack_n=args.attack_n,
-            attack_at=tuple(args.attack_at),
-            attack_radius=args.attack_radius,
-            attack_steps=args.attack_steps,
-            attack_target=args.attack_target,
-            fid=args.fid,
-            inception_weights=args.inception_weights,
-            fid_cache=args.fid_cache,
-            ctx=ctx,
-        )
+        report = evaluate_run(args.run, _options(args, attack, args.fid), device=args.device, ctx=ctx)
     except FIDUnavailable as e:
         raise ConfigError(str(e)) from None
     if report is None:  # another rank measured
         return 0
     if args.json:
-        from fastat.eval.evaluate import _finite
-
-        print(json.dumps(_finite(report), indent=2))
+        print(json.dumps(json_safe(report), indent=2))
     else:
         print(format_report(report))
         print(f"wrote {Path(report['run']) / EVAL_FILE} ({report['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from fastat.eval.evaluate import evaluate_run
+    from fastat.eval.format import json_safe
+    from fastat.eval.runs import runs_json, runs_table, write_runs_json
+
+    _check_sampling_args(args)
+    opts = _options(args)
+    reports = []
+    for i, run in enumerate(args.runs):
+        print(f"[{i + 1}/{len(args.runs)}] evaluating {run}", file=sys.stderr, flush=True)
+        reports.append(evaluate_run(run, opts, device=args.device))
+    if args.json:
+        print(json.dumps(json_safe(runs_json(reports)), indent=2))
+    else:
+        print(runs_table(reports), end="")
+    if args.out:
+        print(f"wrote {write_runs_json(reports, args.out)}")
     return 0
 
 
@@ -262,7 +322,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    print(result["table"], end="")
+    print(result.table, end="")
     print(
         f"wrote {out / 'compare.json'}, {out / 'compare.md'}"
         + ("" if args.no_plots else f", {out / 'plots'}/")
@@ -277,7 +337,8 @@ def report_after_training(result, cfg) -> dict | None:
     The training loop has already measured the final EMA weights (``result.eval_metrics``): the report
     is made from those, not by sampling again."""
     from fastat.data import KNOWN
-    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, format_report, make_report
+    from fastat.eval.evaluate import EVAL_FILE, evaluate_run, make_report
+    from fastat.eval.format import format_report
     from fastat.train.run import run_eta
 
     if cfg.data.dataset not in KNOWN or cfg.run.eval_n < 2:
@@ -288,8 +349,9 @@ def report_after_training(result, cfg) -> dict | None:
         steps = r.sample_steps if r.sampler == "ddim" else cfg.objective.T
         settings = {"n": r.eval_n, "sampler": r.sampler, "steps": steps, "eta": run_eta(cfg),
                     "seed": r.seed, "weights": "ema", "device": result.device}  # fmt: skip
-        report = make_report(result.run_dir, result.checkpoint, result.step, cfg.data.dataset, result.data_kind,
-                             cfg, settings, metrics, seconds=result.eval["seconds"])  # fmt: skip
+        report = make_report(result.run_dir, result.checkpoint, result.step, cfg.data.dataset,
+                             result.data_kind, cfg, settings, metrics,
+                             seconds=result.eval["seconds"])  # fmt: skip
     else:
         report = evaluate_run(result.run_dir, n=cfg.run.eval_n, seed=cfg.run.seed, device=result.device)
     print(format_report(report))

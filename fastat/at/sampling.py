@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
@@ -24,9 +25,48 @@ from torch import nn
 from fastat.at.prediction import model_output, resolve_prediction, to_eps, to_x0
 from fastat.at.schedule import NoiseSchedule, as_schedule
 
-__all__ = ["ddim_sample", "ddim_timesteps", "ddpm_sample"]
+__all__ = [
+    "SAMPLERS",
+    "SamplerSpec",
+    "ddim_sample",
+    "ddim_timesteps",
+    "ddpm_sample",
+    "initial_noise",
+    "model_device",
+    "run_plan",
+    "sampling_plan",
+]
 
 ShapeOrNoise = Sequence[int] | torch.Size | torch.Tensor
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How samples are drawn: ``sampler`` (ddim | ddpm), DDIM ``steps`` and ``eta`` (ddpm visits all T
+    steps), and ``clip_x0`` (clamp of x0_hat to ``[-clip_x0, clip_x0]``; None: no clamp)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    clip_x0: float | None = None
+
+    def check(self, T: int) -> SamplerSpec:
+        """``self`` if it is valid for a schedule of ``T`` steps, else ValueError (one line)."""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose ddim or ddpm")
+        if self.sampler == "ddim":
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= T:
+                raise ValueError(f"sampler steps must be in [1, T={T}], got {self.steps!r}")
+            if isinstance(self.eta, bool) or not isinstance(self.eta, Real) or not 0.0 <= self.eta <= 1.0:
+                raise ValueError(f"DDIM eta must be a number in [0, 1], got {self.eta!r}")
+        if self.clip_x0 is not None and not (isinstance(self.clip_x0, Real) and self.clip_x0 > 0):
+            raise ValueError(f"clip_x0 must be None or a positive number, got {self.clip_x0!r}")
+        return self
+
+    def visited(self, T: int) -> int:
+        """Model calls per sample: DDIM's ``steps``, DDPM's ``T``."""
+        return self.steps if self.sampler == "ddim" else T
 
 
 @contextmanager
@@ -40,7 +80,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     for t in (*model.parameters(), *model.buffers()):
@@ -53,7 +93,7 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(device)
 
 
-def _initial_noise(shape_or_noise: ShapeOrNoise, generator: torch.Generator | None, device: torch.device):
+def initial_noise(shape_or_noise: ShapeOrNoise, generator: torch.Generator | None, device: torch.device):
     if isinstance(shape_or_noise, torch.Tensor):
         if not shape_or_noise.dtype.is_floating_point:
             raise TypeError(f"starting noise must be a floating tensor, got {shape_or_noise.dtype}")
@@ -78,12 +118,20 @@ def _check_common(schedule, clip_x0: float | None, prediction: str | None) -> tu
     return schedule, resolve_prediction(prediction, schedule.prediction)
 
 
-def _progress(it: Sequence[int], progress: bool, desc: str):
-    if not progress:
+def _progress(it: Sequence[int], progress, desc: str):
+    if progress is None or progress is False:
         return it
+    if hasattr(progress, "update"):  # a bar shared by several batches (fastat.train.samples.generate)
+        return _ticking(it, progress)
     from tqdm.auto import tqdm
 
     return tqdm(it, desc=desc, total=len(it))
+
+
+def _ticking(it: Sequence[int], bar):
+    for item in it:
+        yield item
+        bar.update(1)
 
 
 def _predict_x0(model, x, t, a_t, s_t, clip_x0, prediction="eps"):
@@ -182,9 +230,9 @@ def ddpm_sample(
     Returns float32 samples on the model's device (or ``device``).
     """
     schedule, prediction = _check_common(schedule, clip_x0, prediction)
-    dev = _model_device(model, device)
+    dev = model_device(model, device)
     plan = sampling_plan(schedule, "ddpm")
-    x = _initial_noise(shape_or_noise, generator, dev)
+    x = initial_noise(shape_or_noise, generator, dev)
     return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddpm",
                     prediction=prediction)  # fmt: skip
 
@@ -220,7 +268,7 @@ def ddim_sample(
     """
     schedule, prediction = _check_common(schedule, clip_x0, prediction)
     plan = sampling_plan(schedule, "ddim", steps, eta)
-    dev = _model_device(model, device)
-    x = _initial_noise(shape_or_noise, generator, dev)
+    dev = model_device(model, device)
+    x = initial_noise(shape_or_noise, generator, dev)
     return run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, progress=progress, desc="ddim",
                     prediction=prediction)  # fmt: skip

@@ -1,21 +1,15 @@
-"""FID and Inception Score against clean reference statistics (optional: needs ``torch-fidelity``).
+"""FID, KID and Inception Score against clean reference images (optional: needs ``torch-fidelity``).
 
     ext = InceptionFeatures(weights="~/weights-inception-2015-12-05-6726825d.pth")   # offline
     ref = reference_stats("cifar10-train", lambda: clean_images, ext)                  # cached .npz
     scores = fid_is(generated_images, ref, ext)                         # {"fid", "is", "is_std"}
 
 The feature network is torch-fidelity's ``inception-v3-compat`` (the TensorFlow Inception of the original
-FID, 2048-d pool features and 1008 logits), fed uint8 RGB images: ours in ``[-1, 1]`` are mapped to
-``[0, 255]`` and one-channel images repeated to three. torch-fidelity downloads its weights on first use;
-offline, pass the file (``weights=`` / ``fastat eval --inception-weights``, or the environment variable
-``FASTAT_INCEPTION_WEIGHTS``, read when the extractor is built) or put it in torch's hub cache
-(``$TORCH_HOME/hub/checkpoints``). Without the package or the weights a one-line
-:class:`FIDUnavailable` says so and how to fix it.
-
-Reference statistics (mean and covariance of the 2048-d features) are cached as ``.npz`` files named by
-a key (dataset, split, size, count) in ``cache_dir`` (default ``~/.cache/fastat/fid``) and checked
-against the key, the feature width and the number of images when read back. The Fréchet math
-(:func:`fastat.eval.metrics.frechet_distance`) and the cache need neither the package nor the weights.
+FID), fed uint8 RGB images (ours in ``[-1, 1]`` mapped to ``[0, 255]``, one channel repeated to three).
+Offline, pass the weights file (``--fid-weights`` / ``--inception-weights``, ``$FASTAT_INCEPTION_WEIGHTS``)
+or put it in torch's hub cache. Without the package or the weights :class:`FIDUnavailable` says so in one
+line. Reference statistics are cached as ``.npz`` files named by a key in ``cache_dir`` (default
+``~/.cache/fastat/fid``) and checked against the key and the number of images when read back.
 """
 
 from __future__ import annotations
@@ -33,6 +27,7 @@ import torch
 from fastat.eval.metrics import feature_stats, frechet_distance
 
 __all__ = [
+    "FIDSpec",
     "FIDUnavailable",
     "FeatureStats",
     "InceptionFeatures",
@@ -42,6 +37,7 @@ __all__ = [
     "fid_is",
     "find_inception_weights",
     "inception_score",
+    "kid",
     "load_stats",
     "reference_stats",
     "save_stats",
@@ -54,6 +50,26 @@ INSTALL_HINT = "pip install 'fastat[eval]' (or pip install torch-fidelity)"
 
 class FIDUnavailable(RuntimeError):
     """FID/IS cannot be computed here: torch-fidelity is not installed or the Inception weights are absent."""
+
+
+@dataclass(frozen=True)
+class FIDSpec:
+    """FID options of a report: ``train``: FID/IS against the clean training images (``--fid``; an error
+    when it cannot be computed); ``ref``: a folder of held-out clean images (``--ref``): FID/KID of the
+    samples and of the training images against it, skipped with a one-line note when the Inception
+    weights are not there; ``weights``: the Inception weights file; ``cache``: reference statistics."""
+
+    train: bool = False
+    ref: str | os.PathLike | None = None
+    weights: str | os.PathLike | None = None
+    cache: str | os.PathLike | None = None
+
+    def check(self) -> FIDSpec:
+        """ValueError (one line) for a ``ref`` that is not a folder."""
+        if self.ref is not None and not Path(self.ref).expanduser().is_dir():
+            what = "is not a folder" if Path(self.ref).expanduser().exists() else "does not exist"
+            raise ValueError(f"--ref {self.ref} {what} (a folder of held-out clean images)")
+        return self
 
 
 # -- statistics and their cache ------------------------------------------------------------------------
@@ -224,6 +240,20 @@ class InceptionFeatures:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(x)[0]
+
+
+def kid(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0, subsets: int = 100) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over ``subsets`` random subsets) of two feature sets, by
+    torch-fidelity (cubic polynomial kernel MMD, unbiased); the subset size is the smaller set's, at most
+    1000."""
+    try:
+        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    except ImportError:
+        raise FIDUnavailable(f"KID needs torch-fidelity, which is not installed: {INSTALL_HINT}") from None
+    size = min(a.shape[0], b.shape[0], 1000)
+    out = kid_features_to_metric(a.double(), b.double(), kid_subsets=subsets, kid_subset_size=size,
+                                 rng_seed=seed, verbose=False)  # fmt: skip
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
 def fid_is(

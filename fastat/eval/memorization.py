@@ -3,20 +3,12 @@
     rep = memorization(samples, train_data)                   # dict of floats
     sim, idx = nearest_neighbors(samples, train_data)         # per sample: best similarity, its index
 
-Similarity is the cosine similarity of *centred* flattened samples: the mean of the training set is
-subtracted from both sides first, so that the shared mean image (or the offset of a point cloud) does not
-make every pair look alike. A sample is a **near-copy** when its similarity to its nearest training
-sample is at least ``threshold`` (default 0.95: pixel-space images that agree to within noise ~30% of
-their spread; exact copies score 1). The L2 distance to the same neighbour is reported too, as an RMS
-per element (one number means the same at any resolution).
-
-Reading the number needs a baseline: held-out samples of the data distribution (e.g. fresh clean samples
-of a known set) score some similarity by chance, and that baseline rises with the size of the training
-set and falls with the dimension. :func:`memorization` takes ``reference`` for that.
-
-Everything runs in blocks of ``batch`` rows on ``device`` (a GPU if given), so an N x M similarity matrix
-is never held at once. ``train`` may be a tensor or anything sliceable into float blocks with a
-``shape`` (e.g. :class:`fastat.data.FloatView` of a uint8 image set): it is never converted whole.
+Similarity is the cosine similarity of flattened samples *centred* on the training mean; a sample is a
+**near-copy** when its nearest training sample is at least ``threshold`` (default 0.95) alike. The L2
+distance to the neighbour is reported too (RMS per element). Read it beside a baseline
+(``reference``: held-out samples of the data distribution). Blocks of ``batch`` rows on ``device``: an
+N x M similarity matrix is never held at once, and ``train`` may be a sliceable float view (e.g.
+:class:`fastat.data.FloatView`), never converted whole. More: docs/DESIGN.md, "Evaluation".
 """
 
 from __future__ import annotations

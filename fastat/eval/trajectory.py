@@ -1,32 +1,15 @@
 """Attacks on the sampling trajectory: perturb ``x_t`` at chosen timesteps, then let sampling go on.
 
-    res = trajectory_attack(ema_model, schedule, noise, attack_at=(200, 500, 800), radius=0.05)
+    res = trajectory_attack(ema_model, schedule, noise, AttackSpec(at=(200, 500, 800), radius=0.05))
     res.clean, res.random, res.attacked          # samples from the same noise: none / random / PGD
     res.change, res.change_x0                    # mean prediction changes per attacked timestep
 
-At each attacked timestep ``t`` the state ``x_t`` is replaced by ``x_t + d`` with ``|d_i| <= radius``
-(L-infinity, in data (x) units). ``d`` is found by PGD maximising the change of the prediction,
-
-    target="eps" (default):  J(d) = || eps_theta(x_t + d, t) - eps_theta(x_t, t) ||^2
-    target="x0":             J(d) = || x0_hat(x_t + d, t) - x0_hat(x_t, t) ||^2,
-                             x0_hat = (x - s_t eps_theta) / a_t
-
-(random start in the box, ``pgd_steps`` signed-gradient steps of ``2.5 radius / pgd_steps``, projection
-after each: :func:`fastat.at.attack.pgd_attack`, with ``s = 1`` and the ``prediction`` target for ``eps``,
-with ``s = s_t``, ``w = d / s_t`` and the ``equivariance`` target for ``x0``, since
-``x0_hat(x_t + d) - x0_hat(x_t) = -(s_t / a_t) (delta eps - d / s_t)``). Both changes are recorded
-whichever is attacked. The ``random`` control uses random corners of the same box
-(``d = radius * sign``), the usual end point of signed-gradient ascent, so the two have the same norm.
-Sampling then continues from the perturbed state with the ordinary DDIM or DDPM update.
-
-Which target to read: an equivariant (AT) denoiser is *trained* to move ``eps`` with its input
-(``eps(x + s w) = eps(x) + w``: a change of ``|d| / s_t``, large at small ``t``), and to keep ``x0_hat``
-still, so the ``eps`` change is large for it by design; the ``x0`` change and the final samples are
-the robustness measures.
-
-The three runs use the same starting noise and the same sampler noise (DDPM / DDIM with eta > 0), so
-any difference in the final samples is the attack's doing; a robust denoiser moves less. The model is
-run in eval mode; no parameter gradient is accumulated and nothing in the model is changed.
+At each attacked timestep PGD (:func:`fastat.at.attack.pgd_attack`) finds ``|d_i| <= radius`` that
+maximises the change of ``eps`` (``target="eps"``) or of ``x0_hat`` (``"x0"``); a random corner of the
+same box is the control. The three runs share the starting and the sampler noise, so any difference in
+the final samples is the attack's doing. An AT denoiser is trained to move ``eps`` with its input, so
+read the ``x0`` change and the final samples as the robustness measures. The derivation: docs/DESIGN.md,
+"Evaluation".
 """
 
 from __future__ import annotations
@@ -39,10 +22,11 @@ import torch
 from torch import nn
 
 from fastat.at.attack import pgd_attack
-from fastat.at.sampling import _initial_noise, _model_device, run_plan, sampling_plan
+from fastat.at.sampling import SamplerSpec, initial_noise, model_device, run_plan, sampling_plan
 from fastat.at.schedule import NoiseSchedule
 
 __all__ = [
+    "AttackSpec",
     "PERTURBATIONS",
     "TARGETS",
     "TrajectoryAttackResult",
@@ -145,7 +129,7 @@ def sample_with_perturbation(
     step_size_ = step_size if step_size is not None else 2.5 / pgd_steps
     plan = sampling_plan(schedule, sampler, steps, eta)
     targets = set(_snap(list(attack_at), plan, schedule.T)) if perturbation != "none" else set()
-    dev = _model_device(model, device)
+    dev = model_device(model, device)
     gen = torch.Generator().manual_seed(int(attack_seed))
     changes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -153,11 +137,13 @@ def sample_with_perturbation(
         t, a_t, s_t = step[:3]
         if t not in targets:
             return x
-        x, j_eps, j_x0 = _perturb(model, x, t, a_t, s_t, perturbation, radius, pgd_steps, step_size_, target, gen)
+        x, j_eps, j_x0 = _perturb(
+            model, x, t, a_t, s_t, perturbation, radius, pgd_steps, step_size_, target, gen
+        )
         changes[t] = (j_eps.cpu(), j_x0.cpu())
         return x
 
-    x = _initial_noise(noise, generator, dev)
+    x = initial_noise(noise, generator, dev)
     x = run_plan(model, plan, x, generator=generator, clip_x0=clip_x0, before_step=before_step)
     return x, changes
 
@@ -196,36 +182,51 @@ class TrajectoryAttackResult:
         return out
 
 
+@dataclass(frozen=True)
+class AttackSpec:
+    """The trajectory attack of a report: ``n`` samples, perturbed at the timesteps ``at`` (moved to the
+    nearest the sampler visits) within an L-inf ``radius`` (data units), ``steps`` PGD steps each,
+    maximising the change of ``target`` (``eps`` or ``x0``)."""
+
+    n: int = 256
+    at: tuple[int, ...] = (200, 500, 800)
+    radius: float = 0.05
+    steps: int = 10
+    target: str = "eps"
+
+    def settings(self) -> dict:
+        """The report's ``attack_*`` settings (eval.json)."""
+        return {"attack_n": self.n, "attack_at": list(self.at), "attack_radius": self.radius,
+                "attack_steps": self.steps, "attack_target": self.target}  # fmt: skip
+
+
 def trajectory_attack(
     model: nn.Module,
     schedule: NoiseSchedule,
     noise: torch.Tensor,
+    attack: AttackSpec | None = None,
+    sampler: SamplerSpec | None = None,
     *,
-    attack_at: Sequence[int] = (200, 500, 800),
-    radius: float = 0.05,
-    pgd_steps: int = 10,
     step_size: float | None = None,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    clip_x0: float | None = None,
     seed: int = 0,
-    target: str = "eps",
     device: torch.device | str | None = None,
 ) -> TrajectoryAttackResult:
-    """Sample ``noise`` three times (no / random / PGD perturbation at ``attack_at``) with identical
-    sampler noise (from ``seed``) and return the three sample sets with the prediction changes."""
+    """Sample ``noise`` three times (no / random / PGD perturbation at ``attack.at``) with identical
+    sampler noise (from ``seed``) and return the three sample sets with the prediction changes.
+    ``attack.n`` is not used here: ``noise`` sets the number of samples. Defaults: ``AttackSpec()``,
+    ``SamplerSpec()``."""
+    attack, sampler = attack or AttackSpec(), sampler or SamplerSpec()
     kw = dict(
-        attack_at=attack_at,
-        radius=radius,
-        pgd_steps=pgd_steps,
+        attack_at=tuple(attack.at),
+        radius=attack.radius,
+        pgd_steps=attack.steps,
         step_size=step_size,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        clip_x0=clip_x0,
+        sampler=sampler.sampler,
+        steps=sampler.steps,
+        eta=sampler.eta,
+        clip_x0=sampler.clip_x0,
         attack_seed=seed + 1,
-        target=target,
+        target=attack.target,
         device=device,
     )
     runs = {}
@@ -242,8 +243,8 @@ def trajectory_attack(
         random=runs["random"][0].cpu(),
         attacked=runs["pgd"][0].cpu(),
         timesteps=ts,
-        radius=float(radius),
-        target=target,
+        radius=float(attack.radius),
+        target=attack.target,
         change=mean("pgd", 0),
         change_random=mean("random", 0),
         change_x0=mean("pgd", 1),

@@ -34,10 +34,9 @@ from fastat.train.checkpoint import NonFiniteWeights
 from fastat.train.config import TrainConfig
 from fastat.train.distributed import DistContext, mark
 from fastat.train.metrics import StatsAccumulator, peak_rss_mb
-from fastat.train.run_config import run_eta
 from fastat.train.run_folder import RunFolder
 from fastat.train.samples import generate, write_samples
-from fastat.train.state import TrainState, clip_for, say
+from fastat.train.state import TrainState, run_sampler, say
 
 # What the loop calls at the end to measure the trained model: (state, cfg, data, ranks) ->
 # (the eval record it logs, the full metrics). The evaluation layer provides it
@@ -258,9 +257,7 @@ def write_grid(
     def sample(part: torch.Tensor, start: int) -> torch.Tensor:  # this rank's rows, its own DDPM noise
         g = torch.Generator(state.device)
         g.manual_seed(derive_seed(r.seed, "sample-ddpm" + (f"@{start}" if start else "")))
-        return generate(model, schedule, part, sampler=r.sampler, steps=r.sample_steps, eta=run_eta(cfg),
-                        clip_x0=clip_for(td.kind), device=state.device,
-                        generator=g)  # fmt: skip
+        return generate(model, schedule, part, run_sampler(cfg, td.kind), device=state.device, generator=g)
 
     x = ctx.spread(sample, noise)
     if not run.writer or x is None:

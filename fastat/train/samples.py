@@ -1,6 +1,6 @@
 """Drawing samples from a trained model and writing them where people (and programs) can look.
 
-    x = generate(ema_model, schedule, noise, sampler="ddim", steps=50, clip_x0=1.0)
+    x = generate(ema_model, schedule, noise, SamplerSpec("ddim", steps=50, clip_x0=1.0))
     write_samples(x, "grid.png", kind="image")     # a grid of images (torchvision.utils.save_image)
     write_samples(x, "samples.npy", kind="image")  # float32 N x C x H x W in [0, 1]
     write_samples(p, "points.npy", kind="points")  # float32 N x D in data units
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastat.at.sampling import ddim_sample, ddpm_sample
+from fastat.at.sampling import SamplerSpec, ddim_sample, ddpm_sample
 from fastat.at.schedule import NoiseSchedule
 from fastat.train.checkpoint import atomic_write
 
@@ -43,38 +44,42 @@ def generate(
     model: nn.Module,
     schedule: NoiseSchedule,
     noise: torch.Tensor,
+    spec: SamplerSpec | None = None,
     *,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    clip_x0: float | None = None,
     generator: torch.Generator | None = None,
     batch: int = 256,
     device: torch.device | str | None = None,
+    progress: bool = False,
+    **changes,
 ) -> torch.Tensor:
     """Samples (float32, on the CPU) from the starting noise ``noise`` ``(N, ...)``, ``batch`` at a time.
 
-    ``sampler``: ``ddim`` (``steps`` steps, ``eta``) or ``ddpm`` (all ``schedule.T`` steps; its per-step
-    noise comes from ``generator``). The model is run in eval mode and left as it was.
+    ``spec``: how (:class:`~fastat.at.sampling.SamplerSpec`; ``changes`` replace its fields, e.g.
+    ``steps=10``); ddpm's per-step noise comes from ``generator``. ``progress``: a tqdm bar over all the
+    sampler's steps. The model is run in eval mode and left as it was.
     """
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+    spec = replace(spec or SamplerSpec(), **changes)
+    if spec.sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {spec.sampler!r}; choose ddim or ddpm")
+    chunks = noise.split(batch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chunks) * spec.visited(schedule.T), desc="sampling", unit="step", leave=False)
     out = []
-    for chunk in noise.split(batch):
-        if sampler == "ddim":
-            x = ddim_sample(
-                model,
-                schedule,
-                chunk,
-                steps=steps,
-                eta=eta,
-                generator=generator,
-                device=device,
-                clip_x0=clip_x0,
-            )
-        else:
-            x = ddpm_sample(model, schedule, chunk, generator=generator, device=device, clip_x0=clip_x0)
-        out.append(x.float().cpu())
+    try:
+        for chunk in chunks:
+            if spec.sampler == "ddim":
+                x = ddim_sample(model, schedule, chunk, steps=spec.steps, eta=spec.eta, generator=generator,
+                                device=device, clip_x0=spec.clip_x0, progress=bar)  # fmt: skip
+            else:
+                x = ddpm_sample(model, schedule, chunk, generator=generator, device=device,
+                                clip_x0=spec.clip_x0, progress=bar)  # fmt: skip
+            out.append(x.float().cpu())
+    finally:
+        if bar is not None:
+            bar.close()
     return torch.cat(out)
 
 

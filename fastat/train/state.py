@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from fastat import __version__
 from fastat.at.prediction import as_eps_model
+from fastat.at.sampling import SamplerSpec
 from fastat.data import DatasetError, TensorLoader, TrainingData, build_dataset, image_loader
 from fastat.data.placement import DeviceImages, StreamImages
 from fastat.models import build_model
@@ -26,7 +27,7 @@ from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
 from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
-from fastat.train.run_config import resolve_precision
+from fastat.train.run_config import resolve_precision, run_eta
 
 __all__ = [
     "TrainState",
@@ -35,6 +36,7 @@ __all__ = [
     "build_training_data",
     "check_compatible",
     "clip_for",
+    "run_sampler",
     "data_info",
     "say",
 ]
@@ -44,6 +46,12 @@ def clip_for(kind: str) -> float | None:
     """Sampling clamps the predicted x0 to [-1, 1] for images (as DDPM does; the known subspace keeps
     ~99% of its pixels in that range) and leaves points free."""
     return 1.0 if kind == "image" else None
+
+
+def run_sampler(cfg: TrainConfig, kind: str) -> SamplerSpec:
+    """The sampler of a run's grids and final evaluation (``run.sampler``, ``run.sample_steps``, the eta of
+    :func:`~fastat.train.run_config.run_eta`, :func:`clip_for` its data ``kind``)."""
+    return SamplerSpec(cfg.run.sampler, cfg.run.sample_steps, run_eta(cfg), clip_for(kind))
 
 
 @dataclass

@@ -29,7 +29,7 @@ import contextlib
 from pathlib import Path
 
 from fastat.train.checkpoint import Checkpoint, load_checkpoint
-from fastat.train.config import ConfigError, TrainConfig, _plain
+from fastat.train.config import ConfigError, TrainConfig
 from fastat.train.distributed import DistContext
 from fastat.train.loop import (
     FinalEval,
@@ -60,6 +60,7 @@ from fastat.train.state import (
     check_compatible,
     clip_for,
     data_info,
+    model_spec_of,
 )
 
 __all__ = [
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         check_same_checkpoint(ckpt, ctx)
         td = ctx.in_turn(lambda: build_training_data(cfg, progress=progress), "reading the data")
         with ctx.together("building the model"):
-            spec = _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+            spec = model_spec_of(cfg)
             info = data_info(td)
             if ckpt is not None:
                 check_compatible(ckpt, spec, info)

@@ -9,6 +9,7 @@ source, the values saved alongside), and how it is built from the config and the
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 
@@ -31,11 +32,13 @@ from fastat.train.run_config import resolve_precision
 __all__ = [
     "TrainState",
     "build_batches",
+    "build_checked_model",
     "build_state",
     "build_training_data",
     "check_compatible",
     "clip_for",
     "data_info",
+    "model_spec_of",
     "say",
 ]
 
@@ -209,11 +212,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
     ctx = ctx or DistContext()
     spec = extra["model"]
     torch.manual_seed(r.seed)  # model initialisation and (one rank) dropout
-    try:
-        model = build_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError, ImportError) as e:
-        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
-    model = model.to(device)
+    model = build_checked_model(spec).to(device)
     if ctx.enabled:
         torch.manual_seed(ctx.rank_seed(r.seed, "dropout"))
     batches = build_batches(cfg, td, device, rank=ctx.rank, world_size=ctx.world_size)
@@ -228,6 +227,21 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
         reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
     )  # fmt: skip
     return TrainState(model, engine, batches, device, extra)
+
+
+def model_spec_of(cfg: TrainConfig) -> dict:
+    """The finalized config's model as a plain ``{"name", "kwargs"}`` (what checkpoints record)."""
+    return _plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+
+
+def build_checked_model(spec: dict, device: torch.device | str | None = None) -> nn.Module:
+    """The model of ``spec`` (``{"name", "kwargs"}``), a bad spec as one ConfigError. ``device="meta"``
+    (``--dry-run``) allocates no weights but runs every check of the real build, with its message."""
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_model(spec["name"], **spec["kwargs"])
+    except (TypeError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
 
 
 def data_info(td: TrainingData) -> dict:

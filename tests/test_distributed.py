@@ -230,6 +230,8 @@ def test_two_ranks_write_one_run_folder(two_ranks):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(5, 61, 5))  # once each
     assert [r["step"] for r in records if r["kind"] == "eval"] == [60]
     assert p.stdout.count("run:        ") == 1 and p.stdout.count("trained 60 steps") == 1
+    assert fastat_lines(p.stderr).count("fastat: torchrun: world size 2, backend gloo, per-rank batch 16 "
+                                        "(global 32) on cpu") == 1  # fmt: skip
     saved = sorted(c.name for c in (out / "checkpoints").glob("ckpt-*"))
     assert saved == [f"ckpt-{s:06d}" for s in range(10, 61, 10)]
     state = torch.load(out / "checkpoints" / "ckpt-000060" / "state.pt", weights_only=True)

@@ -301,7 +301,7 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 
     if result.eval:  # built-in known distribution: the full report of fastat eval, and RUN/eval.json
         report_after_training(result, cfg)
-    print(f"trained {result.step} steps on {result.device} in {result.seconds:.0f} s")
+    print(f"{result.trained_line} on {result.device} in {result.seconds:.0f} s")
     line = gain_line(result, cfg)  # None without a final evaluation
     if line:
         print(line)

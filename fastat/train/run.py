@@ -61,6 +61,7 @@ from fastat.train.state import (
     clip_for,
     data_info,
     model_spec_of,
+    say,
 )
 
 __all__ = [
@@ -116,6 +117,8 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         with ctx.together("start-up"):
             ctx.check_batch(r.batch_size)
             device = resolve_device(r.device, ctx)
+            if ctx.enabled and ctx.is_main:
+                say(ranks_line(ctx, r.batch_size, device))
             ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
             run = stack.enter_context(RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps,
                                                      keep=r.keep, tensorboard=r.tensorboard,
@@ -130,10 +133,23 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
             state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info}, ctx)
             stack.callback(state.batches.close)  # the stream placement's reader threads
             start = state.restore(ckpt, ctx, r.seed) if ckpt is not None else 0
+            if ckpt is not None and ctx.is_main:
+                say(f"fastat: resuming {run.path} from step {start} ({ckpt.path.name})")
             with io_errors(run):
                 run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
         ctx.broadcast_(state.model, state.ema)  # one model: rank 0's (the same seed built it everywhere)
         return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx, final_eval=final_eval)
+
+
+def ranks_line(ctx: DistContext, batch_size: int, device) -> str:
+    """The one line a torchrun job says at its start: world size, backend, per-rank batch."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()) if dist.is_initialized() else "none"
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": the one this run's device uses
+        backend = dict(p.split(":", 1) for p in backend.split(",")).get(device.type, backend)
+    return (f"fastat: torchrun: world size {ctx.world_size}, backend {backend}, per-rank batch "
+            f"{batch_size // ctx.world_size} (global {batch_size}) on {device.type}")  # fmt: skip
 
 
 def check_same_checkpoint(ckpt: Checkpoint | None, ctx: DistContext) -> None:

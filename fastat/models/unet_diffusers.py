@@ -58,7 +58,8 @@ def _res(prefix: str, sd: dict, out: dict) -> None:
 
 def _attn(prefix: str, sd: dict, out: dict) -> None:
     out[f"{prefix}.group_norm.weight"], out[f"{prefix}.group_norm.bias"] = sd["norm.weight"], sd["norm.bias"]
-    for name, w, b in zip(("to_q", "to_k", "to_v"), sd["qkv.weight"].chunk(3), sd["qkv.bias"].chunk(3)):
+    qkv = zip(("to_q", "to_k", "to_v"), sd["qkv.weight"].chunk(3), sd["qkv.bias"].chunk(3), strict=True)
+    for name, w, b in qkv:
         out[f"{prefix}.{name}.weight"], out[f"{prefix}.{name}.bias"] = w[:, :, 0, 0], b
     out[f"{prefix}.to_out.0.weight"] = sd["proj_out.weight"][:, :, 0, 0]
     out[f"{prefix}.to_out.0.bias"] = sd["proj_out.bias"]
@@ -72,8 +73,9 @@ def diffusers_state_dict(model: UNet) -> dict[str, torch.Tensor]:
     """``model``'s weights under ``UNet2DModel``'s parameter names (for :func:`diffusers_config`)."""
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for mine, theirs in (("temb.0", "time_embedding.linear_1"), ("temb.2", "time_embedding.linear_2"),
-                         ("conv_in", "conv_in"), ("norm_out", "conv_norm_out"), ("conv_out", "conv_out")):  # fmt: skip
+    same = {"temb.0": "time_embedding.linear_1", "temb.2": "time_embedding.linear_2", "conv_in": "conv_in",
+            "norm_out": "conv_norm_out", "conv_out": "conv_out"}  # fmt: skip
+    for mine, theirs in same.items():
         for param in ("weight", "bias"):
             out[f"{theirs}.{param}"] = sd[f"{mine}.{param}"]
 

@@ -60,6 +60,7 @@ from fastat.train.state import (
     check_compatible,
     clip_for,
     data_info,
+    data_line,
     model_spec_of,
     say,
 )
@@ -132,9 +133,14 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
                 check_compatible(ckpt, spec, info)
             state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info}, ctx)
             stack.callback(state.batches.close)  # the stream placement's reader threads
+            if cfg.data.placement == "auto":  # config.yaml records the placement chosen (known sets: device)
+                cfg = cfg.with_overrides({"data.placement": getattr(state.batches, "placement", "device")})
+                state.extra["config"] = cfg.to_dict()
             start = state.restore(ckpt, ctx, r.seed) if ckpt is not None else 0
-            if ckpt is not None and ctx.is_main:
-                say(f"fastat: resuming {run.path} from step {start} ({ckpt.path.name})")
+            if ctx.is_main:
+                say(data_line(cfg, td, state.batches, device))
+                if ckpt is not None:
+                    say(f"fastat: resuming {run.path} from step {start} ({ckpt.path.name})")
             with io_errors(run):
                 run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
         ctx.broadcast_(state.model, state.ema)  # one model: rank 0's (the same seed built it everywhere)

@@ -65,6 +65,7 @@ class DataConfig:
     device_budget_gb: float | None = None  # auto: device if the set fits this (None: 25% of free memory)
     prefetch: int = 4  # stream placement: batches read ahead
     cache_dir: str | None = None  # prepared copies of image folders (None: $FASTAT_CACHE or ~/.cache/fastat)
+    prepare_wait: float = 86400.0  # seconds to wait for another process preparing the same folder (0: fail)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ class TrainConfig:
         if d.device_budget_gb is not None:
             _nonneg(d.device_budget_gb, "data.device_budget_gb")
         _positive_int(d.prefetch, "data.prefetch")
+        _nonneg(d.prepare_wait, "data.prepare_wait")
         if d.dataset not in DATASETS:
             folder = Path(d.dataset).expanduser()
             if not folder.exists():

@@ -173,6 +173,7 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         progress=progress,
         log=say,
         min_items=cfg.run.batch_size,
+        prepare_wait=d.prepare_wait,
     )
     if len(td) == 0:
         raise DatasetError(f"dataset {d.dataset!r} is empty")

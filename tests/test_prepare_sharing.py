@@ -93,7 +93,9 @@ def test_waiting_ends_with_one_line_after_the_timeout_or_at_once_without_wait(tm
     out = tmp_path / "set"
     first = holder(src, out)
     try:
-        with pytest.raises(DatasetError, match=r"waited 0.3 s for another process preparing .*data.prepare_wait"):
+        with pytest.raises(
+            DatasetError, match=r"waited 0.3 s for another process preparing .*data.prepare_wait"
+        ):
             prepare(src, out, 8, progress=False, wait=0.3, log=lambda msg: None)
         with pytest.raises(DatasetError, match="another fastat prepare is writing"):
             prepare(src, out, 8, progress=False)

@@ -18,7 +18,9 @@ def test_a_grid_of_small_images_is_enlarged_by_nearest_neighbour(tmp_path):
     assert min(grid.size) >= GRID_MIN_PX  # was 73 x 73
     # factor 4: sample 0 is the 32x32 square at (1, 1), each of its pixels a constant 4x4 block
     a = torch.from_numpy(np.array(grid)).permute(2, 0, 1)[:, 1:33, 1:33]
-    expected = (x[0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    expected = (
+        (x[0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    )
     assert torch.equal(a, expected)
 
 
@@ -29,11 +31,11 @@ def test_a_grid_of_large_images_keeps_its_size(tmp_path):
 
 def test_a_resume_says_where_it_starts_and_counts_the_steps_of_this_call(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "train", *IMAGES, "--steps", "2", "--set", "run.eval_n=0", "--out", out)
+    common = ["train", *IMAGES, "--set", "run.eval_n=0", "--out", out]
+    code, stdout, err = run_cli(capsys, *common, "--steps", "2")
     assert code == 0, err
     assert "trained 2 steps (steps 1..2)" in stdout and "resuming" not in err
-    code, stdout, err = run_cli(capsys, "train", *IMAGES, "--steps", "5", "--set", "run.eval_n=0", "--out", out,
-                                "--resume", "auto")  # fmt: skip
+    code, stdout, err = run_cli(capsys, *common, "--steps", "5", "--resume", "auto")
     assert code == 0, err
     assert f"fastat: resuming {out} from step 2 (ckpt-000002)" in err.splitlines()
     assert "trained 3 steps (steps 3..5) on cpu" in stdout

@@ -191,7 +191,7 @@ def test_sample_png_grid_and_default_path(image_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert run_cli(capsys, "sample", "--run", image_run, "--n", "9", "--steps", "2", "--out", out)[0] == 0
     with Image.open(out) as im:
-        assert im.size == (3 * 8 + 4, 3 * 8 + 4)  # 3 x 3 grid, padding 1
+        assert im.size == (3 * 88 + 4, 3 * 88 + 4)  # 3 x 3 grid of 8 px enlarged 11x (>= 256 px), padding 1
     code, stdout, _ = run_cli(
         capsys, "sample", "--run", image_run, "--n", "4", "--sampler", "ddpm", "--out", tmp_path / "ddpm.npy"
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import run_cli
+from train_helpers import run_cli, without_notes
 
 from fastat.at.objective import ATObjective
 from fastat.at.sampling import SamplerSpec
@@ -51,9 +51,10 @@ def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def fastat_lines(err: str) -> list[str]:
-    """The lines fastat itself printed on stderr (not torchrun's report)."""
-    return [ln for ln in err.splitlines() if ln.startswith("fastat")]
+def fastat_lines(err: str, notes: bool = False) -> list[str]:
+    """The lines fastat itself printed on stderr (not torchrun's report); the start-up notes only with
+    ``notes``."""
+    return [ln for ln in (err if notes else without_notes(err)).splitlines() if ln.startswith("fastat")]
 
 
 def no_fastat_traceback(err: str) -> bool:
@@ -231,6 +232,8 @@ def test_two_ranks_write_one_run_folder(two_ranks):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(5, 61, 5))  # once each
     assert [r["step"] for r in records if r["kind"] == "eval"] == [60]
     assert p.stdout.count("run:        ") == 1 and p.stdout.count("trained 60 steps") == 1
+    ranks = "fastat: torchrun: world size 2, backend gloo, per-rank batch 16 (global 32) on cpu"
+    assert fastat_lines(p.stderr, notes=True).count(ranks) == 1  # said once, by rank 0
     saved = sorted(c.name for c in (out / "checkpoints").glob("ckpt-*"))
     assert saved == [f"ckpt-{s:06d}" for s in range(10, 61, 10)]
     state = torch.load(out / "checkpoints" / "ckpt-000060" / "state.pt", weights_only=True)

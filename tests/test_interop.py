@@ -223,16 +223,6 @@ def test_train_with_model_diffusers_then_export_a_pipeline(tmp_path, capsys):
     assert not any(p.name.startswith((".tmp", ".trash")) for p in Path(tmp_path).iterdir())
 
 
-def test_export_refuses_a_fastat_unet_run(tmp_path, capsys):
-    needs("diffusers")
-    run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", *IMAGES, "--steps", "1", "--set", "run.eval_n=0", "--out", run)
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "export", "--run", run, tmp_path / "out")
-    assert_one_line_error(code, err, "--model diffusers")
-    assert not (tmp_path / "out").exists()
-
-
 def test_model_diffusers_errors_are_one_line(tmp_path, capsys, monkeypatch):
     needs("diffusers")  # without it, the install hint comes first (checked last, below)
     import fastat.models.diffusers_unet as du

@@ -132,7 +132,8 @@ def test_resume_mid_epoch_is_bit_identical_across_placements(
     from fastat.train.checkpoint import load_checkpoint
 
     _, ds = prepared_set
-    common = ["train", "--dataset", ds, *TINY, "--save-every", "4"]
+    asked = ["--corrupt-frac", "0.5", "--set", "data.flip=true"]  # noise and flips: the batches differ more
+    common = ["train", "--dataset", ds, *TINY, "--save-every", "4", *asked]
     straight, split = tmp_path / "straight", tmp_path / "split"
     code, _, err = run_cli(capsys, *common, "--steps", "8", "--out", straight, "--data-placement", "device")
     assert code == 0 and "placement device: requested" in err, err

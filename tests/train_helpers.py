@@ -57,6 +57,16 @@ IMAGES = [
 ]
 
 
+# The lines a run says once at its start (where it runs, its data, what it resumes): left out where a test
+# counts the lines of an error or a stop.
+NOTES = ("fastat: torchrun: ", "fastat: data: ", "fastat: resuming ")
+
+
+def without_notes(err: str) -> str:
+    """``err`` without the start-up :data:`NOTES`."""
+    return "\n".join(ln for ln in err.splitlines() if not ln.startswith(NOTES))
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """``fastat ARGS`` in-process: (exit code, stdout, stderr)."""
     capsys.readouterr()

@@ -6,7 +6,7 @@
     fastat train --dry-run                         # validate and print the resolved config, write nothing
     torchrun --standalone --nproc_per_node=8 -m fastat train ...   # data parallel (README: Many GPUs)
     fastat sample --run runs/exp --n 64 --out grid.png
-    fastat export --run runs/exp --format diffusers out/exp   # a DDPMPipeline folder (--model diffusers runs)
+    fastat export --run runs/exp --format diffusers out/exp   # a DDPMPipeline folder (any image run)
 
 Bad input (unknown dataset or mode, missing folder, bad YAML, unknown key, ...) is reported as one
 line ``fastat: error: ...`` on stderr with exit code 2; ``--traceback`` shows the full traceback
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
             "format. "
             "diffusers: a DDPMPipeline folder (model_index.json, unet/, scheduler/) that "
             "DDPMPipeline.from_pretrained(OUT) and UNet2DModel.from_pretrained(OUT, subfolder='unet') load; "
-            "the run must have been trained with --model diffusers."
+            "fastat's own UNet becomes the UNet2DModel of the same network (same outputs)."
         ),
     )
     x.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")

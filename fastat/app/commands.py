@@ -69,11 +69,13 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     from fastat.eval.evaluate import final_evaluation
     from fastat.train.run import TrainingInterrupted, resolve_device, resolve_precision, train
     from fastat.train.run_folder import RunFolder
+    from fastat.train.state import build_checked_model, model_spec_of
 
     if args.dry_run:
         with ctx.together("the dry run"):
             device = resolve_device(cfg.run.device, ctx)
             RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take it
+            build_checked_model(model_spec_of(cfg), "meta")  # the real build's checks, no weights
         if not ctx.is_main:
             return 0
         print(cfg.to_yaml(), end="")
@@ -111,7 +113,7 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 
     if result.eval:  # built-in known distribution: the full report of fastat eval, and RUN/eval.json
         report_after_training(result, cfg)
-    print(f"trained {result.step} steps on {result.device} in {result.seconds:.0f} s")
+    print(f"{result.trained_line} on {result.device} in {result.seconds:.0f} s")
     line = gain_line(result, cfg)  # None without a final evaluation
     if line:
         print(line)

@@ -7,8 +7,10 @@
 The diffusers format is a ``DDPMPipeline`` folder: ``model_index.json``, ``unet/`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors``) and ``scheduler/scheduler_config.json``, a ``DDPMScheduler``
 with the run's schedule (by name where diffusers has it, else its exact ``trained_betas``), its prediction
-type (``epsilon``, ``v_prediction``, ``sample``) and the run's clamp of the predicted x0. Only runs trained
-with ``--model diffusers`` can be exported this way: fastat's own UNet has no diffusers class.
+type (``epsilon``, ``v_prediction``, ``sample``) and the run's clamp of the predicted x0. Every image run
+exports: a ``--model diffusers`` run's UNet2DModel as is, fastat's own UNet (``tiny``, ``cifar10``, ...)
+as the ``UNet2DModel`` of the same network (:mod:`fastat.models.unet_diffusers`: config and weights, the
+same outputs to float rounding). Points models (``mlp``) have no diffusers counterpart.
 
 The folder is written next to ``OUT`` under a temporary name and renamed into place: an interrupted
 export leaves no half-written ``OUT``. An existing, non-empty ``OUT`` is refused unless ``overwrite``.
@@ -21,6 +23,8 @@ import shutil
 from pathlib import Path
 
 from fastat.at.schedule import NoiseSchedule
+from fastat.models.unet import UNet
+from fastat.models.unet_diffusers import diffusers_config, diffusers_state_dict
 from fastat.train.config import ConfigError
 
 __all__ = ["DIFFUSERS_PREDICTION", "FORMATS", "ExportError", "diffusers_scheduler_config", "export_run"]
@@ -81,15 +85,20 @@ def export_run(
     if dest.exists() and not (dest.is_dir() and (overwrite or not any(dest.iterdir()))):
         raise ExportError(f"{dest} already exists and is not empty; choose another OUT or pass --overwrite")
     model, cfg, ckpt = load_run(run, ema=ema, eps_model=False)
-    if cfg.model.name != "diffusers":
+    if cfg.model.name == "diffusers":
+        unet = model.unet
+    elif isinstance(model, UNet):
+        unet = diffusers.UNet2DModel(**diffusers_config(model.config))
+        unet.load_state_dict(diffusers_state_dict(model), strict=True)
+    else:
         raise ExportError(
-            f"run {ckpt.run_dir} trained model {cfg.model.name!r} (fastat's own network, which has no "
-            f"diffusers class); --format diffusers needs a run trained with --model diffusers"
+            f"run {ckpt.run_dir} trained model {cfg.model.name!r}, a network for points; --format diffusers "
+            f"holds image UNets (a run on an image dataset)"
         )
     clip_x0 = ckpt.state.get("data", {}).get("clip_x0", 1.0)  # what fastat's own sampling clamps to
     sched_cfg = diffusers_scheduler_config(cfg.build_objective().schedule, cfg.objective.prediction, clip_x0)
     scheduler = diffusers.DDPMScheduler(**sched_cfg)
-    pipe = diffusers.DDPMPipeline(unet=model.unet, scheduler=scheduler)
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
     return _write_folder(dest, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
 

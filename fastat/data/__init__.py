@@ -140,6 +140,7 @@ def build_dataset(
     progress: bool = True,
     log=None,
     min_items: int | None = None,
+    prepare_wait: float | None = None,
 ) -> TrainingData:
     """Training data for a dataset name (:data:`DATASETS`) or a folder path.
 
@@ -155,6 +156,7 @@ def build_dataset(
 
     Unknown names that are not folders raise :class:`DatasetError` listing the valid names. ``min_items``
     (the batch size): an image folder with fewer files is an error before anything is prepared.
+    ``prepare_wait``: seconds to wait for another process preparing the same folder (None: an error).
     """
     known: KnownDistribution | None = None
     spec = os.fspath(name_or_path)
@@ -180,7 +182,8 @@ def build_dataset(
         raise ValueError(f"max_items must be >= 0, got {max_items}")
     images, name, source = open_images(spec, image_size=image_size, data_root=data_root, download=download,
                                        cache_dir=cache_dir, max_items=max_items, workers=num_workers or None,
-                                       progress=progress, log=log, min_images=min_items)  # fmt: skip
+                                       progress=progress, log=log, min_images=min_items,
+                                       wait=prepare_wait)  # fmt: skip
     ic = IndexedCorruption.build(len(images), noise_p, noise_sigma, outliers=outliers,
                                  outlier_kind=outlier_kind, seed=derive_seed(seed, "corrupt"))  # fmt: skip
     return TrainingData(name, "image", tuple(images.shape), None, None, ic.noisy_mask, ic.outlier_mask, None,

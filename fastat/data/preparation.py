@@ -18,7 +18,6 @@ with ``replace=True``, prepared again and swapped in when done).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -35,6 +34,7 @@ import numpy as np
 
 from fastat import __version__
 
+from . import prep_lock
 from ._errors import DatasetError
 from .decode import IMAGE_EXTENSIONS, READ_ERRORS, decode_image
 from .prepared import FORMAT, MANIFEST, VERSION, PreparedImages, npy_header, read_manifest, set_checksum
@@ -205,13 +205,15 @@ def prepare(
     replace: bool = False,
     log: Callable[[str], None] | None = None,
     min_images: int | None = None,
+    wait: float | None = None,
 ) -> PreparedImages:
     """Prepare ``src`` (an image folder or ``"cifar10"``) at ``image_size`` into the folder ``out``;
     return it opened. See the module docstring. ``workers``: decode processes (default: all cores).
     ``replace``: an ``out`` prepared from other files or at another size is prepared again (used by the
     trainer's cache) instead of being an error. ``log`` gets one-line notes (skipped files, resume);
     without it they are warnings. ``min_images``: fail before decoding anything when the source has
-    fewer files (the trainer passes its batch size)."""
+    fewer files (the trainer passes its batch size). ``wait``: seconds to wait for another process preparing
+    ``out`` (then its result is used); None: that is an error at once."""
     if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= 16384:
         raise DatasetError(f"--image-size must be an integer in [1, 16384], got {image_size!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
@@ -224,13 +226,16 @@ def prepare(
             f"--batch-size {min_images} is larger than the dataset ({source.n} samples) in {src}"
         )
     params = {"image_size": image_size, "source": source.describe, "source_digest": source.digest}
-    try:
-        done = _check_existing(out, params)
-    except DatasetError:
-        if not (replace and (out / MANIFEST).is_file()):
-            raise
-        done = False
-    if done:
+
+    def finished() -> bool:
+        try:
+            return _check_existing(out, params)
+        except DatasetError:
+            if not (replace and (out / MANIFEST).is_file()):
+                raise
+            return False
+
+    if finished():
         return PreparedImages.open(out)
     shape = (3, image_size, image_size)
     row = int(np.prod(shape))
@@ -238,21 +243,18 @@ def prepare(
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.parent / f".{out.name}.partial"
-        partial.mkdir(exist_ok=True)
-        lock = open(partial / "lock", "w")
     except OSError as e:
         raise DatasetError(f"cannot write next to --out {out}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise DatasetError(f"another fastat prepare is writing {out} (lock {partial / 'lock'})") from None
+    partial = out.parent / f".{out.name}.partial"
+    lock = prep_lock.acquire(partial, out, wait, say)
+    if finished():  # another process prepared it while this one waited
+        prep_lock.release_unused(lock, partial, out)
+        return PreparedImages.open(out)
     try:
         state = _resume_state(partial, params, shard_size, say)
         if log is not None:
             log(f"fastat: preparing {source.n} images of {source.describe} at {image_size} px into {out}")
-        _run(source, partial, state, shape, shard_size, workers, progress)
+        _run(source, partial, state, shape, shard_size, workers, progress, inherited=(lock.fileno(),))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -325,10 +327,12 @@ def _resume_state(partial: Path, params: dict, shard_size: int, say) -> dict:
 
 
 def _run(
-    source: _Source, partial: Path, state: dict, shape, shard_size: int, workers, progress: bool
-) -> None:
+    source: _Source, partial: Path, state: dict, shape, shard_size: int, workers, progress: bool,
+    inherited: tuple[int, ...] = (),
+) -> None:  # fmt: skip
     """Decode the files after ``state['files_done']`` in worker processes (in order) and write shards,
-    recording progress after each complete shard."""
+    recording progress after each complete shard. The workers close ``inherited`` (the lock) and end
+    with this process (:func:`fastat.data.prep_lock.worker_init`)."""
     from tqdm.auto import tqdm
 
     row = int(np.prod(shape))
@@ -341,7 +345,10 @@ def _run(
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     bar = tqdm(total=source.n, initial=start, desc="prepare", unit="img", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx) if workers > 1 and len(starts) > 1 else None
+    pool = None
+    if workers > 1 and len(starts) > 1:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=prep_lock.worker_init,
+                                      initargs=(os.getpid(), tuple(inherited)))  # fmt: skip
     pending: deque = deque()
 
     def submit(i: int) -> None:

@@ -61,10 +61,12 @@ def open_images(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     min_images: int | None = None,
+    wait: float | None = None,
 ) -> tuple[PreparedImages | MemoryImages, str, str]:
     """``(images, name, source)`` for ``spec`` (see the module docstring); the first ``max_items``
     images if given. ``log`` gets the lines of :func:`prepare` (which says when it prepares);
-    ``min_images`` (the batch size) is checked before anything is prepared."""
+    ``min_images`` (the batch size) is checked before anything is prepared; ``wait``: seconds to wait for
+    another process preparing the same cache entry (:func:`prepare`)."""
     from .preparation import prepare
 
     if os.fspath(spec) == "cifar10":
@@ -77,7 +79,7 @@ def open_images(
             out = prepared_cache_path("cifar10", image_size, cache_dir)
             images = prepare("cifar10", out, image_size, data_root=data_root, download=download,
                              workers=workers, progress=progress, replace=True, log=log,
-                             min_images=min_images)  # fmt: skip
+                             min_images=min_images, wait=wait)  # fmt: skip
         name = "cifar10"
     else:
         path = Path(spec).expanduser()
@@ -91,7 +93,7 @@ def open_images(
                 raise DatasetError(f"image_size (--image-size) is required to prepare the folder {path}")
             out = prepared_cache_path(path, image_size, cache_dir)
             images = prepare(path, out, image_size, workers=workers, progress=progress, replace=True, log=log,
-                             min_images=min_images)  # fmt: skip
+                             min_images=min_images, wait=wait)  # fmt: skip
         name = "folder"
     if max_items is not None and max_items < len(images):
         images = images.head(max_items)

@@ -50,7 +50,10 @@ FLAGS = {
     ),
     "data_root": ("data.data_root", str, "torchvision root for cifar10 (default: data)"),
     "image_size": ("data.image_size", int, "image size (required for folders; resizes others)"),
-    "corrupt_frac": ("data.corrupt_frac", float, "fraction of training samples made noisy (default 0.9)"),
+    "corrupt_frac": (
+        "data.corrupt_frac", float,
+        "fraction of training samples made noisy (default: 0.9 on the built-in sets, 0 on real images)",
+    ),
     "corrupt_sigma": ("data.corrupt_sigma", float, "std of that noise in data units (default 0.2)"),
     "model": ("model.name", str, "auto | tiny | cifar10 | celeba64 | lsun256 | mlp | diffusers"),
     "mode": ("objective.mode", str, "ddpm | rand | adv | pgd | inv | free (default adv)"),

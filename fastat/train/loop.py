@@ -88,6 +88,15 @@ class TrainResult:
     seconds: float = 0.0
     eval_metrics: dict[str, float] = field(default_factory=dict)
     data_kind: str = ""
+    start: int = 0  # the step this call started from (a resumed run's checkpoint step)
+
+    @property
+    def trained_line(self) -> str:
+        """What this call trained: ``trained N steps (steps A..B)``, N counting this call only."""
+        n = self.step - self.start
+        if n == 0:
+            return f"trained 0 steps (the run was at step {self.step})"
+        return f"trained {n} steps (steps {self.start + 1}..{self.step})"
 
 
 def lr_at(step: int, lr: float, warmup: int, schedule: str = "constant", total: int = 0,
@@ -334,7 +343,7 @@ def training_loop(
             run.log(step, summary, kind="eval")
     return TrainResult(run.path, step, run.last_checkpoint, samples, run.metrics_path, summary,
                        device=str(state.device), seconds=time.perf_counter() - t_start,
-                       eval_metrics=eval_metrics, data_kind=td.kind)  # fmt: skip
+                       eval_metrics=eval_metrics, data_kind=td.kind, start=start)  # fmt: skip
 
 
 def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainState, cfg: TrainConfig,

@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 
 from fastat.train.checkpoint import Checkpoint, load_checkpoint
-from fastat.train.config import ConfigError, TrainConfig, plain
+from fastat.train.config import ConfigError, TrainConfig
 from fastat.train.distributed import DistContext
 from fastat.train.loop import (
     FinalEval,
@@ -48,6 +48,9 @@ from fastat.train.state import (
     check_compatible,
     clip_for,
     data_info,
+    data_line,
+    model_spec_of,
+    say,
 )
 
 __all__ = [
@@ -103,6 +106,8 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         with ctx.together("start-up"):
             ctx.check_batch(r.batch_size)
             device = resolve_device(r.device, ctx)
+            if ctx.enabled and ctx.is_main:
+                say(ranks_line(ctx, r.batch_size, device))
             ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
             run = stack.enter_context(RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps,
                                                      keep=r.keep, tensorboard=r.tensorboard,
@@ -110,17 +115,35 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         check_same_checkpoint(ckpt, ctx)
         td = ctx.in_turn(lambda: build_training_data(cfg, progress=progress), "reading the data")
         with ctx.together("building the model"):
-            spec = plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+            spec = model_spec_of(cfg)
             info = data_info(td)
             if ckpt is not None:
                 check_compatible(ckpt, spec, info)
             state = build_state(cfg, td, device, {"config": cfg.to_dict(), "model": spec, "data": info}, ctx)
             stack.callback(state.batches.close)  # the stream placement's reader threads
+            if cfg.data.placement == "auto":  # config.yaml records the placement chosen (known sets: device)
+                cfg = cfg.with_overrides({"data.placement": getattr(state.batches, "placement", "device")})
+                state.extra["config"] = cfg.to_dict()
             start = state.restore(ckpt, ctx, r.seed) if ckpt is not None else 0
+            if ctx.is_main:
+                say(data_line(cfg, td, state.batches, device))
+                if ckpt is not None:
+                    say(f"fastat: resuming {run.path} from step {start} ({ckpt.path.name})")
             with io_errors(run):
                 run.start(cfg.to_yaml(), step=start)  # every check passed: the first write
         ctx.broadcast_(state.model, state.ema)  # one model: rank 0's (the same seed built it everywhere)
         return training_loop(run, state, cfg, td, start=start, progress=progress, ctx=ctx, final_eval=final_eval)
+
+
+def ranks_line(ctx: DistContext, batch_size: int, device) -> str:
+    """The one line a torchrun job says at its start: world size, backend, per-rank batch."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()) if dist.is_initialized() else "none"
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": the one this run's device uses
+        backend = dict(p.split(":", 1) for p in backend.split(",")).get(device.type, backend)
+    return (f"fastat: torchrun: world size {ctx.world_size}, backend {backend}, per-rank batch "
+            f"{batch_size // ctx.world_size} (global {batch_size}) on {device.type}")  # fmt: skip
 
 
 def check_same_checkpoint(ckpt: Checkpoint | None, ctx: DistContext) -> None:

@@ -34,6 +34,7 @@ from fastat.utils.errors import one_line
 __all__ = [
     "check_data_memory",
     "data_shape",
+    "default_corrupt_frac",
     "default_run_name",
     "diffusers_kwargs",
     "finalize",
@@ -42,7 +43,9 @@ __all__ = [
     "resolve_config",
     "resolve_device",
     "resolve_precision",
+    "resolved_defaults",
     "run_eta",
+    "upgrade_saved",
 ]
 
 
@@ -154,14 +157,51 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{ds}-{cfg.objective.mode}"
 
 
+def default_corrupt_frac(dataset: str) -> float:
+    """``data.corrupt_frac`` auto: the paper's 90% noisy copies on the built-in known sets (an experiment
+    with a known clean support), none on real images (cifar10, folders, prepared sets: used as given)."""
+    return 0.9 if dataset in KNOWN else 0.0
+
+
+def resolved_defaults(cfg: TrainConfig) -> dict:
+    """Overrides that fill in the config's ``auto`` / ``None`` values that the config alone decides:
+    ``data.corrupt_frac`` (:func:`default_corrupt_frac`), ``data.flip`` (off), ``run.device`` (``auto``:
+    this machine's ``cuda`` or ``cpu``), ``run.precision`` and ``run.fast`` (for that device)."""
+    d, r = cfg.data, cfg.run
+    over: dict = {}
+    if d.corrupt_frac is None:
+        over["data.corrupt_frac"] = default_corrupt_frac(d.dataset)
+    if d.flip is None:
+        over["data.flip"] = False
+    if r.device == "auto":
+        over["run.device"] = resolve_device("auto").type
+    device = torch.device(over.get("run.device", r.device))
+    if r.precision == "auto":
+        over["run.precision"] = resolve_precision("auto", device)
+    if r.fast is None:
+        over["run.fast"] = device.type == "cuda"
+    return over
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A saved config with what its ``None`` meant when it was written: ``data.flip`` None was "on for
+    real images" before flips became opt-in (a resumed run keeps its augmentation)."""
+    data = saved.get("data")
+    if isinstance(data, dict) and "flip" in data and data["flip"] is None:
+        saved = {**saved, "data": {**data, "flip": str(data.get("dataset", "subspace")) not in KNOWN}}
+    return saved
+
+
 def finalize(cfg: TrainConfig) -> TrainConfig:
-    """Resolve what depends on the data or the clock: the model (``auto``, data-derived arguments),
-    the sampler's ``eta`` (auto: 1 on the built-in sets, 0 on real images) and the run folder
-    (``runs/<date>-<time>-<dataset>-<mode>``). Validates first."""
+    """Resolve what depends on the data, the machine or the clock: the model (``auto``, data-derived
+    arguments), the data's corruption and flips, the device, precision and fast path
+    (:func:`resolved_defaults`), the sampler's ``eta`` (auto: 1 on the built-in sets, 0 on real images)
+    and the run folder (``runs/<date>-<time>-<dataset>-<mode>``): ``config.yaml`` holds the values used.
+    Validates first."""
     cfg.validate()
     check_data_memory(cfg)
     spec = model_spec(cfg)
-    over: dict = {"model.name": spec["name"], "model.kwargs": spec["kwargs"]}
+    over: dict = {"model.name": spec["name"], "model.kwargs": spec["kwargs"], **resolved_defaults(cfg)}
     if cfg.run.sample_eta is None:
         over["run.sample_eta"] = run_eta(cfg)
     if cfg.run.out is None:
@@ -207,7 +247,7 @@ def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainCon
     elif resume:
         ckpt = find_checkpoint(resume)
     if ckpt is not None:
-        saved = read_saved_config(ckpt)
+        saved = upgrade_saved(read_saved_config(ckpt))
         try:
             base = TrainConfig.from_dict(saved)
         except ConfigError as e:

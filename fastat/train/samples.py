@@ -89,11 +89,20 @@ def to_output(x: torch.Tensor, kind: str) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1) if kind == "image" else x
 
 
+GRID_MIN_PX = 256  # small images are enlarged (nearest, whole factors) until a grid row is this wide
+
+
 def save_grid(images01: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """A PNG grid of ``(N, C, H, W)`` images in ``[0, 1]``, ``nrow`` per row (default ~sqrt(N))."""
+    """A PNG grid of ``(N, C, H, W)`` images in ``[0, 1]``, ``nrow`` per row (default ~sqrt(N)). Images
+    of a row narrower than :data:`GRID_MIN_PX` are enlarged by the smallest whole factor that reaches it
+    (nearest neighbour: every pixel a visible square, no smoothing), so an 8x8 run's grid is seen."""
     from torchvision.utils import save_image
 
     nrow = nrow or max(1, math.ceil(math.sqrt(images01.shape[0])))
+    width = min(nrow, images01.shape[0]) * images01.shape[-1]
+    factor = max(1, math.ceil(GRID_MIN_PX / max(width, 1)))
+    if factor > 1:
+        images01 = torch.nn.functional.interpolate(images01, scale_factor=factor, mode="nearest")
     return atomic_write(path, lambda p: save_image(images01, p, nrow=nrow, padding=1, format="png"))
 
 

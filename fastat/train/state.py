@@ -9,6 +9,7 @@ source, the values saved alongside), and how it is built from the config and the
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 
@@ -27,17 +28,20 @@ from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
 from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
-from fastat.train.run_config import resolve_precision, run_eta
+from fastat.train.run_config import default_corrupt_frac, resolve_precision, run_eta
 
 __all__ = [
     "TrainState",
     "build_batches",
+    "build_checked_model",
     "build_state",
     "build_training_data",
     "check_compatible",
     "clip_for",
     "run_sampler",
     "data_info",
+    "data_line",
+    "model_spec_of",
     "say",
 ]
 
@@ -169,7 +173,7 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         max_items=d.max_items,
         download=d.download,
         num_workers=d.num_workers,
-        noise_p=d.corrupt_frac,
+        noise_p=d.corrupt_frac if d.corrupt_frac is not None else default_corrupt_frac(d.dataset),
         noise_sigma=d.corrupt_sigma,
         outliers=d.outliers,
         outlier_kind=d.outlier_kind,
@@ -177,6 +181,7 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         progress=progress,
         log=say,
         min_items=cfg.run.batch_size,
+        prepare_wait=d.prepare_wait,
     )
     if len(td) == 0:
         raise DatasetError(f"dataset {d.dataset!r} is empty")
@@ -194,7 +199,7 @@ def build_batches(
     (uint8 batches, ``data.placement`` auto | device | stream; the choice and its reason go to the log),
     whose ``transform`` the step applies. ``batch_size`` is global; this rank gets its share."""
     d, r = cfg.data, cfg.run
-    flip = d.flip if d.flip is not None else (td.kind == "image" and td.known is None)
+    flip = bool(d.flip)  # None (a config not finalized): off
     if td.images is None:
         return TensorLoader(td.data, r.batch_size, generator_seed=r.seed, device=device, flip=flip, rank=rank,
                             world_size=world_size)  # fmt: skip
@@ -202,11 +207,46 @@ def build_batches(
     loader = image_loader(td.images, r.batch_size, seed=r.seed, device=device, placement=d.placement,
                           flip=flip, corruption=td.corruption, rank=rank, world_size=world_size,
                           workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget)  # fmt: skip
-    if rank == 0:
-        shape = "x".join(map(str, td.images.shape))
-        say(f"fastat: data: {len(td.images)} images {shape} on {device}, placement {loader.placement}: "
-             f"{loader.reason}")  # fmt: skip
     return loader
+
+
+def data_line(cfg: TrainConfig, td: TrainingData, batches, device: torch.device) -> str:
+    """The run's data line: what the data is, what the trainer applies to it (:func:`applied`) and, for
+    real images, where it is placed and why."""
+    what = applied(td, cfg.data.corrupt_sigma, bool(cfg.data.flip))
+    shape = "x".join(map(str, td.sample_shape))
+    if td.images is None:
+        return f"fastat: data: {td.name}, {len(td)} samples {shape} on {device}; {what}"
+    return (f"fastat: data: {len(td.images)} images {shape} {_prepared(td)}; {what}; on {device}, placement "
+            f"{batches.placement}: {batches.reason}")  # fmt: skip
+
+
+def applied(td: TrainingData, sigma: float, flip: bool) -> str:
+    """What the trainer does to the data it was given (the data line says it): the corruption (how many
+    samples get noise of std ``sigma``, how many are outliers) and flips; ``used as given`` when nothing."""
+    n, what = len(td), "images" if td.images is not None else "samples"
+    parts = []
+    noisy, out = int(td.noisy_mask.sum()), int(td.outlier_mask.sum())
+    if noisy and sigma > 0:
+        parts.append(f"fixed Gaussian noise (sigma {sigma:g}) added to {noisy} of the {n} {what} "
+                     f"({noisy / n:.0%}, data.corrupt_frac)")  # fmt: skip
+    if out:
+        parts.append(f"{out} {what} replaced by outliers (data.outliers)")
+    if flip:
+        parts.append("random horizontal flips (data.flip)")
+    if not parts:
+        return "no noise added, no flips"
+    return "applied: " + ", ".join(parts)
+
+
+def _prepared(td: TrainingData) -> str:
+    """How a real image set was made from its source: resized and cropped when it was prepared."""
+    images = td.images
+    manifest = getattr(images, "manifest", None)
+    if manifest is not None:
+        size = manifest.get("image_size", td.sample_shape[-1])
+        return f"from {td.source} (prepared: short side resized to {size} px, centre crop)"
+    return f"from {td.source} (as stored, not resized)"
 
 
 def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra: dict,
@@ -217,11 +257,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
     ctx = ctx or DistContext()
     spec = extra["model"]
     torch.manual_seed(r.seed)  # model initialisation and (one rank) dropout
-    try:
-        model = build_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError, ImportError) as e:
-        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
-    model = model.to(device)
+    model = build_checked_model(spec).to(device)
     if ctx.enabled:
         torch.manual_seed(ctx.rank_seed(r.seed, "dropout"))
     batches = build_batches(cfg, td, device, rank=ctx.rank, world_size=ctx.world_size)
@@ -236,6 +272,21 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
         reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
     )  # fmt: skip
     return TrainState(model, engine, batches, device, extra)
+
+
+def model_spec_of(cfg: TrainConfig) -> dict:
+    """The finalized config's model as a plain ``{"name", "kwargs"}`` (what checkpoints record)."""
+    return plain({"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)})
+
+
+def build_checked_model(spec: dict, device: torch.device | str | None = None) -> nn.Module:
+    """The model of ``spec`` (``{"name", "kwargs"}``), a bad spec as one ConfigError. ``device="meta"``
+    (``--dry-run``) allocates no weights but runs every check of the real build, with its message."""
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_model(spec["name"], **spec["kwargs"])
+    except (TypeError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
 
 
 def data_info(td: TrainingData) -> dict:

@@ -24,7 +24,7 @@ from ._errors import DatasetError, derive_seed
 from .corrupt import OUTLIER_KINDS, CorruptedData, IndexedCorruption, corrupt
 from .decode import decode_image
 from .images import IMAGE_EXTENSIONS, ImageFolder, TensorImages, cifar10, load_tensor, to_unit
-from .known import GMM2D, KNOWN, KnownDistribution, Plane3D, Subspace, known_dataset
+from .known import GMM2D, IMAGE_SETS, KNOWN, KnownDistribution, Plane3D, Subspace, Subspaces, known_dataset
 from .loader import TensorLoader
 from .order import EpochOrder
 from .placement import (
@@ -60,6 +60,7 @@ __all__ = [
     "DATASETS",
     "GMM2D",
     "IMAGE_EXTENSIONS",
+    "IMAGE_SETS",
     "KNOWN",
     "OUTLIER_KINDS",
     "CorruptedData",
@@ -68,6 +69,7 @@ __all__ = [
     "KnownDistribution",
     "Plane3D",
     "Subspace",
+    "Subspaces",
     "TensorImages",
     "TensorLoader",
     "TrainingData",
@@ -144,8 +146,8 @@ def build_dataset(
 ) -> TrainingData:
     """Training data for a dataset name (:data:`DATASETS`) or a folder path.
 
-    - known sets (``gmm2d``, ``plane3d``, ``subspace``): ``n`` clean samples drawn from ``seed``;
-      ``known_kwargs`` go to the distribution; ``image_size`` sets ``subspace``'s height and width
+    - known sets (:data:`KNOWN`): ``n`` clean samples drawn from ``seed``; ``known_kwargs`` go to the
+      distribution; ``image_size`` sets the image sets' (:data:`IMAGE_SETS`) height and width
       (and is ignored by the point sets). A fraction ``noise_p`` of the samples gets fixed Gaussian
       noise ``noise_sigma`` and a fraction ``outliers`` becomes outliers (:func:`corrupt`).
     - ``cifar10``, a prepared folder (``fastat prepare``) or an image folder (prepared into the cache
@@ -162,7 +164,7 @@ def build_dataset(
     spec = os.fspath(name_or_path)
     if spec in KNOWN:
         kw = dict(known_kwargs or {})
-        if spec == "subspace" and image_size is not None:
+        if spec in IMAGE_SETS and image_size is not None:
             kw.setdefault("height", image_size)
             kw.setdefault("width", image_size)
         known = known_dataset(spec, **kw)

@@ -11,12 +11,14 @@ of SPEC section 4 and need no download. The supports: docs/DESIGN.md ("Data").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from ._errors import DatasetError, derive_seed
 
-KNOWN = ("gmm2d", "plane3d", "subspace")
+KNOWN = ("gmm2d", "plane3d", "subspace", "subspaces", "scales")
+IMAGE_SETS = ("subspace", "subspaces", "scales")  # known image sets: channels, height, width, k
 
 
 class KnownDistribution:
@@ -163,11 +165,12 @@ class Plane3D(KnownDistribution):
         return (z.square() + over.square().sum(dim=1)).sqrt()
 
 
-def _mean_image(c: int, h: int, w: int) -> torch.Tensor:
-    """A fixed smooth image in [-1, 1] (float64): a diagonal wave whose phase shifts per channel."""
+def _mean_image(c: int, h: int, w: int, turn: float = 0.0) -> torch.Tensor:
+    """A fixed smooth image in [-1, 1] (float64): a diagonal wave whose phase shifts per channel (and
+    by ``turn``)."""
     yy = torch.arange(h, dtype=torch.float64).view(1, h, 1) / h
     xx = torch.arange(w, dtype=torch.float64).view(1, 1, w) / w
-    phase = torch.arange(c, dtype=torch.float64).view(c, 1, 1) * (2 * math.pi / max(c, 1))
+    phase = torch.arange(c, dtype=torch.float64).view(c, 1, 1) * (2 * math.pi / max(c, 1)) + turn
     return torch.sin(2 * math.pi * (xx + 0.5 * yy) + phase)
 
 
@@ -229,7 +232,104 @@ class Subspace(KnownDistribution):
         return (flat - self._project(flat)).norm(dim=1) / math.sqrt(self.dim)
 
 
-_CLASSES: dict[str, type[KnownDistribution]] = {"gmm2d": GMM2D, "plane3d": Plane3D, "subspace": Subspace}
+class Subspaces(KnownDistribution):
+    """A **multimodal** image set: a union of ``components`` affine ``k``-dim subspaces with unequal
+    ``weights``. Component ``j`` is ``x = mean_j + basis_j @ z``, ``z ~ N(0, scale_j^2 I_k)`` with
+    ``scale_j = pixel_std_j * sqrt(D / k)``; each ``basis_j`` is orthonormal (drawn from ``basis_seed``)
+    and each ``mean_j`` a different smooth image (a diagonal wave of ``mean_amplitude``, its phase
+    turned by ``2 pi j / components``), so the clusters lie apart and between them the posterior
+    covariance of ``x0`` exceeds the prior's (the regime a unimodal set cannot show).
+
+    ``distance_to_support`` is the minimum over the components of the RMS per-pixel residual of the
+    orthogonal projection (as :class:`Subspace`); :meth:`component` is the nearest component's index
+    (a sample's label). ``pixel_std`` is one std for every component or one per component (``scales``).
+    """
+
+    kind = "image"
+    value_range = (-1.0, 1.0)
+
+    def __init__(
+        self,
+        channels: int = 3,
+        height: int = 8,
+        width: int = 8,
+        k: int = 4,
+        weights: tuple[float, ...] = (0.5, 0.3, 0.2),
+        pixel_std: float | tuple[float, ...] = 0.2,
+        mean_amplitude: float = 0.5,
+        basis_seed: int = 0,
+        name: str = "subspaces",
+    ) -> None:
+        self.name = name
+        self.sample_shape = (int(channels), int(height), int(width))
+        dim = math.prod(self.sample_shape)
+        K = len(weights)
+        stds = tuple(pixel_std) if isinstance(pixel_std, (tuple, list)) else (float(pixel_std),) * K
+        if min(self.sample_shape) < 1 or not 1 <= k <= dim or K < 1 or len(stds) != K:
+            raise ValueError(
+                f"need positive C, H, W, 1 <= k <= C*H*W and one pixel_std per weight; got "
+                f"{self.sample_shape}, k={k}, {K} weights, {len(stds)} stds"
+            )
+        if min(weights) <= 0 or min(stds) < 0:
+            raise ValueError(f"weights must be > 0 and pixel stds >= 0; got {weights}, {stds}")
+        self.k, self.dim, self.pixel_std = int(k), dim, stds
+        total = float(sum(weights))
+        self.weights = torch.tensor([w / total for w in weights], dtype=torch.float64)
+        self.scales = torch.tensor([sd * math.sqrt(dim / self.k) for sd in stds], dtype=torch.float64)
+        g = torch.Generator().manual_seed(derive_seed(basis_seed, "subspaces-basis"))
+        self.bases = torch.linalg.qr(torch.randn(K, dim, self.k, generator=g, dtype=torch.float64))[0]
+        c, h, w = self.sample_shape
+        self.means = torch.stack([
+            mean_amplitude * _mean_image(c, h, w, turn=2 * math.pi * j / K).reshape(-1) for j in range(K)
+        ])  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (f"Subspaces(name={self.name!r}, sample_shape={self.sample_shape}, k={self.k}, "
+                f"weights={[round(w, 3) for w in self.weights.tolist()]}, pixel_std={self.pixel_std})")  # fmt: skip
+
+    def sample_with_labels(self, n: int, generator: torch.Generator | None = None):
+        """``(x, labels)``: ``n`` clean samples (float32) and the component each was drawn from (int64)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        device = generator.device if generator is not None else torch.device("cpu")
+        labels = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator) if n else (
+            torch.zeros(0, dtype=torch.int64, device=device))  # fmt: skip
+        z = torch.randn(n, self.k, generator=generator, device=device, dtype=torch.float64)
+        z = z * self.scales.to(device)[labels, None]
+        x = self.means.to(device)[labels] + torch.einsum("ndk,nk->nd", self.bases.to(device)[labels], z)
+        return x.reshape(n, *self.sample_shape).to(torch.float32), labels
+
+    def _sample(self, n, generator, device):
+        return self.sample_with_labels(n, generator)[0]
+
+    def _residuals(self, flat):  # (n, K) residual norms to each component's affine subspace
+        bases, means = self.bases.to(flat.device), self.means.to(flat.device)
+        centred = flat[:, None, :] - means[None]  # (n, K, D)
+        coords = torch.einsum("nkd,kde->nke", centred, bases)
+        return (centred - torch.einsum("nke,kde->nkd", coords, bases)).norm(dim=2)
+
+    def component(self, x: torch.Tensor) -> torch.Tensor:
+        """Index (int64, ``(n,)``) of the component whose subspace is nearest to each sample."""
+        return self._residuals(self._flat64(x)).argmin(dim=1)
+
+    def _project(self, flat):
+        j = self._residuals(flat).argmin(dim=1)
+        bases, means = self.bases.to(flat.device)[j], self.means.to(flat.device)[j]
+        coords = torch.einsum("nd,nde->ne", flat - means, bases)
+        return means + torch.einsum("ne,nde->nd", coords, bases)
+
+    def _distance(self, flat):
+        return self._residuals(flat).min(dim=1).values / math.sqrt(self.dim)
+
+
+def _scales(**kwargs) -> Subspaces:
+    kwargs.setdefault("pixel_std", (0.05, 0.15, 0.35))
+    return Subspaces(name="scales", **kwargs)
+
+
+_CLASSES: dict[str, Callable[..., KnownDistribution]] = {
+    "gmm2d": GMM2D, "plane3d": Plane3D, "subspace": Subspace, "subspaces": Subspaces, "scales": _scales,
+}
 
 
 def known_dataset(name: str, **kwargs) -> KnownDistribution:

@@ -162,6 +162,7 @@ class RunConfig:
     eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
     max_skipped: int = 20  # stop (exit 1) after this many consecutive steps skipped as non-finite
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    attack_eff: bool = True  # log attack_eff (attack vs random w: fastat.at.diagnostics) every log_every
     dist_timeout: float = 900.0  # torchrun: seconds a collective waits for the other ranks, then fails
 
 
@@ -311,7 +312,7 @@ class TrainConfig:
             _nonempty(r.out, "run.out (--out)")
         _positive_int(r.steps, "run.steps (--steps)")
         _positive_int(r.batch_size, "run.batch_size (--batch-size)")
-        if d.dataset in ("gmm2d", "plane3d", "subspace") and r.batch_size > d.n:
+        if d.dataset in KNOWN and r.batch_size > d.n:
             raise ConfigError(
                 f"run.batch_size (--batch-size) {r.batch_size} is larger than the dataset "
                 f"({d.n} samples, data.n)"

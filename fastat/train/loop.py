@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastat import __version__
+from fastat.at.diagnostics import BUCKETS, attack_efficiency
 from fastat.at.seeding import derive_seed
 from fastat.data import TrainingData
 from fastat.step.engine import StepEngine
@@ -307,19 +308,20 @@ def training_loop(
     t_start = time.perf_counter()
     r, ctx = cfg.run, ctx or DistContext()
     interval, stop, bar = Interval(start, r.batch_size), StopFlag(ctx), progress_bar(cfg, start, progress)
-    step, pending_save = start, False
+    step, pending_save, batch = start, False, None
     state.model.train()
     try:
         with stop.installed():
             while step < r.steps:
                 with io_errors(run, "read"):
                     x0 = state.batches.next_batch() if state.engine.wants_batch else None  # None: reuse it
+                batch = x0 if x0 is not None else batch
                 stats = train_step(state.engine, x0, lr=step_lr(cfg, step))
                 step += 1
                 interval.add(stats)
                 bar.update(1)
                 if step % r.log_every == 0 or step == r.steps:
-                    log_interval(run, interval, bar, state, cfg, step, ctx)
+                    log_interval(run, interval, bar, state, cfg, step, ctx, batch)
                 if stop.agreed(step, r.steps):
                     break
                 if due(step, r.sample_every, r.steps):
@@ -347,17 +349,39 @@ def training_loop(
 
 
 def log_interval(run: RunFolder, interval: Interval, bar: tqdm, state: TrainState, cfg: TrainConfig,
-                 step: int, ctx: DistContext) -> None:  # fmt: skip
+                 step: int, ctx: DistContext, x0: torch.Tensor | None = None) -> None:  # fmt: skip
     """Read the interval's statistics (averaged over the ranks) and the engine's skip streak (the
-    interval's one host sync), write them (rank 0), and stop (TrainingError) once ``run.max_skipped``
-    steps in a row were skipped as non-finite."""
+    interval's one host sync), add the attack diagnostic on the last batch ``x0`` (``run.attack_eff``),
+    write them (rank 0), and stop (TrainingError) once ``run.max_skipped`` steps in a row were skipped
+    as non-finite."""
     means = interval.pop(step, state.engine.skip_streak, ctx, lr=step_lr(cfg, step - 1),
                          epoch=state.batches.epoch, rss_peak_mb=peak_rss_mb(),
                          **cost_metrics(state.engine, cfg.run.batch_size, step))  # fmt: skip
+    if cfg.run.attack_eff and x0 is not None:
+        t0 = time.perf_counter()
+        means.update(attack_diagnostic(state, cfg, x0, step))
+        interval.t0 += time.perf_counter() - t0  # the next interval's img/s counts training only
     with io_errors(run):
         run.log(step, means)
     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['img_per_s']:.0f}", refresh=False)
     check_skips(means["skip_streak"], cfg, step, run)
+
+
+def attack_diagnostic(state: TrainState, cfg: TrainConfig, x0: torch.Tensor, step: int) -> dict[str, float]:
+    """:func:`fastat.at.diagnostics.attack_efficiency` of the live weights on the batch ``x0``: in eval
+    mode, from a generator of its own (the run's randomness and resume are untouched)."""
+    engine, model = state.engine, state.model
+    x = engine.prepare_batch(x0) if engine.prepare_batch is not None else x0
+    n = min(x.shape[0], 32)
+    gen = torch.Generator(device=state.device).manual_seed(derive_seed(cfg.run.seed, f"attack-eff-{step}"))
+    was = model.training
+    model.eval()
+    try:
+        with torch.autocast(state.device.type, enabled=False):
+            stats = attack_efficiency(model, engine.objective, x[:n].float(), gen, buckets=min(BUCKETS, n))
+    finally:
+        model.train(was)
+    return {k: float(v) for k, v in stats.items()}
 
 
 def cost_metrics(engine: StepEngine, batch_size: int, step: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastat.data import DATASETS, KNOWN, is_prepared, read_manifest
+from fastat.data import DATASETS, IMAGE_SETS, KNOWN, is_prepared, read_manifest
 from fastat.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -75,7 +75,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def data_shape(cfg: TrainConfig) -> tuple[str, tuple[int, ...]]:
     """``(kind, sample_shape)`` of the configured dataset, without loading it."""
     d = cfg.data
-    if d.dataset == "subspace" and d.image_size:  # its shape without drawing its basis (C*H*W x k)
+    if d.dataset in IMAGE_SETS and d.image_size:  # its shape without drawing its basis (C*H*W x k)
         return "image", (_subspace_default("channels"), d.image_size, d.image_size)
     if d.dataset in KNOWN:
         from fastat.data import known_dataset
@@ -279,7 +279,7 @@ def check_data_memory(cfg: TrainConfig) -> None:
         return
     _, shape = data_shape(cfg)
     dim = math.prod(shape)
-    need = 2 * 4 * count * dim + (8 * dim * _subspace_default("k") if d.dataset == "subspace" else 0)
+    need = 2 * 4 * count * dim + (8 * dim * 3 * _subspace_default("k") if d.dataset in IMAGE_SETS else 0)
     if need > total:
         raise ConfigError(
             f"the dataset needs {need / 2**30:.1f} GiB of memory ({count} samples of shape {list(shape)}, "

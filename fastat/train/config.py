@@ -22,6 +22,9 @@ from typing import Any
 
 import yaml
 
+from fastat.utils.yaml_io import read_bounded
+from fastat.utils.yaml_io import safe_load as bounded_load
+
 __all__ = [
     "SEED_LIMIT",
     "ConfigError",
@@ -409,11 +412,11 @@ def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
     """The dotted overrides held by the YAML file at ``path`` (ConfigError if unreadable or malformed)."""
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        text = read_bounded(p)  # bounded: /dev/zero or a huge file is an OSError at once
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     try:
-        d = yaml.safe_load(text)
+        d = bounded_load(text)  # no aliases (alias bombs), no duplicate keys or sections
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -310,3 +310,22 @@ def test_a_deleted_lock_file_admits_no_second_trainer(tmp_path, capsys):
         proc.stdin.close()
         proc.wait(timeout=60)
     RunFolder.open(tmp_path / "r").close()  # released with its process
+
+
+# -- the newest complete checkpoint wins -------------------------------------------------------------------
+
+
+def test_resume_auto_takes_the_highest_checkpoint_when_latest_is_behind(finished_run, tmp_path, capsys):
+    """What a kill between the checkpoint's rename and the ``latest`` update leaves: ckpt-000004 in
+    place, ``latest`` naming ckpt-000002. The resume continues 4 and never rewrites it with other
+    weights; the explicit older checkpoint is refused."""
+    run = copy_run(finished_run, tmp_path / "r")
+    (run / "checkpoints" / "latest").write_text("ckpt-000002\n")
+    newest = snapshot(run / "checkpoints" / "ckpt-000004")
+    code, _, err = run_cli(capsys, "train", "--resume", run / "checkpoints" / "ckpt-000002", "--steps", "6")
+    assert_one_line_error(code, err, "older than the run's newest checkpoint ckpt-000004")
+    code, out, err = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "6")
+    assert code == 0, err
+    assert load_checkpoint(run).step == 6 and (run / "checkpoints" / "latest").read_text() == "ckpt-000006\n"
+    assert snapshot(run / "checkpoints" / "ckpt-000004") == newest
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [2, 4, 6]

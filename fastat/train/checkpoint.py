@@ -13,7 +13,9 @@ A checkpoint is written into a hidden temporary folder next to its final place
 ``keep`` pruned: each is first renamed to a trash name (``.trash-...``), then deleted. A crash at any
 moment leaves either the old or the new checkpoint complete, never a partial one under a ``ckpt-*``
 name; leftover temporary and trash folders are ignored by readers and removed by the next save (a
-temporary folder only once the process that was writing it is gone).
+temporary folder only once the process that was writing it is gone). Readers take the highest
+complete checkpoint, not what ``latest`` says (a kill between the rename and the ``latest`` update
+leaves ``latest`` one behind), and no save replaces a checkpoint of a higher step.
 
 Files are written from bytes in memory with plain ``write`` calls, so a full disk or a read-only folder
 raises an ``OSError`` that names the file and the cause (and the previous checkpoint stays intact).
@@ -195,6 +197,12 @@ def save_checkpoint(
     root = Path(root)
     name = f"ckpt-{step:06d}"
     final, tmp = root / name, root / f"{_TMP_PREFIX}{name}-{_owner()}"
+    newer = [p for p in list_checkpoints(root) if _step_of(p) > step and _complete(p)]
+    if newer:
+        raise CheckpointError(
+            f"{root} holds {newer[-1].name}, newer than step {step}: saving would leave it as the newest "
+            f"checkpoint of another history; resume it, or branch with --out NEW_FOLDER"
+        )
     weights = {MODEL_FILE: _tensors(model), EMA_FILE: _tensors(ema)}
     for fname, tensors in weights.items():
         require_finite(tensors, f"the {'EMA ' if fname == EMA_FILE else ''}weights to save as {final}")
@@ -281,13 +289,19 @@ def _read_latest(root: Path) -> str | None:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run folder (``latest``, else the highest step), or None."""
-    root = checkpoint_root(run_dir)
-    name = _read_latest(root)
-    if name is not None and (root / name / STATE_FILE).is_file():
-        return root / name
-    ckpts = [p for p in list_checkpoints(root) if (p / STATE_FILE).is_file()]
+    """The newest complete checkpoint of a run folder (the highest step whose three files are there),
+    or None. ``latest`` is not trusted over the folders: a save killed after renaming its checkpoint
+    into place and before updating ``latest`` leaves it naming the one before."""
+    ckpts = [p for p in list_checkpoints(checkpoint_root(run_dir)) if _complete(p)]
     return ckpts[-1] if ckpts else None
+
+
+def _complete(ckpt: Path) -> bool:
+    return all((ckpt / f).is_file() for f in (STATE_FILE, MODEL_FILE, EMA_FILE))
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(_CKPT_RE.match(ckpt.name).group(1))
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

@@ -251,8 +251,129 @@ CASES = {
 }
 
 
+# -- issue 21: never touch what is not yours; bounded parsing ---------------------------------------------
+
+_HELD: list = []  # run folders a case holds open (a live trainer), closed after the case
+
+
+def _user_folder(tmp):
+    """A folder of the user's: a config.yaml and a samples/step-000020.npy that no run wrote."""
+    u = tmp / "u"
+    (u / "samples").mkdir(parents=True)
+    (u / "config.yaml").write_text("mine\n")
+    (u / "samples" / "step-000020.npy").write_text("x\n")
+    return u
+
+
+def _latest_behind(run):
+    """What a kill between a checkpoint's rename and the ``latest`` update leaves."""
+    (run / "checkpoints" / "latest").write_text("ckpt-000002\n")
+    return run
+
+
+def _held_without_lock_file(run):
+    """A live trainer holds the run; its lock file was deleted."""
+    from fastat.train.run_folder import LOCK_FILE, RunFolder
+
+    _HELD.append(RunFolder.open(run, resume=_ckpt(run)))
+    (run / LOCK_FILE).unlink()
+    return run
+
+
+def _bomb(depth: int = 12) -> str:
+    lines = ["model:", "  kwargs:", "    a0: &a0 [1, 1]"]
+    lines += [f"    a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def _yaml(tmp, text: str | bytes):
+    f = tmp / "c.yaml"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return f
+
+
+CASES.update({
+    # a run folder is only ever a run folder
+    "fresh run over user files": (lambda t, r: [*T, *POINTS, "--out", _user_folder(t)], "not a fastat run"),
+    "dry run over user files": (
+        lambda t, r: [*T, *POINTS, "--dry-run", "--out", _user_folder(t)],
+        "not a fastat run",
+    ),
+    "resume auto over user files": (
+        lambda t, r: [*T, *POINTS, "--resume", "auto", "--out", _user_folder(t)],
+        "not a fastat run",
+    ),
+    "branch into user files": (
+        lambda t, r: [*T, "--resume", r / "checkpoints" / "ckpt-000002", "--out", _user_folder(t), "--steps", "4"],
+        "not a fastat run",
+    ),
+    "fresh run into a file": (lambda t, r: [*T, *POINTS, "--out", _write(t, "f", "mine")], "not a folder"),
+    # the newest complete checkpoint wins
+    "resume older, latest behind": (
+        lambda t, r: [*T, "--resume", _latest_behind(r) / "checkpoints" / "ckpt-000002", "--steps", "8"],
+        "older than the run's newest checkpoint ckpt-000004",
+    ),
+    # locks that hold
+    "live trainer, lock file deleted": (
+        lambda t, r: [*T, "--out", _held_without_lock_file(r), "--resume", "auto", "--steps", "8"],
+        "in use by another trainer",
+    ),
+    "dry run: live trainer, lock deleted": (
+        lambda t, r: [*T, "--out", _held_without_lock_file(r), "--resume", "auto", "--steps", "8", "--dry-run"],
+        "in use by another trainer",
+    ),
+    # bounded parsing
+    "yaml alias bomb": (lambda t, r: [*T, "--config", _yaml(t, _bomb())], "aliases (*name) are not allowed"),
+    "yaml one alias": (
+        lambda t, r: [*T, "--config", _yaml(t, "run:\n  steps: &s 5\n  log_every: *s\n")],
+        "aliases",
+    ),
+    "yaml merge key": (
+        lambda t, r: [*T, "--config", _yaml(t, "run: {<<: {steps: 5}}\n")],
+        "merge keys",
+    ),
+    "yaml /dev/zero": (lambda t, r: [*T, "--config", "/dev/zero"], "larger than 1024 KiB"),
+    "yaml over 1 MiB": (
+        lambda t, r: [*T, "--config", _yaml(t, "# pad\n" * 200_000 + "run: {steps: 5}\n")],
+        "larger than 1024 KiB",
+    ),
+    "yaml not UTF-8": (lambda t, r: [*T, "--config", _yaml(t, b"run: {out: \xff\xfe}\n")], "not UTF-8"),
+    "yaml duplicate key": (
+        lambda t, r: [*T, "--config", _yaml(t, "run:\n  steps: 5\n  steps: 6\n")],
+        "duplicate key 'steps'",
+    ),
+    "yaml duplicated section": (
+        lambda t, r: [*T, "--config", _yaml(t, "run:\n  steps: 5\nrun:\n  lr: 1\n")],
+        "duplicate key 'run'",
+    ),
+    "yaml scalar root": (lambda t, r: [*T, "--config", _yaml(t, "hello\n")], "must hold a mapping"),
+    "yaml python tag": (
+        lambda t, r: [*T, "--config", _yaml(t, "run: !!python/object/apply:os.system [ls]\n")],
+        "bad YAML",
+    ),
+    "--set alias bomb": (
+        lambda t, r: [*T, "--set", "model.kwargs={a: &a [1, 1], b: [*a, *a]}"],
+        "aliases",
+    ),
+    "--set duplicate key": (lambda t, r: [*T, "--set", "model.kwargs={a: 1, a: 2}"], "duplicate key 'a'"),
+    "--set into a list": (lambda t, r: [*T, "--set", "model.kwargs.ch_mult.1=3"], "set model.kwargs.ch_mult whole"),
+    "threads 100000": (lambda t, r: [*T, *POINTS, "--threads", "100000"], "--threads"),
+    "threads 0": (lambda t, r: [*T, *POINTS, "--threads", "0"], "--threads"),
+    "lam 1e308": (lambda t, r: [*T, "--lam", "1e308"], "objective.lam"),
+    "lam inf": (lambda t, r: [*T, "--lam", "inf"], "objective.lam"),
+    "ddpm with AT flags": (
+        lambda t, r: [*T, "--mode", "ddpm", "--lam", "0.7", "--replays", "5", "--reg-frac", "0.5"],
+        "--lam, --replays, --reg-frac would be ignored",
+    ),
+    "ddpm with --set lam": (
+        lambda t, r: [*T, "--mode", "ddpm", "--set", "objective.lam=0.7"],
+        "objective.lam would be ignored",
+    ),
+})  # fmt: skip
+
+
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 80
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -262,7 +383,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
     make, needle = CASES[case]
     argv = make(tmp_path, run)
     before = snapshot(tmp_path)
-    code, _, err = run_cli(capsys, *argv)
+    try:
+        code, _, err = run_cli(capsys, *argv)
+    finally:
+        while _HELD:
+            _HELD.pop().close()
     assert_one_line_error(code, err, needle)
     assert snapshot(tmp_path) == before
 

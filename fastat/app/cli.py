@@ -27,6 +27,7 @@ import yaml
 from fastat import __version__
 from fastat.train.config import ConfigError, load_yaml_overrides
 from fastat.utils.errors import one_line
+from fastat.utils.yaml_io import safe_load as bounded_load
 
 # This module imports torch lazily (in the commands), so that main() can set OpenMP's wait policy
 # before the OpenMP runtime starts; see _passive_openmp.
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument(
         "--threads",
-        type=_positive,
+        type=_thread_count,
         metavar="N",
         help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 on the built-in sets on the CPU, "
         "else torch's default)",
@@ -224,7 +225,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            set_over[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            set_over[key.strip()] = bounded_load(value) if value.strip() else None  # no alias bombs
+        except (yaml.composer.ComposerError, yaml.constructor.ConstructorError) as e:  # refused, not text
+            raise ConfigError(f"--set {item[:60]!r}: {e.problem}") from None
         except yaml.YAMLError:
             set_over[key.strip()] = value
     flag_over = {key: getattr(args, dest) for dest, (key, _, _) in TRAIN_FLAGS.items()}
@@ -233,7 +236,18 @@ def train_overrides(args: argparse.Namespace) -> dict:
         flag_over["run.fast"] = args.fast
     for layer in (file_over, set_over, flag_over):
         TrainConfig().with_overrides(layer)  # keys and types (values are validated on the merged config)
-    return {**file_over, **set_over, **flag_over}
+    merged = {**file_over, **set_over, **flag_over}
+    unused = [k for k in AT_ONLY if k in set_over or k in flag_over]
+    if merged.get("objective.mode") == "ddpm" and unused:  # given by hand for a run that ignores them
+        flags = {key: f"--{dest.replace('_', '-')}" for dest, (key, _, _) in TRAIN_FLAGS.items()}
+        named = ", ".join(flags[k] if k in flag_over else k for k in unused)
+        raise ConfigError(f"{named} would be ignored: --mode ddpm trains without the regulariser; drop them")
+    return merged
+
+
+# What only the AT objective uses: set by hand (a flag or --set) with --mode ddpm, an error.
+AT_ONLY = ("objective.lam", "objective.replays", "objective.reg_frac", "objective.lam_scale",
+           "objective.lam_s_min")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -417,6 +431,14 @@ def _passive_openmp() -> None:
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _thread_count(text: str) -> int:
+    """A positive thread count up to 4 per core (far more threads segfaulted torch's thread pool)."""
+    n, most = _positive(text), 4 * (os.cpu_count() or 1)
+    if n > most:
+        raise argparse.ArgumentTypeError(f"expected at most {most} threads (4 per core), got {text!r}")
+    return n
 
 
 def _positive(text: str) -> int:

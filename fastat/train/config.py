@@ -220,8 +220,10 @@ class TrainConfig:
                     if not isinstance(value, dict):
                         raise ConfigError(f"{key} must be a mapping, got {value!r}")
                     sections[section][name] = dict(value)
+                elif len(parts) > 3:  # not a path into a value: model.kwargs.ch_mult.1 is no key
+                    raise ConfigError(f"unknown config key {key!r}: set {'.'.join(parts[:3])} whole")
                 else:
-                    sections[section][name] = {**sections[section][name], ".".join(parts[2:]): value}
+                    sections[section][name] = {**sections[section][name], parts[2]: value}
                 continue
             if len(parts) > 2:
                 raise ConfigError(f"unknown config key {key!r}: {section}.{name} has no sub-keys")
@@ -283,6 +285,8 @@ class TrainConfig:
         # objective
         _one_of(o.mode, MODES, "objective.mode (--mode)")
         _nonneg(o.lam, "objective.lam (--lam)")
+        if o.lam > 1e4:  # the regulariser is O(1): a larger weight drowns the loss (1e308 overflows it)
+            _fail("objective.lam (--lam)", "a weight <= 1e4", o.lam)
         _one_of(o.lam_scale, LAM_SCALES, "objective.lam_scale")
         if not (_finite(o.lam_s_min) and 0 <= o.lam_s_min < 1):
             _fail("objective.lam_s_min", "a noise level in [0, 1)", o.lam_s_min)

@@ -304,7 +304,8 @@ CASES.update({
         "not a fastat run",
     ),
     "branch into user files": (
-        lambda t, r: [*T, "--resume", r / "checkpoints" / "ckpt-000002", "--out", _user_folder(t), "--steps", "4"],
+        lambda t, r: [*T, "--resume", r / "checkpoints" / "ckpt-000002", "--out", _user_folder(t),
+                      "--steps", "4"],
         "not a fastat run",
     ),
     "fresh run into a file": (lambda t, r: [*T, *POINTS, "--out", _write(t, "f", "mine")], "not a folder"),
@@ -319,7 +320,8 @@ CASES.update({
         "in use by another trainer",
     ),
     "dry run: live trainer, lock deleted": (
-        lambda t, r: [*T, "--out", _held_without_lock_file(r), "--resume", "auto", "--steps", "8", "--dry-run"],
+        lambda t, r: [*T, "--out", _held_without_lock_file(r), "--resume", "auto", "--steps", "8",
+                      "--dry-run"],
         "in use by another trainer",
     ),
     # bounded parsing
@@ -356,7 +358,10 @@ CASES.update({
         "aliases",
     ),
     "--set duplicate key": (lambda t, r: [*T, "--set", "model.kwargs={a: 1, a: 2}"], "duplicate key 'a'"),
-    "--set into a list": (lambda t, r: [*T, "--set", "model.kwargs.ch_mult.1=3"], "set model.kwargs.ch_mult whole"),
+    "--set into a list": (
+        lambda t, r: [*T, "--set", "model.kwargs.ch_mult.1=3"],
+        "set model.kwargs.ch_mult whole",
+    ),
     "threads 100000": (lambda t, r: [*T, *POINTS, "--threads", "100000"], "--threads"),
     "threads 0": (lambda t, r: [*T, *POINTS, "--threads", "0"], "--threads"),
     "lam 1e308": (lambda t, r: [*T, "--lam", "1e308"], "objective.lam"),

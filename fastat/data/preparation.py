@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fastat import __version__
+from fastat.utils.errors import one_line
 
 from ._errors import DatasetError
 from .decode import IMAGE_EXTENSIONS, READ_ERRORS, decode_image
@@ -174,7 +175,10 @@ def _check_existing(out: Path, params: dict) -> bool:
     if not out.is_dir():
         raise DatasetError(f"--out {out} is a file, not a folder")
     if (out / MANIFEST).is_file():
-        m = read_manifest(out)
+        try:
+            m = read_manifest(out)
+        except DatasetError as e:
+            raise DatasetError(f"{one_line(e)}; delete {out} and prepare it again") from None
         same = all(m.get(k) == v for k, v in params.items())
         if same:
             return True
@@ -231,7 +235,10 @@ def prepare(
             raise
         done = False
     if done:
-        return PreparedImages.open(out)
+        try:
+            return PreparedImages.open(out)  # checks it (sizes, counts, checksums)
+        except DatasetError as e:  # damaged: its source is at hand (same digest), so prepare it again
+            say(f"fastat: {out} is damaged ({one_line(e).split(';')[0]}); preparing it again")
     shape = (3, image_size, image_size)
     row = int(np.prod(shape))
     shard_size = max(1, int(shard_bytes) // row)
@@ -289,7 +296,7 @@ def prepare(
             log(f"fastat: {msg}")
         else:
             warnings.warn(msg, stacklevel=2)
-    return PreparedImages.open(out)
+    return PreparedImages.open(out, check=False)  # just written and synced
 
 
 def _resume_state(partial: Path, params: dict, shard_size: int, say) -> dict:

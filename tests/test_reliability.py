@@ -32,6 +32,7 @@ from train_helpers import (
     snapshot,
 )
 
+from fastat import ATObjective, NoiseSchedule
 from fastat.at import ops
 from fastat.train.checkpoint import load_checkpoint
 from fastat.train.metrics import read_metrics
@@ -286,6 +287,15 @@ def _bomb(depth: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pickled(run, protocol: int):
+    """state.pt as a plain pickle of plain values (not what torch.save writes)."""
+    import pickle
+
+    with open(_ckpt(run) / "state.pt", "wb") as f:
+        pickle.dump({"step": 4, "x": [1, 2]}, f, protocol=protocol)
+    return run
+
+
 def _yaml(tmp, text: str | bytes):
     f = tmp / "c.yaml"
     f.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -370,6 +380,17 @@ CASES.update({
         lambda t, r: [*T, "--mode", "ddpm", "--lam", "0.7", "--replays", "5", "--reg-frac", "0.5"],
         "--lam, --replays, --reg-frac would be ignored",
     ),
+    # one line, not a traceback
+    "sample: protocol-4 pickle": (lambda t, r: [*S, "--run", _pickled(r, 4)], "refused to unpickle"),
+    "resume: protocol-5 pickle": (
+        lambda t, r: [*T, "--resume", _pickled(r, 5), "--steps", "8"],
+        "refused to unpickle",
+    ),
+    "read-only image cache": (
+        lambda t, r: [*T, "--dataset", _folder(t, {"a.png": _png(), "b.png": _png(9)}), "--image-size", "8",
+                      "--batch-size", "2", "--set", "data.cache_dir=/proc/fastat-cache", "--out", t / "o"],
+        "cannot write the prepared-image cache /proc/fastat-cache",
+    ),
     "ddpm with --set lam": (
         lambda t, r: [*T, "--mode", "ddpm", "--set", "objective.lam=0.7"],
         "objective.lam would be ignored",
@@ -422,6 +443,11 @@ OPS = {
     "pgd_step negative alpha": (lambda: ops.pgd_step(X, X, 0.1, -1.0), ValueError, "alpha"),
     "pgd_step bad norm": (lambda: ops.pgd_step(X, X, 0.1, 0.1, norm="l3"), ValueError, "norm"),
     "at_loss NaN lam": (lambda: ops.at_loss(X, X, X, X, float("nan")), ValueError, "lam"),
+    "ATObjective empty batch": (
+        lambda: ATObjective(schedule=NoiseSchedule(T=10))(lambda x, t: x, torch.zeros(0, 3)),
+        ValueError,
+        "empty batch",
+    ),
 }
 
 
@@ -787,3 +813,88 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "fastat: interrupted" in err, err
     assert not (tmp_path / "r").exists()  # interrupted before the run folder was opened
+
+
+# -- issue 21: failures said in one line, naming the file --------------------------------------------------
+
+
+def test_a_foreign_pickle_protocol_is_one_line_without_a_torch_warning(finished_run, tmp_path, capsys):
+    import warnings
+
+    run = _pickled(shutil.copytree(finished_run, tmp_path / "run"), 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "sample", "--run", run, "--n", "2", "--out", tmp_path / "s.npy")
+    assert_one_line_error(code, err, "refused to unpickle")
+    assert [str(w.message) for w in seen] == []
+
+
+def test_export_disk_full_is_one_line_and_a_killed_exports_folder_is_removed(tmp_path):
+    from safetensors import SafetensorError
+
+    from fastat.app import export
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".tmp-out-{dead.pid}"  # what a killed export leaves
+    (left / "unet").mkdir(parents=True)
+    live = tmp_path / f".tmp-out-{os.getppid()}"  # an export still running
+    live.mkdir()
+
+    def full(tmp):
+        (tmp / "unet").mkdir(parents=True)
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+            'on device" })'
+        )
+
+    with pytest.raises(export.ExportError) as e:
+        export._write_folder(tmp_path / "out", full)
+    assert str(e.value) == f"cannot write {tmp_path / 'out'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]  # the killed one's folder is gone
+    assert export._write_folder(tmp_path / "out", lambda tmp: tmp.mkdir()) == tmp_path / "out"
+
+
+def test_sample_disk_full_names_the_file(finished_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(f, arr, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    out = tmp_path / "x.npy"
+    code, _, err = run_cli(capsys, "sample", "--run", finished_run, "--n", "2", "--steps", "2", "--out", out)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and str(out) in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_prepare_disk_full_names_the_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastat.data import preparation
+
+    def full(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preparation._ShardWriter, "write", full)
+    src = _folder(tmp_path, {"a.png": _png(), "b.png": _png(9)})
+    code, _, err = run_cli(capsys, "prepare", src, "--image-size", "8", "--out", tmp_path / "p",
+                           "--no-progress", "--workers", "1")  # fmt: skip
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fastat: error")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err  # (and the line that it started)
+    assert "No space left on device" in lines[0] and str(tmp_path / ".p.partial") in lines[0], lines[0]
+
+
+def test_forcing_triton_without_a_gpu_or_the_interpreter_is_one_line(tmp_path, capsys, monkeypatch):
+    from fastat.kernels import HAS_TRITON
+
+    if not HAS_TRITON or torch.cuda.is_available():
+        monkeypatch.setattr(ops.K, "HAS_TRITON", True)
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: False))
+    monkeypatch.setenv("FASTAT_FORCE_TRITON", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "FASTAT_FORCE_TRITON=1", "TRITON_INTERPRET=1")
+    assert not (tmp_path / "r").exists()  # it failed in the first step: nothing written

@@ -282,6 +282,8 @@ class ATObjective:
             )
         if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.dim() < 2):
             raise ValueError("x0 must be a floating tensor of shape (B, ...)")
+        if x0 is not None and x0.shape[0] == 0:  # a shape, not a value: no host sync
+            raise ValueError(f"x0 is an empty batch (shape {tuple(x0.shape)}); B must be >= 1")
         if x0 is not None and x0.dtype not in ops.FLOAT_DTYPES:
             raise TypeError(
                 f"x0 must be float32, bfloat16 or float16 (the fused ops compute in float32), got {x0.dtype}"

@@ -249,7 +249,9 @@ def prepare(
         partial.mkdir(exist_ok=True)
         lock = open(partial / "lock", "w")
     except OSError as e:
-        raise DatasetError(f"cannot write next to --out {out}: {e.strerror or e}") from None
+        where = (f"the prepared-image cache {out.parent} (data.cache_dir, $FASTAT_CACHE)" if replace
+                 else f"next to --out {out}")  # fmt: skip  (replace: the trainer's cache)
+        raise DatasetError(f"cannot write {where}: {e.strerror or e}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -282,6 +284,8 @@ def prepare(
         for name in ("progress.json", "lock"):
             (partial / name).unlink(missing_ok=True)
         _swap_in(partial, out)
+    except OSError as e:  # a full disk: name where (a failed write of a shard names no file)
+        raise OSError(e.errno, e.strerror or str(e), e.filename or str(partial)) from None
     finally:
         lock.close()
     if state["skipped"]:

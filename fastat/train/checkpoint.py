@@ -32,6 +32,7 @@ import pickle
 import re
 import shutil
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path in ``path``'s folder, then rename it to ``path``.
 
-    Readers see the old file or the complete new one; on any error the temporary file is removed.
+    Readers see the old file or the complete new one; on any error the temporary file is removed, and
+    an ``OSError`` that names no file (a full disk in ``write``) is raised naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{_owner()}")
@@ -115,6 +117,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         _fsync_path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename and str(e.filename) != str(tmp):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -359,14 +366,16 @@ def load_checkpoint(path: str | os.PathLike, *, weights: bool = True) -> Checkpo
     weights (the EMA weights and state are always read)."""
     ckpt = find_checkpoint(path)
     try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol: the error below says it, once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         model = load_file(ckpt / MODEL_FILE) if weights else {}
         ema = load_file(ckpt / EMA_FILE)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise CheckpointError(
                 f"cannot read checkpoint {ckpt}: {STATE_FILE} holds objects other than tensors and plain "
-                f"values (refused to unpickle them)"
+                f"values, or pickle instructions the safe loader does not read (refused to unpickle them)"
             ) from None
         raise CheckpointError(f"cannot read checkpoint {ckpt}: {STATE_FILE} is corrupt ({e})") from None
     except (OSError, RuntimeError, SafetensorError, EOFError) as e:

@@ -296,6 +296,16 @@ def _pickled(run, protocol: int):
     return run
 
 
+def _scaled(run, factor: float):
+    """Finite EMA weights scaled by ``factor``: sampling overflows to NaN."""
+    f = _ckpt(run) / "ema.safetensors"
+    with safe_open(f, "pt") as h:
+        meta = h.metadata()
+        tensors = {k: h.get_tensor(k) * factor for k in h.keys()}  # noqa: SIM118
+    save_file(tensors, f, metadata=meta)
+    return run
+
+
 def _yaml(tmp, text: str | bytes):
     f = tmp / "c.yaml"
     f.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -390,6 +400,32 @@ CASES.update({
         lambda t, r: [*T, "--dataset", _folder(t, {"a.png": _png(), "b.png": _png(9)}), "--image-size", "8",
                       "--batch-size", "2", "--set", "data.cache_dir=/proc/fastat-cache", "--out", t / "o"],
         "cannot write the prepared-image cache /proc/fastat-cache",
+    ),
+    # silent acceptance
+    "sample: weights x 1e30": (lambda t, r: [*S, "--run", _scaled(r, 1e30)], "samples from"),
+    "resume: another prediction": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.prediction=x0"],
+        "objective.prediction = x0: its model was trained with eps",
+    ),
+    "resume: another T": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.T=50"],
+        "objective.T = 50",
+    ),
+    "resume: another schedule": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.schedule=cosine"],
+        "objective.schedule = cosine",
+    ),
+    "dry run: resume, another T": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.T=50", "--dry-run"],
+        "objective.T = 50",
+    ),
+    "dry run: bad model kwarg": (
+        lambda t, r: [*T, *POINTS, "--dry-run", "--set", "model.kwargs.widht=3"],
+        "unexpected keyword argument 'widht'",
+    ),
+    "sample: n 2e9": (
+        lambda t, r: [*S, "--run", r, "--n", "2000000000"],
+        "--n 2000000000 samples needs about",
     ),
     "ddpm with --set lam": (
         lambda t, r: [*T, "--mode", "ddpm", "--set", "objective.lam=0.7"],
@@ -898,3 +934,38 @@ def test_forcing_triton_without_a_gpu_or_the_interpreter_is_one_line(tmp_path, c
     code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")
     assert_one_line_error(code, err, "FASTAT_FORCE_TRITON=1", "TRITON_INTERPRET=1")
     assert not (tmp_path / "r").exists()  # it failed in the first step: nothing written
+
+
+# -- issue 21: memory checked before the first write (a machine with 1 GiB free) -----------------------
+
+SMALL = ["--dataset", "gmm2d", "--model", "mlp", "--no-progress", "--steps", "2"]
+MEMORY = {
+    "batch 60000 of 60000 points": (
+        ["--batch-size", "60000", "--set", "data.n=60000"],
+        "activations 2.4 GiB",
+    ),
+    "image size 256": (["--dataset", "subspace", "--image-size", "256", "--model", "auto"], "activations"),
+    "a dataset larger than memory": (["--set", "data.n=100000000"], "data 1.5 GiB"),
+}
+
+
+@pytest.mark.parametrize("dry", [False, True])
+@pytest.mark.parametrize("case", list(MEMORY))
+def test_a_step_far_over_free_memory_is_refused_before_any_write(case, dry, tmp_path, capsys, monkeypatch):
+    import fastat.train.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 30)
+    extra, part = MEMORY[case]
+    argv = ["train", *SMALL, *extra, "--out", tmp_path / "r", *(["--dry-run"] if dry else [])]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(
+        code, err, "the training step (batch", part, "more than the 1.0 GiB of available RAM"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_estimate_admits_the_usual_runs(tmp_path, capsys, monkeypatch):
+    import fastat.train.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 30)
+    assert run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")[0] == 0

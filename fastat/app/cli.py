@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -269,12 +270,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     from fastat.eval.evaluate import final_evaluation
+    from fastat.train.memory import check_step_memory
     from fastat.train.run import TrainingInterrupted, resolve_device, resolve_precision, train
     from fastat.train.run_folder import RunFolder
 
     if args.dry_run:
         with ctx.together("the dry run"):
             device = resolve_device(cfg.run.device, ctx)
+            check_step_memory(cfg, device, ctx.world_size)  # builds the model on meta: its kwargs too
             RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take it
         if not ctx.is_main:
             return 0
@@ -367,6 +370,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot write to {out.parent}: {e.strerror or e}") from None
 
+    from fastat.train.memory import require_memory
+
+    # the noise, the samples and their output copy (float32) on the host; a batch of them on the device
+    require_memory(3 * 4 * args.n * math.prod(shape), f"--n {args.n} samples", torch.device("cpu"),
+                   "lower --n (or sample in several calls with other --seed)")  # fmt: skip
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
     x = generate(
         model,
@@ -380,6 +388,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=device,
         generator=torch.Generator(device).manual_seed(derive_seed(args.seed, "sample-cli")),
     )
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:  # finite weights can still overflow in sampling (e.g. scaled by 1e30): never write NaN
+        raise CheckpointError(
+            f"the samples from {ckpt.path} are not finite ({bad} of {x.numel()} values NaN or inf: the "
+            f"weights overflow in sampling); nothing written to {out}"
+        )
     written = write_samples(x, out, kind)
     print(written)
     return 0

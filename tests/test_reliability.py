@@ -34,7 +34,7 @@ from train_helpers import (
 
 from fastat import ATObjective, NoiseSchedule
 from fastat.at import ops
-from fastat.train.checkpoint import load_checkpoint
+from fastat.train.checkpoint import list_checkpoints, load_checkpoint
 from fastat.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,6 +306,44 @@ def _scaled(run, factor: float):
     return run
 
 
+def _prepared(tmp, damage=None):
+    """A prepared set of 6 images in shards of 2 (``damage(folder, manifest)`` applied)."""
+    from fastat.data import prepare
+
+    src = _folder(tmp, {f"{i}.png": _png(40 * i) for i in range(6)})
+    out = prepare(src, tmp / "set", 8, workers=1, shard_bytes=2 * 3 * 8 * 8, progress=False,
+                  log=lambda m: None).root  # fmt: skip
+    m = json.loads((out / "manifest.json").read_text())
+    if damage is not None:
+        damage(out, m)
+        (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _flip_byte(out, m):
+    f = out / "shard-00001.npy"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _lower_counts(out, m):
+    """The last shard's images dropped consistently: its header, file, digest, the counts and checksum."""
+    import hashlib
+
+    from fastat.data.prepared import npy_header, set_checksum
+
+    last, f = m["shards"][-1], out / m["shards"][-1]["file"]
+    f.write_bytes(npy_header((1, 3, 8, 8)) + f.read_bytes()[128 : 128 + 192])
+    last["count"], last["blake2b"] = 1, hashlib.blake2b(f.read_bytes()[128:], digest_size=16).hexdigest()
+    m["count"] = 5
+    m["checksum"] = set_checksum((3, 8, 8), [s["blake2b"] for s in m["shards"]])
+
+
+def _train_on(t, damage):
+    return [*T, "--dataset", _prepared(t, damage), "--batch-size", "2", "--out", t / "o", "--steps", "1"]
+
+
 def _yaml(tmp, text: str | bytes):
     f = tmp / "c.yaml"
     f.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -389,6 +427,21 @@ CASES.update({
     "ddpm with AT flags": (
         lambda t, r: [*T, "--mode", "ddpm", "--lam", "0.7", "--replays", "5", "--reg-frac", "0.5"],
         "--lam, --replays, --reg-frac would be ignored",
+    ),
+    # damaged prepared sets: found when opened for training
+    "train: flipped shard byte": (lambda t, r: _train_on(t, _flip_byte), "shard-00001.npy does not match"),
+    "train: edited manifest checksum": (
+        lambda t, r: _train_on(t, lambda out, m: m.update(checksum="0" * 32)),
+        "checksum does not match",
+    ),
+    "train: lowered counts": (lambda t, r: _train_on(t, _lower_counts), "counts 5 images, but 6 files"),
+    "train: padded shard": (
+        lambda t, r: _train_on(t, lambda out, m: open(out / "shard-00000.npy", "ab").write(b"\0")),
+        "longer than its images",
+    ),
+    "train: missing shard": (
+        lambda t, r: _train_on(t, lambda out, m: (out / "shard-00002.npy").unlink()),
+        "shard-00002.npy is missing",
     ),
     # one line, not a traceback
     "sample: protocol-4 pickle": (lambda t, r: [*S, "--run", _pickled(r, 4)], "refused to unpickle"),
@@ -509,6 +562,7 @@ def test_ops_accept_the_largest_seed():
 # A request is a JSON line [plan, stderr_file, argv]; the server answers "pid N", then "exit CODE".
 # The child kills itself (SIGKILL) at the moment its plan names:
 #   state:N   half-way through writing state.pt of its N-th checkpoint
+#   latest:N  between renaming its N-th checkpoint into place and updating ``latest``
 #   prune:N   half-way through deleting the N-th checkpoint it prunes (renamed to trash, partly deleted)
 #   -         not at all (the test kills it from outside at a random moment)
 SERVER = r"""
@@ -538,6 +592,13 @@ def child(plan, argv):
                 die()
             real_write(path, data)
         ck.write_bytes = write_bytes
+    elif kind == "latest":  # the checkpoint renamed into place, `latest` not yet updated
+        real_atomic = ck.atomic_write_text
+        def atomic_write_text(path, text):
+            if path.name == "latest" and due():
+                die()
+            return real_atomic(path, text)
+        ck.atomic_write_text = atomic_write_text
     elif kind == "prune":
         real_rmtree = ck.shutil.rmtree
         def rmtree(path, ignore_errors=False):
@@ -614,8 +675,9 @@ def _step(latest: str | None) -> int:
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys):
-    """SIGKILL during a save (state.pt half written), during pruning (a checkpoint half deleted) and at
-    four random moments; each time `--resume auto` continues. The end: the same weights, EMA and optimizer
+    """SIGKILL during a save (state.pt half written), between a checkpoint's rename and the ``latest``
+    update, during pruning (a checkpoint half deleted) and at four random moments; each time `--resume
+    auto` continues from the newest complete checkpoint. The end: the same weights, EMA and optimizer
     state as an uninterrupted run (which saved only at the end), and one metrics record per log step."""
     ref = tmp_path / "ref"
     assert run_cli(capsys, "train", *CRASH_ARGS, "--save-every", "0", "--out", ref)[0] == 0
@@ -623,7 +685,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys
     run, rng, kills, err = tmp_path / "run", random.Random(0), 0, tmp_path / "stderr"
     server = ForkServer()
     try:
-        for plan in ["state:3", "prune:2", "-", "-", "-", "-"]:
+        for plan in ["state:3", "latest:2", "prune:2", "-", "-", "-", "-"]:
             before = _latest(run)
             pid = server.start(plan, err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
             if plan == "-":  # let this process save 1-5 more steps, then kill it at a random moment
@@ -641,8 +703,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys
             kills += code == -signal.SIGKILL
             names = sorted(p.name for p in (run / "checkpoints").iterdir())
             assert all(n.startswith((".", "ckpt-")) or n == "latest" for n in names), names
-            load_checkpoint(run)  # whatever the moment, the newest complete checkpoint loads
-        assert kills >= 5, kills
+            newest = load_checkpoint(run).path  # whatever the moment, the newest complete checkpoint loads
+            assert newest == list_checkpoints(run / "checkpoints")[-1]
+            if plan.startswith("latest"):  # `latest` one behind: the resume takes the newer checkpoint
+                assert code == -signal.SIGKILL and _step(_latest(run)) < _step(newest.name), names
+        assert kills >= 6, kills
         server.start("-", err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
         assert server.wait() == 0, err.read_text()
     finally:

@@ -276,6 +276,22 @@ def test_a_run_that_fails_in_its_first_step_writes_nothing(tmp_path, capsys, mon
     assert code != 0 and not (tmp_path / "new").exists()
 
 
+def test_a_resume_that_fails_in_its_first_step_leaves_the_run_as_it_was(finished_run, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    """config.yaml (and metrics.jsonl) keep what the run wrote: the new settings never reach the folder."""
+    import fastat.train.loop as loop
+
+    def fail(engine, x0, *, lr):
+        raise loop.TrainingError("the first step failed")
+
+    monkeypatch.setattr(loop, "train_step", fail)
+    run = copy_run(finished_run, tmp_path / "r")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", "8", "--lr", "0.5")
+    assert code != 0 and "the first step failed" in err
+    assert snapshot(run) == before
+
+
 def test_a_sample_path_taken_by_a_folder_is_refused(tmp_path):
     with RunFolder.open(tmp_path / "r") as run:
         run.start("run: {}\n", step=0)

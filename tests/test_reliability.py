@@ -1010,7 +1010,7 @@ MEMORY = {
         "activations 2.4 GiB",
     ),
     "image size 256": (["--dataset", "subspace", "--image-size", "256", "--model", "auto"], "activations"),
-    "a dataset larger than memory": (["--set", "data.n=100000000"], "data 1.5 GiB"),
+    "a dataset larger than memory": (["--set", "data.n=200000000"], "data 3.0 GiB"),
 }
 
 

@@ -7,9 +7,10 @@ The estimate is a lower bound: weights with their gradients, AdamW moments and E
 copies), the activations that backward keeps (every leaf module's output for one sample, from a forward
 of the model on the ``meta`` device: no memory, no compute; twice for the AT modes, whose clean and
 perturbed forwards are both differentiated), the step's batch tensors (about 8 per sample) and a
-built-in dataset held in memory (float32, with its clean copy). A request above the free memory (RAM on
-the CPU, the device's free memory on CUDA) cannot run: it is refused before the first write instead of
-dying in the allocator after the run folder was written.
+built-in dataset held in memory (float32, with its clean copy). A compiled step keeps less (fused
+elementwise ops), so only a request far over the free memory (``OVER`` times the RAM on the CPU, the
+device's free memory on CUDA) is refused: before the first write, instead of dying in the allocator
+after the run folder was written.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fastat.train.config import ConfigError, TrainConfig
 __all__ = ["activation_elements", "available_bytes", "check_step_memory", "estimate_step", "require_memory"]
 
 BATCH_TENSORS = 8  # x0, noise, x_t, w, predictions, targets: per-sample tensors of the objective
+OVER = 1.5  # refused above this many times the free memory
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -107,9 +109,10 @@ def estimate_step(cfg: TrainConfig, device: torch.device, world_size: int = 1) -
 
 
 def require_memory(need: int, what: str, device: torch.device, hint: str) -> None:
-    """ConfigError when ``need`` bytes (for ``what``) exceed the free memory of ``device``."""
+    """ConfigError when ``need`` bytes (for ``what``) exceed :data:`OVER` times the free memory of
+    ``device``."""
     free = available_bytes(device)
-    if free is not None and need > free:
+    if free is not None and need > OVER * free:
         where = f"free memory on {device}" if device.type == "cuda" else "available RAM"
         raise ConfigError(
             f"{what} needs about {_size(need)}, more than the {_size(free)} of {where}: {hint}"

@@ -1034,3 +1034,20 @@ def test_the_memory_estimate_admits_the_usual_runs(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 30)
     assert run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")[0] == 0
+
+
+def test_activation_elements_count_every_leaf_output_on_meta():
+    from fastat.train.memory import activation_elements
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3))
+
+        def forward(self, x, t):
+            return self.body(x)
+
+    with torch.device("meta"):
+        net = Net()
+    assert activation_elements(net, (3,)) == 5 + 5 + 3
+    assert all(p.device.type == "meta" for p in net.parameters())  # no memory was used

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from fastat import __version__
+from fastat.app.guards import check_samples, thread_count, unused_at_flags
 from fastat.train.config import ConfigError, load_yaml_overrides
 from fastat.utils.errors import one_line
 from fastat.utils.yaml_io import safe_load as bounded_load
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument(
         "--threads",
-        type=_thread_count,
+        type=thread_count,
         metavar="N",
         help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 on the built-in sets on the CPU, "
         "else torch's default)",
@@ -238,17 +239,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
     for layer in (file_over, set_over, flag_over):
         TrainConfig().with_overrides(layer)  # keys and types (values are validated on the merged config)
     merged = {**file_over, **set_over, **flag_over}
-    unused = [k for k in AT_ONLY if k in set_over or k in flag_over]
-    if merged.get("objective.mode") == "ddpm" and unused:  # given by hand for a run that ignores them
-        flags = {key: f"--{dest.replace('_', '-')}" for dest, (key, _, _) in TRAIN_FLAGS.items()}
-        named = ", ".join(flags[k] if k in flag_over else k for k in unused)
-        raise ConfigError(f"{named} would be ignored: --mode ddpm trains without the regulariser; drop them")
+    flags = {key: f"--{dest.replace('_', '-')}" for dest, (key, _, _) in TRAIN_FLAGS.items()}
+    unused_at_flags(set_over, flag_over, merged, flags)
     return merged
-
-
-# What only the AT objective uses: set by hand (a flag or --set) with --mode ddpm, an error.
-AT_ONLY = ("objective.lam", "objective.replays", "objective.reg_frac", "objective.lam_scale",
-           "objective.lam_s_min")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -388,12 +381,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=device,
         generator=torch.Generator(device).manual_seed(derive_seed(args.seed, "sample-cli")),
     )
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:  # finite weights can still overflow in sampling (e.g. scaled by 1e30): never write NaN
-        raise CheckpointError(
-            f"the samples from {ckpt.path} are not finite ({bad} of {x.numel()} values NaN or inf: the "
-            f"weights overflow in sampling); nothing written to {out}"
-        )
+    check_samples(x, ckpt.path, out)  # never a file of NaN
     written = write_samples(x, out, kind)
     print(written)
     return 0
@@ -445,14 +433,6 @@ def _passive_openmp() -> None:
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def _thread_count(text: str) -> int:
-    """A positive thread count up to 4 per core (far more threads segfaulted torch's thread pool)."""
-    n, most = _positive(text), 4 * (os.cpu_count() or 1)
-    if n > most:
-        raise argparse.ArgumentTypeError(f"expected at most {most} threads (4 per core), got {text!r}")
-    return n
 
 
 def _positive(text: str) -> int:

@@ -205,3 +205,49 @@ def test_a_failed_write_names_the_checkpoint_not_its_temporary_folder(tmp_path, 
         save(tmp_path / "checkpoints", 3, net())
     assert err.value.filename == str(tmp_path / "checkpoints" / "ckpt-000003" / "model.safetensors")
     assert leftovers(tmp_path / "checkpoints") == []
+
+
+# -- the newest complete checkpoint wins ---------------------------------------------------------------------
+
+
+def test_a_kill_between_the_rename_and_the_latest_update_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    """The save order: checkpoint renamed into place, then ``latest``. Killed in between, ``latest``
+    names the one before; readers take the highest complete checkpoint all the same."""
+    root = tmp_path / "checkpoints"
+    save(root, 10, net(0))
+    real = ck.atomic_write_text
+
+    def killed(path, text):
+        if path.name == "latest":
+            raise KeyboardInterrupt  # the process dies here
+        return real(path, text)
+
+    monkeypatch.setattr(ck, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(root, 20, net(1))
+    monkeypatch.setattr(ck, "atomic_write_text", real)
+    assert (root / "latest").read_text().strip() == "ckpt-000010"
+    assert latest_checkpoint(tmp_path).name == "ckpt-000020"
+    assert torch.equal(load_checkpoint(tmp_path).model["0.weight"], net(1).state_dict()["0.weight"])
+
+
+def test_no_save_replaces_a_newer_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 10, net(0), keep=5)
+    save(root, 20, net(1), keep=5)
+    (root / "latest").write_text("ckpt-000010\n")
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "ckpt-000020").iterdir()}
+    for step in (15, 10):
+        with pytest.raises(CheckpointError, match="holds ckpt-000020, newer than step"):
+            save(root, step, net(2), keep=5)
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "ckpt-000020").iterdir()} == before
+    assert [p.name for p in list_checkpoints(root)] == ["ckpt-000010", "ckpt-000020"]
+    save(root, 30, net(2), keep=5)  # forward is fine
+
+
+def test_an_incomplete_checkpoint_folder_is_passed_over(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 10, net(0), keep=5)
+    save(root, 20, net(1), keep=5)
+    (root / "ckpt-000020" / "model.safetensors").unlink()  # tampered with: not a complete checkpoint
+    assert latest_checkpoint(tmp_path).name == "ckpt-000010"

@@ -106,7 +106,7 @@ def test_the_config_keeps_no_copy_of_the_attack_targets(monkeypatch):
     [
         (["--set", "objective.attack_target=loss"],
          ["unknown objective.attack_target 'loss'", "choose one of " + ", ".join(TARGETS)]),
-        (["--lam", "-1"], ["objective.lam (--lam) must be a finite number >= 0, got -1.0"]),
+        (["--lam", "-1"], ["objective.lam (--lam) must be a finite number in [0, 1e4], got -1.0"]),
         (["--mode", "fgsm"], ["unknown objective.mode (--mode) 'fgsm'"]),
         (["--set", "objective.schedule=sqrt"], ["unknown objective.schedule 'sqrt'"]),
         (["--set", "objective.T=0"], ["objective.T must be a positive integer, got 0"]),

@@ -268,3 +268,104 @@ def test_prepare_lock_refuses_second_writer(mixed_dir, tmp_path):
         with pytest.raises(DatasetError, match="another fastat prepare"):
             prepare(root, tmp_path / "out", S, progress=False)
     assert os.path.isdir(partial)
+
+
+# -- damaged sets: found when opened for training, repaired by prepare ------------------------------------
+
+
+def _flip(f, at: int = -3) -> None:
+    data = bytearray(f.read_bytes())
+    data[at] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _manifest(out, **change):
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(change)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def _lower_counts(out):
+    """Drop the last image, consistently: the last shard's header, its bytes, digest and the checksums."""
+    from fastat.data.prepared import npy_header, set_checksum
+
+    m = json.loads((out / "manifest.json").read_text())
+    last = m["shards"][-1]
+    f = out / last["file"]
+    row = int(np.prod(m["shape"]))
+    pixels = f.read_bytes()[128 : 128 + (last["count"] - 1) * row]
+    f.write_bytes(npy_header((last["count"] - 1, *m["shape"])) + pixels)
+    import hashlib
+
+    last["count"] -= 1
+    last["blake2b"] = hashlib.blake2b(pixels, digest_size=16).hexdigest()
+    m["count"] -= 1
+    m["checksum"] = set_checksum(tuple(m["shape"]), [s["blake2b"] for s in m["shards"]])
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+DAMAGE = {
+    "flipped pixel byte": (lambda out: _flip(out / "shard-00001.npy"), "shard-00001.npy does not match"),
+    "edited manifest checksum": (lambda out: _manifest(out, checksum="0" * 32), "checksum does not match"),
+    "edited shard digest": (
+        lambda out: _manifest(out, shards=[{**s, "blake2b": "1" * 32} for s in _manifest(out)["shards"]]),
+        "checksum does not match",
+    ),
+    "consistently lowered counts": (_lower_counts, "counts 10 images, but 12 files of which 1 were skipped"),
+    "padded shard": (
+        lambda out: open(out / "shard-00000.npy", "ab").write(b"\0" * 7),
+        "longer than its images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_set_is_refused_for_training_and_prepare_repairs_it(case, mixed_dir, tmp_path, capsys):
+    root, _ = mixed_dir
+    out = tmp_path / "out"
+    ref = prepare(root, out, S, workers=1, shard_bytes=3 * S * S * 4, progress=False, log=lambda m: None)
+    pixels = ref.read_range(0, 11)
+    damage, needle = DAMAGE[case]
+    damage(out)
+    with pytest.raises(DatasetError, match=needle):
+        PreparedImages.open(out)
+    code, _, err = _cli(capsys, "train", "--dataset", str(out), "--steps", "1", "--batch-size", "4",
+                        "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu")  # fmt: skip
+    _one_line_exit2(code, err, needle)
+    assert f"repair it with: fastat prepare {root.resolve()} --out {out} --image-size {S}" in err
+    assert not (tmp_path / "run").exists()
+    # the command it names repairs the set: prepared again and swapped in
+    code, stdout, err = _cli(capsys, "prepare", str(root), "--image-size", str(S), "--out", str(out),
+                             "--no-progress", "--verify", "--workers", "1")  # fmt: skip
+    assert code == 0 and "is damaged" in err and "preparing it again" in err and "verified" in stdout, err
+    ds = PreparedImages.open(out)
+    assert torch.equal(ds.read_range(0, 11), pixels)
+
+
+def test_a_damaged_manifest_names_the_folder_to_delete(mixed_dir, tmp_path, capsys):
+    root, _ = mixed_dir
+    out = _fresh(root, tmp_path)
+    (out / "manifest.json").write_text('{"format": "fastat-prepared", "version": 1, "count": ')
+    code, _, err = _cli(
+        capsys, "prepare", str(root), "--image-size", str(S), "--out", str(out), "--no-progress"
+    )
+    _one_line_exit2(code, err, f"delete {out} and prepare it again")
+
+
+def test_a_large_set_is_checked_by_a_sample_of_its_shards(mixed_dir, tmp_path, monkeypatch):
+    """Past the budget, shards are drawn at random (here: in reverse) until the budget is spent."""
+    import fastat.data.prepared as prepared
+
+    root, _ = mixed_dir
+    ds = prepare(root, tmp_path / "out", S, workers=1, shard_bytes=3 * S * S * 4, progress=False,
+                 log=lambda m: None)  # fmt: skip
+    shard = 4 * 3 * S * S
+    assert ds.check() == ds.nbytes  # a small set: all of it
+    monkeypatch.setattr(prepared.random, "shuffle", lambda order: order.reverse())
+    assert ds.check(budget=shard) == 3 * S * S * 3  # the last shard only (3 images): at least one
+    assert ds.check(budget=2 * shard) == 3 * S * S * 7  # the last two
+    _flip(tmp_path / "out" / "shard-00000.npy")
+    ds.check(budget=2 * shard)  # not drawn this time
+    with pytest.raises(DatasetError, match="shard-00000.npy does not match"):
+        ds.check(budget=3 * shard)

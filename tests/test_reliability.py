@@ -33,8 +33,9 @@ from train_helpers import (
     without_notes,
 )
 
+from fastat import ATObjective, NoiseSchedule
 from fastat.at import ops
-from fastat.train.checkpoint import load_checkpoint
+from fastat.train.checkpoint import list_checkpoints, load_checkpoint
 from fastat.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,8 +253,243 @@ CASES = {
 }
 
 
+# -- issue 21: never touch what is not yours; bounded parsing ---------------------------------------------
+
+_HELD: list = []  # run folders a case holds open (a live trainer), closed after the case
+
+
+def _user_folder(tmp):
+    """A folder of the user's: a config.yaml and a samples/step-000020.npy that no run wrote."""
+    u = tmp / "u"
+    (u / "samples").mkdir(parents=True)
+    (u / "config.yaml").write_text("mine\n")
+    (u / "samples" / "step-000020.npy").write_text("x\n")
+    return u
+
+
+def _latest_behind(run):
+    """What a kill between a checkpoint's rename and the ``latest`` update leaves."""
+    (run / "checkpoints" / "latest").write_text("ckpt-000002\n")
+    return run
+
+
+def _held_without_lock_file(run):
+    """A live trainer holds the run; its lock file was deleted."""
+    from fastat.train.run_folder import LOCK_FILE, RunFolder
+
+    _HELD.append(RunFolder.open(run, resume=_ckpt(run)))
+    (run / LOCK_FILE).unlink()
+    return run
+
+
+def _bomb(depth: int = 12) -> str:
+    lines = ["model:", "  kwargs:", "    a0: &a0 [1, 1]"]
+    lines += [f"    a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def _pickled(run, protocol: int):
+    """state.pt as a plain pickle of plain values (not what torch.save writes)."""
+    import pickle
+
+    with open(_ckpt(run) / "state.pt", "wb") as f:
+        pickle.dump({"step": 4, "x": [1, 2]}, f, protocol=protocol)
+    return run
+
+
+def _scaled(run, factor: float):
+    """Finite EMA weights scaled by ``factor``: sampling overflows to NaN."""
+    f = _ckpt(run) / "ema.safetensors"
+    with safe_open(f, "pt") as h:
+        meta = h.metadata()
+        tensors = {k: h.get_tensor(k) * factor for k in h.keys()}  # noqa: SIM118
+    save_file(tensors, f, metadata=meta)
+    return run
+
+
+def _prepared(tmp, damage=None):
+    """A prepared set of 6 images in shards of 2 (``damage(folder, manifest)`` applied)."""
+    from fastat.data import prepare
+
+    src = _folder(tmp, {f"{i}.png": _png(40 * i) for i in range(6)})
+    out = prepare(src, tmp / "set", 8, workers=1, shard_bytes=2 * 3 * 8 * 8, progress=False,
+                  log=lambda m: None).root  # fmt: skip
+    m = json.loads((out / "manifest.json").read_text())
+    if damage is not None:
+        damage(out, m)
+        (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _flip_byte(out, m):
+    f = out / "shard-00001.npy"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _lower_counts(out, m):
+    """The last shard's images dropped consistently: its header, file, digest, the counts and checksum."""
+    import hashlib
+
+    from fastat.data.prepared import npy_header, set_checksum
+
+    last, f = m["shards"][-1], out / m["shards"][-1]["file"]
+    f.write_bytes(npy_header((1, 3, 8, 8)) + f.read_bytes()[128 : 128 + 192])
+    last["count"], last["blake2b"] = 1, hashlib.blake2b(f.read_bytes()[128:], digest_size=16).hexdigest()
+    m["count"] = 5
+    m["checksum"] = set_checksum((3, 8, 8), [s["blake2b"] for s in m["shards"]])
+
+
+def _train_on(t, damage):
+    return [*T, "--dataset", _prepared(t, damage), "--batch-size", "2", "--out", t / "o", "--steps", "1"]
+
+
+def _yaml(tmp, text: str | bytes):
+    f = tmp / "c.yaml"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return f
+
+
+CASES.update({
+    # a run folder is only ever a run folder
+    "fresh run over user files": (lambda t, r: [*T, *POINTS, "--out", _user_folder(t)], "not a fastat run"),
+    "dry run over user files": (
+        lambda t, r: [*T, *POINTS, "--dry-run", "--out", _user_folder(t)],
+        "not a fastat run",
+    ),
+    "resume auto over user files": (
+        lambda t, r: [*T, *POINTS, "--resume", "auto", "--out", _user_folder(t)],
+        "not a fastat run",
+    ),
+    "branch into user files": (
+        lambda t, r: [*T, "--resume", r / "checkpoints" / "ckpt-000002", "--out", _user_folder(t),
+                      "--steps", "4"],
+        "not a fastat run",
+    ),
+    "fresh run into a file": (lambda t, r: [*T, *POINTS, "--out", _write(t, "f", "mine")], "not a folder"),
+    # the newest complete checkpoint wins
+    "resume older, latest behind": (
+        lambda t, r: [*T, "--resume", _latest_behind(r) / "checkpoints" / "ckpt-000002", "--steps", "8"],
+        "older than the run's newest checkpoint ckpt-000004",
+    ),
+    # locks that hold
+    "live trainer, lock file deleted": (
+        lambda t, r: [*T, "--out", _held_without_lock_file(r), "--resume", "auto", "--steps", "8"],
+        "in use by another trainer",
+    ),
+    "dry run: live trainer, lock deleted": (
+        lambda t, r: [*T, "--out", _held_without_lock_file(r), "--resume", "auto", "--steps", "8",
+                      "--dry-run"],
+        "in use by another trainer",
+    ),
+    # bounded parsing
+    "yaml alias bomb": (lambda t, r: [*T, "--config", _yaml(t, _bomb())], "aliases (*name) are not allowed"),
+    "yaml one alias": (
+        lambda t, r: [*T, "--config", _yaml(t, "run:\n  steps: &s 5\n  log_every: *s\n")],
+        "aliases",
+    ),
+    "yaml merge key": (
+        lambda t, r: [*T, "--config", _yaml(t, "run: {<<: {steps: 5}}\n")],
+        "merge keys",
+    ),
+    "yaml /dev/zero": (lambda t, r: [*T, "--config", "/dev/zero"], "larger than 1024 KiB"),
+    "yaml over 1 MiB": (
+        lambda t, r: [*T, "--config", _yaml(t, "# pad\n" * 200_000 + "run: {steps: 5}\n")],
+        "larger than 1024 KiB",
+    ),
+    "yaml not UTF-8": (lambda t, r: [*T, "--config", _yaml(t, b"run: {out: \xff\xfe}\n")], "not UTF-8"),
+    "yaml duplicate key": (
+        lambda t, r: [*T, "--config", _yaml(t, "run:\n  steps: 5\n  steps: 6\n")],
+        "duplicate key 'steps'",
+    ),
+    "yaml duplicated section": (
+        lambda t, r: [*T, "--config", _yaml(t, "run:\n  steps: 5\nrun:\n  lr: 1\n")],
+        "duplicate key 'run'",
+    ),
+    "yaml scalar root": (lambda t, r: [*T, "--config", _yaml(t, "hello\n")], "must hold a mapping"),
+    "yaml python tag": (
+        lambda t, r: [*T, "--config", _yaml(t, "run: !!python/object/apply:os.system [ls]\n")],
+        "bad YAML",
+    ),
+    "--set alias bomb": (
+        lambda t, r: [*T, "--set", "model.kwargs={a: &a [1, 1], b: [*a, *a]}"],
+        "aliases",
+    ),
+    "--set duplicate key": (lambda t, r: [*T, "--set", "model.kwargs={a: 1, a: 2}"], "duplicate key 'a'"),
+    "--set into a list": (
+        lambda t, r: [*T, "--set", "model.kwargs.ch_mult.1=3"],
+        "set model.kwargs.ch_mult whole",
+    ),
+    "threads 100000": (lambda t, r: [*T, *POINTS, "--threads", "100000"], "--threads"),
+    "threads 0": (lambda t, r: [*T, *POINTS, "--threads", "0"], "--threads"),
+    "lam 1e308": (lambda t, r: [*T, "--lam", "1e308"], "objective.lam"),
+    "lam inf": (lambda t, r: [*T, "--lam", "inf"], "objective.lam"),
+    "ddpm with AT flags": (
+        lambda t, r: [*T, "--mode", "ddpm", "--lam", "0.7", "--replays", "5", "--reg-frac", "0.5"],
+        "--lam, --replays, --reg-frac would be ignored",
+    ),
+    # damaged prepared sets: found when opened for training
+    "train: flipped shard byte": (lambda t, r: _train_on(t, _flip_byte), "shard-00001.npy does not match"),
+    "train: edited manifest checksum": (
+        lambda t, r: _train_on(t, lambda out, m: m.update(checksum="0" * 32)),
+        "checksum does not match",
+    ),
+    "train: lowered counts": (lambda t, r: _train_on(t, _lower_counts), "counts 5 images, but 6 files"),
+    "train: padded shard": (
+        lambda t, r: _train_on(t, lambda out, m: open(out / "shard-00000.npy", "ab").write(b"\0")),
+        "longer than its images",
+    ),
+    "train: missing shard": (
+        lambda t, r: _train_on(t, lambda out, m: (out / "shard-00002.npy").unlink()),
+        "shard-00002.npy is missing",
+    ),
+    # one line, not a traceback
+    "sample: protocol-4 pickle": (lambda t, r: [*S, "--run", _pickled(r, 4)], "refused to unpickle"),
+    "resume: protocol-5 pickle": (
+        lambda t, r: [*T, "--resume", _pickled(r, 5), "--steps", "8"],
+        "refused to unpickle",
+    ),
+    "read-only image cache": (
+        lambda t, r: [*T, "--dataset", _folder(t, {"a.png": _png(), "b.png": _png(9)}), "--image-size", "8",
+                      "--batch-size", "2", "--set", "data.cache_dir=/proc/fastat-cache", "--out", t / "o"],
+        "cannot write the prepared-image cache /proc/fastat-cache",
+    ),
+    # silent acceptance
+    "sample: weights x 1e30": (lambda t, r: [*S, "--run", _scaled(r, 1e30)], "samples from"),
+    "resume: another prediction": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.prediction=x0"],
+        "objective.prediction = x0: its model was trained with eps",
+    ),
+    "resume: another T": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.T=50"],
+        "objective.T = 50",
+    ),
+    "resume: another schedule": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.schedule=cosine"],
+        "objective.schedule = cosine",
+    ),
+    "dry run: resume, another T": (
+        lambda t, r: [*T, "--resume", r, "--steps", "8", "--set", "objective.T=50", "--dry-run"],
+        "objective.T = 50",
+    ),
+    "dry run: bad model kwarg": (
+        lambda t, r: [*T, *POINTS, "--dry-run", "--set", "model.kwargs.widht=3"],
+        "unexpected keyword argument 'widht'",
+    ),
+    "sample: n 2e9": (
+        lambda t, r: [*S, "--run", r, "--n", "2000000000"],
+        "--n 2000000000 samples needs about",
+    ),
+    "ddpm with --set lam": (
+        lambda t, r: [*T, "--mode", "ddpm", "--set", "objective.lam=0.7"],
+        "objective.lam would be ignored",
+    ),
+})  # fmt: skip
+
+
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 80
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -263,7 +499,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
     make, needle = CASES[case]
     argv = make(tmp_path, run)
     before = snapshot(tmp_path)
-    code, _, err = run_cli(capsys, *argv)
+    try:
+        code, _, err = run_cli(capsys, *argv)
+    finally:
+        while _HELD:
+            _HELD.pop().close()
     assert_one_line_error(code, err, needle)
     assert snapshot(tmp_path) == before
 
@@ -293,6 +533,11 @@ OPS = {
     "pgd_step negative alpha": (lambda: ops.pgd_step(X, X, 0.1, -1.0), ValueError, "alpha"),
     "pgd_step bad norm": (lambda: ops.pgd_step(X, X, 0.1, 0.1, norm="l3"), ValueError, "norm"),
     "at_loss NaN lam": (lambda: ops.at_loss(X, X, X, X, float("nan")), ValueError, "lam"),
+    "ATObjective empty batch": (
+        lambda: ATObjective(schedule=NoiseSchedule(T=10))(lambda x, t: x, torch.zeros(0, 3)),
+        ValueError,
+        "empty batch",
+    ),
 }
 
 
@@ -318,6 +563,7 @@ def test_ops_accept_the_largest_seed():
 # A request is a JSON line [plan, stderr_file, argv]; the server answers "pid N", then "exit CODE".
 # The child kills itself (SIGKILL) at the moment its plan names:
 #   state:N   half-way through writing state.pt of its N-th checkpoint
+#   latest:N  between renaming its N-th checkpoint into place and updating ``latest``
 #   prune:N   half-way through deleting the N-th checkpoint it prunes (renamed to trash, partly deleted)
 #   -         not at all (the test kills it from outside at a random moment)
 SERVER = r"""
@@ -347,6 +593,13 @@ def child(plan, argv):
                 die()
             real_write(path, data)
         ck.write_bytes = write_bytes
+    elif kind == "latest":  # the checkpoint renamed into place, `latest` not yet updated
+        real_atomic = ck.atomic_write_text
+        def atomic_write_text(path, text):
+            if path.name == "latest" and due():
+                die()
+            return real_atomic(path, text)
+        ck.atomic_write_text = atomic_write_text
     elif kind == "prune":
         real_rmtree = ck.shutil.rmtree
         def rmtree(path, ignore_errors=False):
@@ -423,8 +676,9 @@ def _step(latest: str | None) -> int:
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys):
-    """SIGKILL during a save (state.pt half written), during pruning (a checkpoint half deleted) and at
-    four random moments; each time `--resume auto` continues. The end: the same weights, EMA and optimizer
+    """SIGKILL during a save (state.pt half written), between a checkpoint's rename and the ``latest``
+    update, during pruning (a checkpoint half deleted) and at four random moments; each time `--resume
+    auto` continues from the newest complete checkpoint. The end: the same weights, EMA and optimizer
     state as an uninterrupted run (which saved only at the end), and one metrics record per log step."""
     ref = tmp_path / "ref"
     assert run_cli(capsys, "train", *CRASH_ARGS, "--save-every", "0", "--out", ref)[0] == 0
@@ -432,7 +686,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys
     run, rng, kills, err = tmp_path / "run", random.Random(0), 0, tmp_path / "stderr"
     server = ForkServer()
     try:
-        for plan in ["state:3", "prune:2", "-", "-", "-", "-"]:
+        for plan in ["state:3", "latest:2", "prune:2", "-", "-", "-", "-"]:
             before = _latest(run)
             pid = server.start(plan, err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
             if plan == "-":  # let this process save 1-5 more steps, then kill it at a random moment
@@ -450,8 +704,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, capsys
             kills += code == -signal.SIGKILL
             names = sorted(p.name for p in (run / "checkpoints").iterdir())
             assert all(n.startswith((".", "ckpt-")) or n == "latest" for n in names), names
-            load_checkpoint(run)  # whatever the moment, the newest complete checkpoint loads
-        assert kills >= 5, kills
+            newest = load_checkpoint(run).path  # whatever the moment, the newest complete checkpoint loads
+            assert newest == list_checkpoints(run / "checkpoints")[-1]
+            if plan.startswith("latest"):  # `latest` one behind: the resume takes the newer checkpoint
+                assert code == -signal.SIGKILL and _step(_latest(run)) < _step(newest.name), names
+        assert kills >= 6, kills
         server.start("-", err, ["train", *CRASH_ARGS, "--out", run, "--resume", "auto"])
         assert server.wait() == 0, err.read_text()
     finally:
@@ -658,3 +915,140 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "fastat: interrupted" in err, err
     assert not (tmp_path / "r").exists()  # interrupted before the run folder was opened
+
+
+# -- issue 21: failures said in one line, naming the file --------------------------------------------------
+
+
+def test_a_foreign_pickle_protocol_is_one_line_without_a_torch_warning(finished_run, tmp_path, capsys):
+    import warnings
+
+    run = _pickled(shutil.copytree(finished_run, tmp_path / "run"), 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "sample", "--run", run, "--n", "2", "--out", tmp_path / "s.npy")
+    assert_one_line_error(code, err, "refused to unpickle")
+    assert [str(w.message) for w in seen] == []
+
+
+def test_export_disk_full_is_one_line_and_a_killed_exports_folder_is_removed(tmp_path):
+    from safetensors import SafetensorError
+
+    from fastat.app import export
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".tmp-out-{dead.pid}"  # what a killed export leaves
+    (left / "unet").mkdir(parents=True)
+    live = tmp_path / f".tmp-out-{os.getppid()}"  # an export still running
+    live.mkdir()
+
+    def full(tmp):
+        (tmp / "unet").mkdir(parents=True)
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+            'on device" })'
+        )
+
+    with pytest.raises(export.ExportError) as e:
+        export._write_folder(tmp_path / "out", full)
+    assert str(e.value) == f"cannot write {tmp_path / 'out'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]  # the killed one's folder is gone
+    assert export._write_folder(tmp_path / "out", lambda tmp: tmp.mkdir()) == tmp_path / "out"
+
+
+def test_sample_disk_full_names_the_file(finished_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(f, arr, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    out = tmp_path / "x.npy"
+    code, _, err = run_cli(capsys, "sample", "--run", finished_run, "--n", "2", "--steps", "2", "--out", out)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and str(out) in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_prepare_disk_full_names_the_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastat.data import preparation
+
+    def full(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preparation._ShardWriter, "write", full)
+    src = _folder(tmp_path, {"a.png": _png(), "b.png": _png(9)})
+    code, _, err = run_cli(capsys, "prepare", src, "--image-size", "8", "--out", tmp_path / "p",
+                           "--no-progress", "--workers", "1")  # fmt: skip
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fastat: error")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err  # (and the line that it started)
+    assert "No space left on device" in lines[0] and str(tmp_path / ".p.partial") in lines[0], lines[0]
+
+
+def test_forcing_triton_without_a_gpu_or_the_interpreter_is_one_line(tmp_path, capsys, monkeypatch):
+    from fastat.kernels import HAS_TRITON
+
+    if not HAS_TRITON or torch.cuda.is_available():
+        monkeypatch.setattr(ops.K, "HAS_TRITON", True)
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: False))
+    monkeypatch.setenv("FASTAT_FORCE_TRITON", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "FASTAT_FORCE_TRITON=1", "TRITON_INTERPRET=1")
+    assert not (tmp_path / "r").exists()  # it failed in the first step: nothing written
+
+
+# -- issue 21: memory checked before the first write (a machine with 1 GiB free) -----------------------
+
+SMALL = ["--dataset", "gmm2d", "--model", "mlp", "--no-progress", "--steps", "2"]
+MEMORY = {
+    "batch 60000 of 60000 points": (
+        ["--batch-size", "60000", "--set", "data.n=60000"],
+        "activations 2.4 GiB",
+    ),
+    "image size 256": (["--dataset", "subspace", "--image-size", "256", "--model", "auto"], "activations"),
+    "a dataset larger than memory": (["--set", "data.n=200000000"], "data 3.0 GiB"),
+}
+
+
+@pytest.mark.parametrize("dry", [False, True])
+@pytest.mark.parametrize("case", list(MEMORY))
+def test_a_step_far_over_free_memory_is_refused_before_any_write(case, dry, tmp_path, capsys, monkeypatch):
+    import fastat.train.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 30)
+    extra, part = MEMORY[case]
+    argv = ["train", *SMALL, *extra, "--out", tmp_path / "r", *(["--dry-run"] if dry else [])]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(
+        code, err, "the training step (batch", part, "more than the 1.0 GiB of available RAM"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_estimate_admits_the_usual_runs(tmp_path, capsys, monkeypatch):
+    import fastat.train.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 30)
+    assert run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")[0] == 0
+
+
+def test_activation_elements_count_every_leaf_output_on_meta():
+    from fastat.train.memory import activation_elements
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3))
+
+        def forward(self, x, t):
+            return self.body(x)
+
+    with torch.device("meta"):
+        net = Net()
+    assert activation_elements(net, (3,)) == 5 + 5 + 3
+    assert all(p.device.type == "meta" for p in net.parameters())  # no memory was used

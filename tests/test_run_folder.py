@@ -23,7 +23,7 @@ from train_helpers import (
 import fastat.train.checkpoint as ck
 import fastat.train.run_folder as rf
 from fastat.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from fastat.train.config import ConfigError
+from fastat.train.config import ConfigError, TrainConfig
 from fastat.train.metrics import read_metrics
 from fastat.train.run_folder import LOCK_FILE, RunFolder, RunFolderBusy
 
@@ -162,6 +162,7 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_cleanly(tmp_path, 
     """Its metrics records are dropped, not duplicated (what an early kill used to leave)."""
     run = tmp_path / "r"
     run.mkdir()
+    (run / "config.yaml").write_text(TrainConfig().to_yaml())  # the first write of a run
     (run / "metrics.jsonl").write_text('{"step": 2, "kind": "train", "loss": 1.0}\n')
     assert run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", run, "--resume", "auto")[0] == 0
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [2, 4]
@@ -221,3 +222,126 @@ def test_a_crash_during_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypat
     assert any(p.name.startswith(".trash-ckpt-000001") for p in root.iterdir())
     save_checkpoint(root, 3, model=net(), ema=net(), state={"step": 3}, keep=5)  # cleans it
     assert not any(p.name.startswith(".trash-") for p in root.iterdir())
+
+
+# -- a run folder is only ever a run folder ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [[], ["--dry-run"], ["--resume", "auto"]])
+def test_a_fresh_run_refuses_a_folder_that_is_not_a_run(tmp_path, capsys, args):
+    """The user's files in --out (a config.yaml, a samples/step-000020.npy) are never replaced."""
+    u = tmp_path / "u"
+    (u / "samples").mkdir(parents=True)
+    (u / "config.yaml").write_text("mine\n")
+    (u / "samples" / "step-000020.npy").write_text("x\n")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "20", "--out", u, *args)
+    assert_one_line_error(code, err, "is not empty and is not a fastat run", "config.yaml, samples")
+    assert snapshot(tmp_path) == before
+
+
+def test_branching_into_a_folder_of_user_files_is_refused(finished_run, tmp_path, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    ckpt = finished_run / "checkpoints" / "ckpt-000002"
+    code, _, err = run_cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "b", "--steps", "4")
+    assert_one_line_error(code, err, "is not a fastat run", "notes.txt")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_empty_folder_or_a_stale_lock_is_taken(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / LOCK_FILE).write_text("1@nowhere\n")
+    assert RunFolder.check(tmp_path / "r") == tmp_path / "r"
+    assert not rf.is_run_folder(tmp_path / "r")
+    (tmp_path / "r" / "config.yaml").write_text(TrainConfig().to_yaml())
+    assert rf.is_run_folder(tmp_path / "r")
+
+
+def test_a_run_that_fails_in_its_first_step_writes_nothing(tmp_path, capsys, monkeypatch):
+    """config.yaml is written with the first record or checkpoint, after a step has run."""
+    import fastat.train.loop as loop
+
+    def fail(engine, x0, *, lr):
+        raise loop.TrainingError("the first step failed")
+
+    monkeypatch.setattr(loop, "train_step", fail)
+    u = tmp_path / "u"
+    u.mkdir()
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", u)
+    assert code != 0 and "the first step failed" in err
+    assert list(u.iterdir()) == []
+    code, _, err = run_cli(capsys, "train", *POINTS, "--steps", "4", "--out", tmp_path / "new")
+    assert code != 0 and not (tmp_path / "new").exists()
+
+
+def test_a_resume_that_fails_in_its_first_step_leaves_the_run_as_it_was(finished_run, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    """config.yaml (and metrics.jsonl) keep what the run wrote: the new settings never reach the folder."""
+    import fastat.train.loop as loop
+
+    def fail(engine, x0, *, lr):
+        raise loop.TrainingError("the first step failed")
+
+    monkeypatch.setattr(loop, "train_step", fail)
+    run = copy_run(finished_run, tmp_path / "r")
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", "8", "--lr", "0.5")
+    assert code != 0 and "the first step failed" in err
+    assert snapshot(run) == before
+
+
+def test_a_sample_path_taken_by_a_folder_is_refused(tmp_path):
+    with RunFolder.open(tmp_path / "r") as run:
+        run.start("run: {}\n", step=0)
+        (tmp_path / "r" / "samples" / "step-000002.png").mkdir(parents=True)
+        with pytest.raises(ConfigError, match="in the way"):
+            run.samples_file(2, ".png")
+        assert run.samples_file(4, ".png").name == "step-000004.png"
+
+
+# -- locks that hold ---------------------------------------------------------------------------------------
+
+
+def test_a_deleted_lock_file_admits_no_second_trainer(tmp_path, capsys):
+    """Two processes: the first holds the folder; deleting RUN/.lock does not let the second in."""
+    code = (
+        "import sys, time; from fastat.train.run_folder import RunFolder; "
+        f"r = RunFolder.open({str(tmp_path / 'r')!r}); print('locked', flush=True); sys.stdin.readline()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        (tmp_path / "r" / LOCK_FILE).unlink()
+        with pytest.raises(RunFolderBusy, match="in use by another trainer"):
+            RunFolder.open(tmp_path / "r")
+        with pytest.raises(RunFolderBusy):
+            RunFolder.check(tmp_path / "r")
+        code_, _, err = run_cli(capsys, "train", *POINTS, "--steps", "2", "--out", tmp_path / "r")
+        assert_one_line_error(code_, err, "is in use by another trainer")
+        assert not (tmp_path / "r" / LOCK_FILE).exists()  # the refused trainer wrote nothing
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    RunFolder.open(tmp_path / "r").close()  # released with its process
+
+
+# -- the newest complete checkpoint wins -------------------------------------------------------------------
+
+
+def test_resume_auto_takes_the_highest_checkpoint_when_latest_is_behind(finished_run, tmp_path, capsys):
+    """What a kill between the checkpoint's rename and the ``latest`` update leaves: ckpt-000004 in
+    place, ``latest`` naming ckpt-000002. The resume continues 4 and never rewrites it with other
+    weights; the explicit older checkpoint is refused."""
+    run = copy_run(finished_run, tmp_path / "r")
+    (run / "checkpoints" / "latest").write_text("ckpt-000002\n")
+    newest = snapshot(run / "checkpoints" / "ckpt-000004")
+    code, _, err = run_cli(capsys, "train", "--resume", run / "checkpoints" / "ckpt-000002", "--steps", "6")
+    assert_one_line_error(code, err, "older than the run's newest checkpoint ckpt-000004")
+    code, out, err = run_cli(capsys, "train", "--out", run, "--resume", "auto", "--steps", "6")
+    assert code == 0, err
+    assert load_checkpoint(run).step == 6 and (run / "checkpoints" / "latest").read_text() == "ckpt-000006\n"
+    assert snapshot(run / "checkpoints" / "ckpt-000004") == newest
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [2, 4, 6]

@@ -32,6 +32,7 @@ from fastat.app.commands import (
     cmd_sample,
     cmd_train,
 )
+from fastat.app.guards import thread_count
 from fastat.train.config_keys import FLAGS, ConfigError
 from fastat.utils.errors import one_line
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument(
         "--threads",
-        type=_positive,
+        type=thread_count,
         metavar="N",
         help="torch CPU threads (default: OMP_NUM_THREADS if set, else 1 on the built-in sets on the CPU, "
         "else torch's default)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from fastat.app.guards import check_samples, unused_at_flags
 from fastat.train.config_keys import FLAGS, ConfigError
+from fastat.utils.yaml_io import safe_load as bounded_load
 
 __all__ = ["cmd_export", "cmd_prepare", "cmd_sample", "cmd_train", "train_overrides"]
 
@@ -36,7 +39,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            set_over[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            set_over[key.strip()] = bounded_load(value) if value.strip() else None  # no alias bombs
+        except (yaml.composer.ComposerError, yaml.constructor.ConstructorError) as e:  # refused, not text
+            raise ConfigError(f"--set {item[:60]!r}: {e.problem}") from None
         except yaml.YAMLError:
             set_over[key.strip()] = value
     flag_over = {key: getattr(args, dest) for dest, (key, _, _) in FLAGS.items()}
@@ -45,7 +50,10 @@ def train_overrides(args: argparse.Namespace) -> dict:
         flag_over["run.fast"] = args.fast
     for layer in (file_over, set_over, flag_over):
         TrainConfig().with_overrides(layer)  # keys and types (values are validated on the merged config)
-    return {**file_over, **set_over, **flag_over}
+    merged = {**file_over, **set_over, **flag_over}
+    flags = {key: f"--{dest.replace('_', '-')}" for dest, (key, _, _) in FLAGS.items()}
+    unused_at_flags(set_over, flag_over, merged, flags)
+    return merged
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     from fastat.eval.evaluate import final_evaluation
+    from fastat.train.memory import check_step_memory
     from fastat.train.run import TrainingInterrupted, resolve_device, resolve_precision, train
     from fastat.train.run_folder import RunFolder
     from fastat.train.state import build_checked_model, model_spec_of
@@ -74,8 +83,9 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     if args.dry_run:
         with ctx.together("the dry run"):
             device = resolve_device(cfg.run.device, ctx)
-            RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take it
             build_checked_model(model_spec_of(cfg), "meta")  # the real build's checks, no weights
+            check_step_memory(cfg, device, ctx.world_size)  # the step's memory against what is free
+            RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take it
         if not ctx.is_main:
             return 0
         print(cfg.to_yaml(), end="")
@@ -167,6 +177,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot write to {out.parent}: {e.strerror or e}") from None
 
+    from fastat.train.memory import require_memory
+
+    # the noise, the samples and their output copy (float32) on the host; a batch of them on the device
+    require_memory(3 * 4 * args.n * math.prod(shape), f"--n {args.n} samples", torch.device("cpu"),
+                   "lower --n (or sample in several calls with other --seed)")  # fmt: skip
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
     x = generate(
         model,
@@ -180,6 +195,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=device,
         generator=torch.Generator(device).manual_seed(derive_seed(args.seed, "sample-cli")),
     )
+    check_samples(x, ckpt.path, out)  # never a file of NaN
     written = write_samples(x, out, kind)
     print(written)
     return 0

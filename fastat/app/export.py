@@ -13,12 +13,14 @@ as the ``UNet2DModel`` of the same network (:mod:`fastat.models.unet_diffusers`:
 same outputs to float rounding). Points models (``mlp``) have no diffusers counterpart.
 
 The folder is written next to ``OUT`` under a temporary name and renamed into place: an interrupted
-export leaves no half-written ``OUT``. An existing, non-empty ``OUT`` is refused unless ``overwrite``.
+export leaves no half-written ``OUT`` (and the next export removes a killed one's temporary folder). An
+existing, non-empty ``OUT`` is refused unless ``overwrite``. A failed write (a full disk) is one line.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -111,6 +113,7 @@ def _write_folder(dest: Path, write) -> Path:
     except OSError as e:
         raise ExportError(f"cannot create {parent}: {e.strerror or e}") from None
     tmp = parent / f".tmp-{dest.name}-{os.getpid()}"
+    _remove_leftovers(parent, dest.name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
@@ -125,8 +128,32 @@ def _write_folder(dest: Path, write) -> Path:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except OSError as e:
-        raise ExportError(f"cannot write {dest}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+        raise ExportError(f"cannot write {dest}: {_why(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _why(e: BaseException) -> str:
+    """The cause of a failed write in a few words: ``SafetensorError`` wraps the OS error in a long
+    Rust debug string (``IoError(Os { code: 28, ... })``)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    m = re.search(r"\bcode: (\d+)", str(e))
+    if m:
+        return os.strerror(int(m.group(1)))
+    from fastat.utils.errors import one_line
+
+    return f"{type(e).__name__}: {one_line(e, first_only=True)[:200]}"
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """The temporary and trash folders of exports to ``name`` whose process has ended (killed)."""
+    from fastat.train.checkpoint import process_ended
+
+    for kind in (".tmp-", ".trash-"):
+        for p in parent.glob(f"{kind}{name}-*"):
+            pid = p.name[len(kind) + len(name) + 1 :]
+            if pid.isdigit() and process_ended(int(pid)) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)

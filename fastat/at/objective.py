@@ -120,8 +120,8 @@ class ATObjective:
         self.schedule = as_schedule(self.schedule)
         if self.mode not in MODES:
             raise unknown("mode", self.mode, MODES)
-        if not (is_number(self.lam) and self.lam >= 0):
-            raise must("lam", "a finite number >= 0", self.lam)
+        if not (is_number(self.lam) and 0 <= self.lam <= 1e4):  # the regulariser is O(1): more drowns the loss
+            raise must("lam", "a finite number in [0, 1e4]", self.lam)
         if self.lam_scale not in LAM_SCALES:
             raise unknown("lam_scale", self.lam_scale, LAM_SCALES)
         if not (is_number(self.lam_s_min) and 0 <= self.lam_s_min < 1):
@@ -276,6 +276,8 @@ class ATObjective:
             )
         if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.dim() < 2):
             raise ValueError("x0 must be a floating tensor of shape (B, ...)")
+        if x0 is not None and x0.shape[0] == 0:  # a shape, not a value: no host sync
+            raise ValueError(f"x0 is an empty batch (shape {tuple(x0.shape)}); B must be >= 1")
         if x0 is not None and x0.dtype not in ops.FLOAT_DTYPES:
             raise TypeError(
                 f"x0 must be float32, bfloat16 or float16 (the fused ops compute in float32), got {x0.dtype}"

@@ -46,8 +46,16 @@ _DTYPE_NAMES = "float32, bfloat16 or float16"
 
 
 def uses_triton(x: torch.Tensor) -> bool:
-    """Whether the ops run their Triton kernels for tensors like ``x``."""
-    return K.HAS_TRITON and (x.is_cuda or os.environ.get("FASTAT_FORCE_TRITON", "") == "1")
+    """Whether the ops run their Triton kernels for tensors like ``x`` (ValueError: CPU tensors forced
+    onto them without the interpreter, where triton would fail with "0 active drivers")."""
+    if not K.HAS_TRITON or not (x.is_cuda or os.environ.get("FASTAT_FORCE_TRITON", "") == "1"):
+        return False
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "") != "1":
+        raise ValueError(
+            "FASTAT_FORCE_TRITON=1 sends CPU tensors to the Triton kernels, which need a GPU or the "
+            "interpreter (TRITON_INTERPRET=1, set before triton is imported); unset FASTAT_FORCE_TRITON"
+        )
+    return True
 
 
 _state = threading.local()

@@ -38,18 +38,20 @@ def _same_file(f: IO, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def acquire(partial: Path, out: Path, wait: float | None, say: Callable[[str], None]) -> IO:
+def acquire(partial: Path, out: Path, wait: float | None, say: Callable[[str], None],
+            place: str | None = None) -> IO:  # fmt: skip
     """The lock of ``partial`` (created if missing), held by this process. Another holder: DatasetError at
     once when ``wait`` is None or 0, else one line via ``say`` and up to ``wait`` seconds of waiting (then
     DatasetError). A lock file that vanished while waited for (the other prepare finished and renamed its
-    folder) is taken again where it is now; the caller then finds ``out`` finished."""
+    folder) is taken again where it is now; the caller then finds ``out`` finished. ``place``: where the
+    set is written, for the message when it cannot be."""
     deadline = None
     while True:
         try:
             partial.mkdir(exist_ok=True)
             lock = open(partial / "lock", "w")
         except OSError as e:
-            raise DatasetError(f"cannot write next to --out {out}: {e.strerror or e}") from None
+            raise DatasetError(f"cannot write {place or f'next to --out {out}'}: {e.strerror or e}") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

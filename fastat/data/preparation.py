@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fastat import __version__
+from fastat.utils.errors import one_line
 
 from . import prep_lock
 from ._errors import DatasetError
@@ -174,7 +175,10 @@ def _check_existing(out: Path, params: dict) -> bool:
     if not out.is_dir():
         raise DatasetError(f"--out {out} is a file, not a folder")
     if (out / MANIFEST).is_file():
-        m = read_manifest(out)
+        try:
+            m = read_manifest(out)
+        except DatasetError as e:
+            raise DatasetError(f"{one_line(e)}; delete {out} and prepare it again") from None
         same = all(m.get(k) == v for k, v in params.items())
         if same:
             return True
@@ -235,21 +239,30 @@ def prepare(
                 raise
             return False
 
-    if finished():
-        return PreparedImages.open(out)
+    def reopen() -> PreparedImages | None:  # a finished set, checked (sizes, counts, checksums)
+        try:
+            return PreparedImages.open(out)
+        except DatasetError as e:  # damaged: its source is at hand (same digest), so prepare it again
+            say(f"fastat: {out} is damaged ({one_line(e).split(';')[0]}); preparing it again")
+            return None
+
+    if finished() and (images := reopen()) is not None:
+        return images
     shape = (3, image_size, image_size)
     row = int(np.prod(shape))
     shard_size = max(1, int(shard_bytes) // row)
 
+    where = (f"the prepared-image cache {out.parent} (data.cache_dir, $FASTAT_CACHE)" if replace
+             else f"next to --out {out}")  # fmt: skip  (replace: the trainer's cache)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot write next to --out {out}: {e.strerror or e}") from None
+        raise DatasetError(f"cannot write {where}: {e.strerror or e}") from None
     partial = out.parent / f".{out.name}.partial"
-    lock = prep_lock.acquire(partial, out, wait, say)
-    if finished():  # another process prepared it while this one waited
+    lock = prep_lock.acquire(partial, out, wait, say, place=where)
+    if finished() and (images := reopen()) is not None:  # another process prepared it meanwhile
         prep_lock.release_unused(lock, partial, out)
-        return PreparedImages.open(out)
+        return images
     try:
         state = _resume_state(partial, params, shard_size, say)
         if log is not None:
@@ -277,6 +290,8 @@ def prepare(
         for name in ("progress.json", "lock"):
             (partial / name).unlink(missing_ok=True)
         _swap_in(partial, out)
+    except OSError as e:  # a full disk: name where (a failed write of a shard names no file)
+        raise OSError(e.errno, e.strerror or str(e), e.filename or str(partial)) from None
     finally:
         lock.close()
     if state["skipped"]:
@@ -291,7 +306,7 @@ def prepare(
             log(f"fastat: {msg}")
         else:
             warnings.warn(msg, stacklevel=2)
-    return PreparedImages.open(out)
+    return PreparedImages.open(out, check=False)  # just written and synced
 
 
 def _resume_state(partial: Path, params: dict, shard_size: int, say) -> dict:

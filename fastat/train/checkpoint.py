@@ -5,7 +5,8 @@
 
 A checkpoint is written into a hidden temporary folder, flushed, then renamed into place (one atomic
 ``os.replace``); only then is ``latest`` rewritten and the oldest beyond ``keep`` pruned, so a crash
-leaves the old or the new checkpoint complete. Files are written from bytes with plain ``write`` calls
+leaves the old or the new checkpoint complete. Readers take the highest complete checkpoint, not what
+``latest`` says, and no save replaces a checkpoint of a higher step. Files are written from bytes with plain ``write`` calls
 (an ``OSError`` names the file). ``state.pt`` holds tensors and plain values only, read with
 ``torch.load(weights_only=True)``. Details: docs/DESIGN.md ("Checkpoints and the loop").
 """
@@ -18,6 +19,7 @@ import pickle
 import re
 import shutil
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +95,8 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path in ``path``'s folder, then rename it to ``path``.
 
-    Readers see the old file or the complete new one; on any error the temporary file is removed.
+    Readers see the old file or the complete new one; on any error the temporary file is removed, and
+    an ``OSError`` that names no file (a full disk in ``write``) is raised naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{_owner()}")
@@ -101,6 +104,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         _fsync_path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename and str(e.filename) != str(tmp):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -183,6 +191,12 @@ def save_checkpoint(
     root = Path(root)
     name = f"ckpt-{step:06d}"
     final, tmp = root / name, root / f"{_TMP_PREFIX}{name}-{_owner()}"
+    newer = [p for p in list_checkpoints(root) if _step_of(p) > step and _complete(p)]
+    if newer:
+        raise CheckpointError(
+            f"{root} holds {newer[-1].name}, newer than step {step}: saving would leave it as the newest "
+            f"checkpoint of another history; resume it, or branch with --out NEW_FOLDER"
+        )
     weights = {MODEL_FILE: _tensors(model), EMA_FILE: _tensors(ema)}
     for fname, tensors in weights.items():
         require_finite(tensors, f"the {'EMA ' if fname == EMA_FILE else ''}weights to save as {final}")
@@ -269,13 +283,19 @@ def _read_latest(root: Path) -> str | None:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run folder (``latest``, else the highest step), or None."""
-    root = checkpoint_root(run_dir)
-    name = _read_latest(root)
-    if name is not None and (root / name / STATE_FILE).is_file():
-        return root / name
-    ckpts = [p for p in list_checkpoints(root) if (p / STATE_FILE).is_file()]
+    """The newest complete checkpoint of a run folder (the highest step whose three files are there),
+    or None. ``latest`` is not trusted over the folders: a save killed after renaming its checkpoint
+    into place and before updating ``latest`` leaves it naming the one before."""
+    ckpts = [p for p in list_checkpoints(checkpoint_root(run_dir)) if _complete(p)]
     return ckpts[-1] if ckpts else None
+
+
+def _complete(ckpt: Path) -> bool:
+    return all((ckpt / f).is_file() for f in (STATE_FILE, MODEL_FILE, EMA_FILE))
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(_CKPT_RE.match(ckpt.name).group(1))
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -333,14 +353,16 @@ def load_checkpoint(path: str | os.PathLike, *, weights: bool = True) -> Checkpo
     weights (the EMA weights and state are always read)."""
     ckpt = find_checkpoint(path)
     try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol: the error below says it, once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         model = load_file(ckpt / MODEL_FILE) if weights else {}
         ema = load_file(ckpt / EMA_FILE)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise CheckpointError(
                 f"cannot read checkpoint {ckpt}: {STATE_FILE} holds objects other than tensors and plain "
-                f"values (refused to unpickle them)"
+                f"values, or pickle instructions the safe loader does not read (refused to unpickle them)"
             ) from None
         raise CheckpointError(f"cannot read checkpoint {ckpt}: {STATE_FILE} is corrupt ({e})") from None
     except (OSError, RuntimeError, SafetensorError, EOFError) as e:

@@ -34,6 +34,8 @@ from fastat.train.config_keys import (
     plain,
 )
 from fastat.utils.checks import is_number
+from fastat.utils.yaml_io import read_bounded
+from fastat.utils.yaml_io import safe_load as bounded_load
 
 __all__ = [
     "SEED_LIMIT",
@@ -230,8 +232,10 @@ class TrainConfig:
                     if not isinstance(value, dict):
                         raise ConfigError(f"{key} must be a mapping, got {value!r}")
                     sections[section][name] = dict(value)
+                elif len(parts) > 3:  # not a path into a value: model.kwargs.ch_mult.1 is no key
+                    raise ConfigError(f"unknown config key {key!r}: set {'.'.join(parts[:3])} whole")
                 else:
-                    sections[section][name] = {**sections[section][name], ".".join(parts[2:]): value}
+                    sections[section][name] = {**sections[section][name], parts[2]: value}
                 continue
             if len(parts) > 2:
                 raise ConfigError(f"unknown config key {key!r}: {section}.{name} has no sub-keys")
@@ -391,11 +395,11 @@ def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
     """The dotted overrides held by the YAML file at ``path`` (ConfigError if unreadable or malformed)."""
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        text = read_bounded(p)  # bounded: /dev/zero or a huge file is an OSError at once
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     try:
-        d = yaml.safe_load(text)
+        d = bounded_load(text)  # no aliases (alias bombs), no duplicate keys or sections
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -30,6 +30,7 @@ from fastat.train.loop import (
     train_step,
     training_loop,
 )
+from fastat.train.memory import check_step_memory
 from fastat.train.run_config import (
     data_shape,
     finalize,
@@ -106,6 +107,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
         with ctx.together("start-up"):
             ctx.check_batch(r.batch_size)
             device = resolve_device(r.device, ctx)
+            check_step_memory(cfg, device, ctx.world_size)  # before the run folder is touched
             if ctx.enabled and ctx.is_main:
                 say(ranks_line(ctx, r.batch_size, device))
             ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume

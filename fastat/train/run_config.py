@@ -253,7 +253,30 @@ def resolve_config(overrides: dict, resume: str | None = None) -> tuple[TrainCon
         except ConfigError as e:
             raise CheckpointError(f"the config saved in {ckpt} does not load: {e}") from None
         cfg = base.with_overrides({"run.out": str(run_dir_of(ckpt)), **overrides})
+        check_same_meaning(base, cfg, ckpt)
     return finalize(cfg), ckpt
+
+
+# What the trained model's output means: a resume may not change them (the weights would be read as
+# another quantity, at other noise levels).
+MEANING = ("prediction", "T", "schedule", "beta_start", "beta_end")
+
+
+def check_same_meaning(saved: TrainConfig, cfg: TrainConfig, ckpt: Path) -> None:
+    """ConfigError when ``cfg`` resumes ``ckpt`` (trained as ``saved``) with another prediction target or
+    noise schedule."""
+    a, b = saved.objective, cfg.objective
+    cosine = {"cosine", "squaredcos_cap_v2"}
+    keys = [k for k in MEANING if getattr(a, k) != getattr(b, k)
+            and not (k == "schedule" and {a.schedule, b.schedule} <= cosine)
+            and not (k.startswith("beta_") and a.schedule in cosine and b.schedule in cosine)]  # fmt: skip
+    if keys:
+        new = ", ".join(f"objective.{k} = {getattr(b, k)}" for k in keys)
+        old = ", ".join(str(getattr(a, k)) for k in keys)
+        raise ConfigError(
+            f"cannot resume {ckpt} with {new}: its model was trained with {old}, and its weights mean "
+            f"that; start a new run (without --resume) to train with them"
+        )
 
 
 def _subspace_default(name: str) -> int:

@@ -8,20 +8,23 @@ run writes there (config, checkpoints, metrics, sample grids).
         run.log(step, {"loss": 0.1}); run.write_samples(step, x, "image")
     # the lock is released on any exit; a folder created by a start that failed is removed again
 
-One trainer at a time (``RUN/.lock``, ``flock``; a dead holder's lock is stale); a fresh run refuses a
-folder with checkpoints; a resume continues its own newest checkpoint or branches into an empty folder;
-nothing changes until :meth:`RunFolder.start`. ``writer=False`` checks and writes nothing (ranks other
-than 0). The rules: docs/DESIGN.md ("Checkpoints and the loop").
+One trainer at a time: the folder itself is held (``flock`` on an open descriptor, so deleting
+``RUN/.lock`` admits no second trainer; the file names the holder). A fresh run takes only a new, empty
+or fastat run folder without checkpoints; a resume continues its own newest checkpoint or branches into
+an empty folder; nothing changes until the first record, sample or checkpoint. ``writer=False`` checks
+and writes nothing (ranks other than 0). The rules: docs/DESIGN.md ("Checkpoints and the loop").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
 import tempfile
 from pathlib import Path
 
+import yaml
 from torch import nn
 
 from fastat.train.checkpoint import (
@@ -34,15 +37,17 @@ from fastat.train.checkpoint import (
     read_step,
     save_checkpoint,
 )
-from fastat.train.config import ConfigError
+from fastat.train.config import ConfigError, TrainConfig
 from fastat.train.metrics import METRICS_FILE, MetricsLog
+from fastat.utils.yaml_io import read_bounded
+from fastat.utils.yaml_io import safe_load as bounded_load
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not a POSIX system: the pid check alone
     fcntl = None
 
-__all__ = ["CONFIG_FILE", "LOCK_FILE", "SAMPLES_DIR", "RunFolder", "RunFolderBusy"]
+__all__ = ["CONFIG_FILE", "LOCK_FILE", "SAMPLES_DIR", "RunFolder", "RunFolderBusy", "is_run_folder"]
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -67,7 +72,8 @@ class RunFolder:
         self._lock: _Lock | None = None
         self._log: MetricsLog | None = None
         self._created: list[Path] = []  # folders made by open(), removed again if start() never came
-        self._started = False
+        self._started = False  # something was written (start() called and a first write came)
+        self._start_step: int | None = None
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -77,7 +83,7 @@ class RunFolder:
         trainer holds it, and it may take this run (see the module's rules). Returns the folder."""
         run_dir = Path(path).expanduser()
         _check_writable(run_dir)
-        if (run_dir / LOCK_FILE).exists():
+        if run_dir.is_dir():  # the folder's lock, held even where the lock file was deleted
             _Lock(run_dir / LOCK_FILE).probe()
         _check_owner(run_dir, resume, steps)
         return run_dir
@@ -116,11 +122,17 @@ class RunFolder:
         run that died after its last checkpoint wrote them; so is the final evaluation's record at
         ``step`` when the run resumes at its end, which evaluates again; a run that starts fresh or
         branches here starts an empty log)."""
-        self.config_yaml = config_yaml
-        self._started = True
+        self.config_yaml, self._start_step = config_yaml, step
         if not self.writer:
+            self._started = True
+
+    def _commit(self) -> None:
+        """The first write (from :meth:`log`, :meth:`save`, :meth:`samples_file`): once a step has run."""
+        if self._started or self._start_step is None:
             return
-        atomic_write_text(self.path / CONFIG_FILE, config_yaml)
+        self._started = True
+        atomic_write_text(self.path / CONFIG_FILE, self.config_yaml)
+        step = self._start_step
         own = self.last_checkpoint is not None and _same(self.last_checkpoint, self.path)
         at_end = self.steps is not None and step >= self.steps
         self._log = MetricsLog(self.path, tensorboard=self.tensorboard, resume_step=step if own else 0,
@@ -133,6 +145,7 @@ class RunFolder:
         return self.path / METRICS_FILE
 
     def log(self, step: int, values: dict, *, kind: str = "train") -> None:
+        self._commit()
         if self._log is not None:
             self._log.write(step, values, kind=kind)
 
@@ -141,6 +154,7 @@ class RunFolder:
         prune to ``keep``. Returns its folder (on a non-writer: the folder the writer writes)."""
         path = checkpoint_root(self.path) / f"ckpt-{step:06d}"
         if self.writer:
+            self._commit()
             files = {CONFIG_FILE: self.config_yaml} if self.config_yaml else None
             path = save_checkpoint(checkpoint_root(self.path), step, model=model, ema=ema, state=state,
                                    keep=self.keep, metadata=metadata, files=files)  # fmt: skip
@@ -156,8 +170,12 @@ class RunFolder:
         """``RUN/samples/step-NNNNNN<suffix>`` (its folder created)."""
         folder = self.path / SAMPLES_DIR
         if self.writer:
+            self._commit()
             folder.mkdir(exist_ok=True)
-        return folder / f"step-{step:06d}{suffix}"
+        f = folder / f"step-{step:06d}{suffix}"
+        if self.writer and (f.is_symlink() or f.exists() and not f.is_file()):
+            raise ConfigError(f"{f} is in the way of the run's samples (not a plain file); move it away")
+        return f
 
     # -- closing ---------------------------------------------------------------------------------------
 
@@ -218,6 +236,7 @@ def _check_owner(run_dir: Path, resume: Path | None, steps: int | None) -> None:
                 f"the run folder {run_dir} already holds checkpoints; continue it with --resume auto "
                 f"or choose another --out"
             )
+        _check_not_foreign(run_dir)
         return
     if steps is not None:
         at = read_step(resume)
@@ -238,6 +257,39 @@ def _check_owner(run_dir: Path, resume: Path | None, steps: int | None) -> None:
             f"the run folder {run_dir} (--out) holds another run's checkpoints; to branch from {resume}, "
             f"choose a new --out"
         )
+    else:
+        _check_not_foreign(run_dir)
+
+
+def _check_not_foreign(run_dir: Path) -> None:
+    """A run that starts in ``run_dir`` (fresh or branched) takes it only if it is new, empty (a stale
+    lock aside) or a fastat run's folder: nothing a user put there is ever overwritten."""
+    try:
+        entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"cannot read the run folder {run_dir} (--out): {e.strerror or e}") from None
+    if entries and not is_run_folder(run_dir):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(
+            f"the run folder {run_dir} (--out) is not empty and is not a fastat run (it holds {shown}); "
+            f"choose a new or empty --out"
+        )
+
+
+def is_run_folder(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` is a fastat run's folder: its ``config.yaml`` holds a fastat config's sections
+    (what :meth:`RunFolder.start` writes), or it holds checkpoints."""
+    run_dir = Path(run_dir)
+    if list_checkpoints(checkpoint_root(run_dir)):
+        return True
+    try:
+        d = bounded_load(read_bounded(run_dir / CONFIG_FILE))
+    except (OSError, yaml.YAMLError):
+        return False
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    return isinstance(d, dict) and "run" in d and set(d) <= sections
 
 
 def _mkdirs(run_dir: Path) -> list[Path]:
@@ -258,14 +310,57 @@ def _mkdirs(run_dir: Path) -> list[Path]:
 
 
 class _Lock:
-    """An exclusive ``flock`` on a file holding ``<pid>@<host>`` of its holder; the file is removed on
+    """An exclusive ``flock`` on the folder (an open descriptor of it, held while the lock is: a deleted
+    lock file cannot release it), and one on a file in it holding ``<pid>@<host>`` of its holder (the
+    name in the busy message; the lock itself where the folder cannot be locked). The file is removed on
     release (and the acquirer checks it still locked the file at the path, not a removed one)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     def acquire(self) -> None:
+        self._dir_fd = self._lock_folder()
+        try:
+            self._acquire_file()
+        except BaseException:
+            self._close_folder()
+            raise
+
+    def _lock_folder(self, probe: bool = False) -> int | None:
+        """The folder's descriptor, locked (None: no ``flock`` here); RunFolderBusy if another holds it."""
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as e:
+            if probe:
+                return None
+            raise ConfigError(
+                f"cannot write to the run folder {self.path.parent} (--out): {e.strerror or e}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self._busy(None)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            return None
+        if probe:
+            os.close(fd)  # drops it
+            return None
+        return fd
+
+    def _close_folder(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def _acquire_file(self) -> None:
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -291,6 +386,7 @@ class _Lock:
 
     def probe(self) -> None:
         """Raise :class:`RunFolderBusy` if a live trainer holds the lock (takes and drops it otherwise)."""
+        self._lock_folder(probe=True)
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
@@ -309,6 +405,7 @@ class _Lock:
         finally:
             os.close(self._fd)  # drops the flock
             self._fd = None
+            self._close_folder()
 
     # -- internals
 
@@ -330,6 +427,16 @@ class _Lock:
         holder = self._holder(fd)
         return holder is None or _gone(holder)
 
+    def _holder_by_name(self) -> str | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return self._holder(fd)
+        finally:
+            os.close(fd)
+
     def _same_file(self, fd: int) -> bool:
         try:
             return os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -344,8 +451,8 @@ class _Lock:
             return None
         return text or None
 
-    def _busy(self, fd: int):
-        holder = self._holder(fd) or "another process"
+    def _busy(self, fd: int | None):
+        holder = (self._holder(fd) if fd is not None else self._holder_by_name()) or "another process"
         raise RunFolderBusy(
             f"the run folder {self.path.parent} is in use by another trainer ({holder}); wait for it to "
             f"finish or choose another --out"

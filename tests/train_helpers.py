@@ -83,7 +83,8 @@ def weights(run_dir: Path, which: str = "model") -> dict[str, torch.Tensor]:
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    """Exit 2 and one error line (the start-up notes, e.g. the data line, are not errors)."""
+    lines = [ln for ln in without_notes(err).splitlines() if ln.strip()]
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     assert "Traceback" not in err

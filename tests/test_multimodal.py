@@ -105,3 +105,18 @@ def test_training_logs_attack_eff_and_can_turn_it_off(tmp_path):
     on = [r["loss"] for r in (json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines())
           if r["kind"] == "train"]  # fmt: skip
     assert on == [r["loss"] for r in recs if r["kind"] == "train"]
+
+
+def test_fastat_eval_reports_attack_eff_on_a_multimodal_run(tmp_path, capsys):
+    from fastat.app.cli import main
+
+    run = tmp_path / "r"
+    assert main(["train", "--dataset", "scales", "--steps", "3", "--batch-size", "8", "--no-progress",
+                 "--set", "run.eval_n=0", "--set", "model.kwargs.ch=8", "--out", str(run)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--n", "16", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "attack_eff: attack / random w residual" in out
+    report = json.loads((run / "eval.json").read_text())
+    assert report["dataset"] == "scales" and report["metrics"]["attack_eff"] > 0
+    assert {f"attack_eff_b{b}" for b in range(4)} <= set(report["metrics"])

@@ -131,10 +131,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--preset",
-        choices=("default", "images", "quick"),
+        choices=("default", "images", "multimodal", "quick"),
         default=None,
         help="default: points (plane3d, an MLP); images: subspace images, sigma 0.1 and 0.2 (a UNet); "
-        "quick: a smoke run",
+        "multimodal: the subspaces and scales image sets, the same recipe; quick: a smoke run",
     )
     c.add_argument("--quick", action="store_true", help="the same as --preset quick (< 1 min)")
     c.add_argument("--out", default=None, help="output folder (default runs/compare[-PRESET])")

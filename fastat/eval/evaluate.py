@@ -261,6 +261,8 @@ def evaluate_run(
                                 progress=progress)  # fmt: skip
     if not ctx.is_main:  # rank 0 measured the samples
         return None
+    if td.known is not None:
+        metrics.update(attack_eff(model, cfg, td.known, opt.seed, dev))
     settings = {"n": opt.n, "sampler": sampler.sampler, "steps": sampler.visited(schedule.T),
                 "eta": sampler.eta, "seed": opt.seed, "weights": "ema" if opt.ema else "raw",
                 "device": str(dev)}  # fmt: skip
@@ -270,6 +272,17 @@ def evaluate_run(
         settings["ref"] = str(opt.fid.ref)
     return make_report(ckpt.run_dir, ckpt.path, ckpt.step, td.name, td.kind, cfg, settings, metrics,
                        time.perf_counter() - t0, write=write)  # fmt: skip
+
+
+def attack_eff(eps_model, cfg, known, seed: int, device, n: int = 256) -> dict[str, float]:
+    """:func:`fastat.at.diagnostics.attack_efficiency` of the run's attack on ``n`` fresh clean samples
+    (``eps_model`` outputs eps, so the objective reads it as eps)."""
+    from fastat.at.diagnostics import attack_efficiency
+
+    objective = replace(cfg.build_objective(), prediction="eps")
+    x0 = known.sample(n, torch.Generator().manual_seed(seed * 1000 + 107)).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed * 1000 + 108)
+    return {k: float(v) for k, v in attack_efficiency(eps_model, objective, x0, gen).items()}
 
 
 def make_report(

@@ -104,6 +104,10 @@ def format_report(report: dict) -> str:
             f"  {'attack: sample shift (RMS), PGD vs random':<46} {m['shift_pgd']:.4f} vs "
             f"{m['shift_random']:.4f} (radius {m['attack_radius']}, target {m.get('attack_target', 'eps')})"
         )
+    if "attack_eff" in m:
+        buckets = ", ".join(f"{m[k]:.2f}" for k in sorted(k for k in m if k.startswith("attack_eff_b")))
+        lines.append(f"  {'attack_eff: attack / random w residual':<46} {m['attack_eff']:.3f}  "
+                     f"(by noise level, low to high: {buckets}; > 1: harder than chance)")  # fmt: skip
     if "fid_note" in m:
         lines.append(f"  {m['fid_note']}")
     if m.get("nonfinite"):

@@ -193,8 +193,8 @@ def markdown_table(
 
 
 def _notes(summary: dict[str, SettingSummary], spec: CompareSpec, seconds: float | None) -> list[str]:
-    images = any(SETTINGS[s].dataset == "subspace" for s in summary if s in SETTINGS)
-    points = any(SETTINGS[s].dataset != "subspace" for s in summary if s in SETTINGS)
+    images = any(SETTINGS[s].images for s in summary if s in SETTINGS)
+    points = any(not SETTINGS[s].images for s in summary if s in SETTINGS)
     models = ([f"MLP {spec.hidden}x{spec.depth}"] if points else []) + (
         [f"UNet tiny {unet_desc(spec)}"] if images else []
     )

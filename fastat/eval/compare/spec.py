@@ -25,6 +25,13 @@ class Setting:
     outliers: float = 0.0
     outlier_kind: str = "uniform"
 
+    @property
+    def images(self) -> bool:
+        """An image set (a UNet learns it), not points (an MLP)."""
+        from fastat.data.known import IMAGE_SETS
+
+        return self.dataset in IMAGE_SETS
+
     def describe(self) -> str:
         parts = []
         if self.corrupt_frac and self.corrupt_sigma:
@@ -46,6 +53,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("gmm2d-out", "gmm2d", 0.0, 0.0, 0.1),
         Setting("subspace-s0.1", "subspace", 0.9, 0.1),
         Setting("subspace-s0.2", "subspace", 0.9, 0.2),
+        Setting("subspaces-s0.1", "subspaces", 0.9, 0.1),
+        Setting("subspaces-s0.2", "subspaces", 0.9, 0.2),
+        Setting("scales-s0.1", "scales", 0.9, 0.1),
+        Setting("scales-s0.2", "scales", 0.9, 0.2),
     )
 }
 
@@ -123,7 +134,7 @@ class CompareSpec:
             "run.tensorboard": False,
             "run.keep": 1,
         }
-        if setting.dataset == "subspace":
+        if setting.images:
             over.update({"model.name": "tiny", "model.kwargs": dict(self.unet)})
             if self.image_size is not None:
                 over["data.image_size"] = self.image_size
@@ -155,6 +166,19 @@ PRESETS: dict[str, CompareSpec] = {
     # subspace images (3x8x8, an 8-dim support) with the tiny UNet: the recipe of the quickstart
     "images": CompareSpec(
         settings=("subspace-s0.1", "subspace-s0.2"),
+        steps=1000,
+        batch_size=32,
+        lr=1e-3,
+        warmup=20,
+        lr_schedule="cosine",
+        ema_decay=0.9999,
+        image_size=8,
+        eval_n=256,
+        attack_n=64,
+    ),
+    # the multimodal image sets (clusters of images; clusters that differ in scale), the same recipe
+    "multimodal": CompareSpec(
+        settings=("subspaces-s0.1", "subspaces-s0.2", "scales-s0.1", "scales-s0.2"),
         steps=1000,
         batch_size=32,
         lr=1e-3,

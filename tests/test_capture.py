@@ -286,3 +286,30 @@ def test_compile_modes_with_inductor_cuda_graphs_are_mapped_under_capture(stand_
         assert modes == [mapped if graph else asked] * 2  # the model and the attack's detached copy
         assert len(logs) == (graph and asked != mapped), logs
         assert all("turns on Inductor's CUDA graphs" in line for line in logs)
+
+
+def test_host_read_blame_skips_a_venv_inside_the_checkout(monkeypatch):
+    """A read is blamed on the innermost frame of fastat/ or kernels/, never on a virtualenv's (or any
+    site-packages') file that happens to live inside the checkout or the package."""
+    import traceback
+
+    import fastat.kernels
+    import fastat.step.capture as capture
+
+    package = Path(capture.__file__).resolve().parent.parent  # fastat/ (in a checkout or site-packages)
+    root, kernels = package.parent, Path(fastat.kernels.__file__).resolve().parent
+    venv_torch = root / ".venv-gpu" / "lib" / "python3.12" / "site-packages" / "torch"
+    frame = lambda path, line, text: traceback.FrameSummary(str(path), line, "f", line=text)  # noqa: E731
+    stack = [
+        frame(root / "tests" / "test_x.py", 1, "engine.step(x)"),
+        frame(package / "step" / "engine.py", 2, "self._body(x0)"),
+        frame(kernels / "loss.py", 3, "_sum_partials_kernel[(1,)](part, out)"),
+        frame(venv_torch / "_dynamo" / "eval_frame.py", 4, "return fn(*args)"),
+        frame(package / ".venv" / "lib" / "site-packages" / "numpy" / "core.py", 5, "int(a)"),
+        frame(package / "step" / "capture.py", 6, "_caller()"),  # dropped: the check itself
+        frame(package / "step" / "capture.py", 7, "traceback.extract_stack()"),
+    ]
+    monkeypatch.setattr(capture.traceback, "extract_stack", lambda: list(stack))
+    assert capture._caller() == "loss.py:3 (_sum_partials_kernel[(1,)](part, out))"
+    del stack[2]
+    assert capture._caller() == "engine.py:2 (self._body(x0))"

@@ -119,9 +119,18 @@ class _CaptureSensitive(torch.nn.Module):
         return self.net(x, t)
 
 
+def _capture_health_check(optimizer):
+    """torch's check at the start of ``optimizer.step()``, which sees no capture on the CPU."""
+    if StandInGraphs.capturing and not all(g["capturable"] for g in optimizer.param_groups):
+        raise RuntimeError("Attempting CUDA graph capture of step() but param_groups' capturable is False.")
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     monkeypatch.setattr(fastat.step.engine, "CudaGraphs", StandInGraphs)
+    for name in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):
+        if hasattr(torch.optim.Optimizer, name):
+            monkeypatch.setattr(torch.optim.Optimizer, name, _capture_health_check)
     StandInGraphs.made, StandInGraphs.fail, StandInGraphs.host_objects = [], False, []
     yield StandInGraphs
     StandInGraphs.fail, StandInGraphs.host_objects = False, []
@@ -217,6 +226,25 @@ def test_captured_free_step_replays_kept_batches(stand_in):
     assert backend.captures == 1 and backend.replays == 7 and len(logs) == 1, logs
     assert_same_state(ref, eng)
     assert tuple(eng.objective_state_dict()["replay"]["x0"].shape) == (16, 3)
+
+
+def test_a_resumed_engine_captures_its_step(stand_in):
+    """A checkpoint written by an uncaptured run (CPU, --no-fast) holds ``capturable=False``: loading it
+    keeps the engine's flags, so the step is still captured (it was not: capture raised and the engine
+    fell back to the uncaptured step)."""
+    xs = batches(5)
+    ref, _ = make(graph=False)
+    run(ref, xs[:2])
+    saved = ref.optimizer.state_dict()
+    assert not any(g["capturable"] for g in saved["param_groups"])
+    eng, logs = make(graph=True)
+    eng.load_optimizer_state(saved)
+    assert all(g["capturable"] and g["fused"] for g in eng.optimizer.param_groups)
+    run(eng, xs[2:])  # two warm-up steps, then captured
+    assert eng.captured and eng.mode == "eager+graph" and not logs, logs
+    assert stand_in.made[0].captures == 1
+    ref.load_optimizer_state(eng.optimizer.state_dict())  # and back: the uncaptured engine's flags
+    assert not any(g["capturable"] for g in ref.optimizer.param_groups)
 
 
 def test_failed_capture_restores_every_generator_and_runs_uncaptured(stand_in):

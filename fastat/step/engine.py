@@ -164,7 +164,7 @@ class StepEngine:
         # fused: one kernel, and the found_inf argument that skips a non-finite step on the device
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self._lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            fused=True, capturable=self.use_graph and cuda,
+            fused=True, capturable=self.use_graph,
         )  # fmt: skip
         self.ema = EMA(model, ema_decay, ema_warmup)
         if precision not in PRECISIONS:
@@ -269,8 +269,11 @@ class StepEngine:
 
     def load_optimizer_state(self, state: dict) -> None:
         """Load an optimizer state dict (from either kind of engine), keeping the learning rate in the
-        engine's device tensor (``load_state_dict`` replaces the param groups' values)."""
-        self.optimizer.load_state_dict(state)
+        engine's device tensor (``load_state_dict`` replaces the param groups' values) and the engine's
+        ``fused`` and ``capturable`` (a state saved on the CPU or uncaptured would turn capture off)."""
+        flags = {k: self.optimizer.defaults[k] for k in ("fused", "capturable")}
+        groups = [{**g, **flags} for g in state["param_groups"]]
+        self.optimizer.load_state_dict({**state, "param_groups": groups})
         self._lr.fill_(float(self.optimizer.param_groups[0]["lr"]))
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr

@@ -88,7 +88,8 @@ STUB = r"""#!/usr/bin/env bash
 # A stand-in python for gpu_check.sh: real Python for the script's helpers, instant fakes for the rest.
 case "$1" in
   -|benchmarks/gpu_summary.py) exec "$REAL_PY" "$@" ;;
-  -c) [[ "$2" == *"import fastat.kernels"* ]] && exit "${STUB_IMPORT_RC:-0}"; exit 0 ;;
+  -c) [[ "$2" == *"import fastat.kernels"* ]] && exit "${STUB_IMPORT_RC:-0}"
+      [[ "$2" == *"cuda"* ]] && echo "cuda: ${STUB_CUDA:-NVIDIA H200}"; exit 0 ;;
   benchmarks/bench_kernels.py) echo '{"rows": []}' >"${@: -1}"; echo "kernel table"; exit 0 ;;
 esac
 args="$*"
@@ -98,6 +99,7 @@ if [[ "$args" == *"--json"* ]]; then
   out="${args##*--json }"; out="${out%% *}"
   if [[ "$args" == *"bench data"* ]]; then echo '{"results": []}' >"$out"; else echo '[]' >"$out"; fi
 fi
+[[ -n "${STUB_SKIPS:-}" && "$args" == *"$STUB_SKIPS"* ]] && { echo "9 skipped, 29 deselected in 0.1s"; exit; }
 echo "3 passed in 0.01s"
 """
 
@@ -138,6 +140,7 @@ def test_a_hanging_stage_is_stopped_within_the_plan_and_the_rest_still_run(tmp_p
     assert set(summary["results"]) == {"kernels.json", "loader.json", "bench_b128.json", "bench_b32.json"}
     table = "\n".join(summary["table"])
     assert "TIMEOUT" in table and "stages not ok: engine_cuda" in table and table in p.stdout
+    assert "CUDA checks passed: kernel_cases, nccl;" in table and summary["cuda"] == "NVIDIA H200"
     assert "===== engine_cuda (rc=124) =====" in (out / "logs.txt").read_text()
 
 
@@ -203,3 +206,28 @@ def test_summary_judges_the_targets_from_the_stage_outputs(tmp_path):
 def test_summary_of_an_empty_folder_says_nothing_was_measured(tmp_path):
     text, data = gpu_summary.summary(tmp_path)
     assert all(v["measured"] is None for v in data["targets"].values()) and "MISSED" not in text
+
+
+def test_a_check_passes_only_when_its_tests_ran_and_passed_on_cuda(tmp_path):
+    """A check stage that exits 0 but skipped or deselected every test (no CUDA, a wrong -k) is no pass,
+    and nothing run where the info stage saw no CUDA device is reported as a CUDA check passed."""
+    assert gpu_summary.pytest_counts("1 failed, 67 passed, 2 warnings in 20.30s (0:00:20)") == {
+        "failed": 1, "passed": 67, "warning": 2}  # fmt: skip
+    assert gpu_summary.pytest_counts("no tests ran in 0.01s") == {}
+    assert gpu_summary.pytest_counts("compiled 2 graphs in 3.1s") is None  # not pytest's line
+    cases = [("150 passed in 80.6s", True), ("3 passed, 1 skipped in 2.0s", True),
+             ("9 skipped, 29 deselected in 3.2s", False), ("no tests ran in 0.0s", False),
+             ("1 failed, 5 passed in 2.0s", False), ("5 passed, 1 error in 2.0s", False)]  # fmt: skip
+    for tests, passed in cases:
+        assert gpu_summary.check_passed({"rc": 0, "tests": tests}) is passed, tests
+    assert not gpu_summary.check_passed({"rc": 0, "last": "3 passed in 0.01s"})  # no closing line recorded
+    # end to end: engine_cuda skips everything on a GPU: not passed, and the run fails
+    p, out, _, _ = run_script(tmp_path / "gpu", 2, STUB_SKIPS="tests/test_engine.py")
+    table = "\n".join(json.loads((out / "summary.json").read_text())["table"])
+    assert "CUDA checks passed: kernel_cases, nccl;" in table and "stages not ok: engine_cuda" in table
+    assert p.returncode == 1 and re.search(r"^engine_cuda +no tests .*9 skipped, 29 deselected", table, re.M)
+    # a machine without CUDA: the same tests pass, and none is a CUDA check
+    p, out, _, _ = run_script(tmp_path / "cpu", 2, STUB_CUDA="none")
+    summary = json.loads((out / "summary.json").read_text())
+    assert p.returncode == 0 and summary["cuda"] is None and summary["cuda_checks_passed"] == []
+    assert "CUDA checks passed: none (no CUDA device)" in "\n".join(summary["table"])

@@ -15,9 +15,12 @@ mkdir -p "$OUT"
 : >"$OUT/logs.txt"
 TMPD=$(mktemp -d /tmp/fastat-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore
-# one compile cache for every stage and process (torch 2.11's defaults, made explicit), kept between calls
+# one compile cache for every stage and process, kept between calls. Not the AOTAutograd cache: torch
+# < 2.14 keys it on autocast on/off, not its dtype (an fp16 process loaded bf16 graphs and trained in
+# bf16; fastat.utils.compile_cache), and an environment setting beats fastat's own. The FX graph cache
+# keys on the dtypes and still spares the later processes Inductor's code generation.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/fastat-inductor TRITON_CACHE_DIR=/tmp/fastat-triton
-export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=0
 T0=$(date +%s)
 status=0
 

@@ -50,6 +50,7 @@ from fastat.models import PRESETS, build_model
 from fastat.step.capture import CaptureError
 from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import atomic_write_text
+from fastat.utils.compile_cache import guard_autograd_cache
 from fastat.utils.timing import device_info, time_fn
 
 # Dense matrix peak by card (vendor datasheets, SXM parts), FLOP/s: the MFU denominator.
@@ -265,6 +266,8 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, 
     def naive_run(compiled: bool) -> tuple[dict, str]:
         """(a) naive AT, eager or with torch.compile on the model (its first step compiles)."""
         m = fresh_model()
+        if compiled and (why := guard_autograd_cache(setting.precision)) is not None:  # torch < 2.14
+            log(why)
         net = torch.compile(m) if compiled else m
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         ema = [p.detach().clone() for p in m.parameters()]

@@ -79,6 +79,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fastat.at.objective import ATObjective
 from fastat.step.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.step.ema import EMA
+from fastat.utils.compile_cache import guard_autograd_cache
 
 __all__ = ["PRECISIONS", "DetachedParams", "StepEngine"]
 
@@ -175,6 +176,8 @@ class StepEngine:
         self._agree_compile = fast  # the ranks agree after the first step that every one compiled
         if fast:
             compile_mode = self._compile_mode(compile_mode)
+            if (why := guard_autograd_cache(precision)) is not None:  # torch < 2.14 under autocast
+                self.log(why)
             try:
                 self.forward = torch.compile(model, mode=compile_mode, dynamic=False)
                 self.attack_forward = torch.compile(DetachedParams(model), mode=compile_mode, dynamic=False)

@@ -1,7 +1,7 @@
-# Shared by benchmarks/gpu_check.sh and benchmarks/gpu_check_compiled.sh (sourced, not run): stages under
-# a time plan, their logs and JSON lines, the install and the closing table. The caller sets PLAN (every
-# stage NAME:LIMIT_SECONDS in the order they run) and OPTIONAL (stages whose failure fails nothing),
-# sources this file, calls `setup`, then `stage NAME COMMAND...` for each stage, then `finish`.
+# Sourced by benchmarks/gpu_check.sh (not run): stages under a time plan, their logs and JSON lines, the
+# install and the closing table. The caller sets PLAN (every stage NAME:LIMIT_SECONDS in the order they
+# run) and OPTIONAL (stages whose failure fails nothing), sources this file, calls `setup`, then
+# `stage NAME COMMAND...` for each stage, then `finish`.
 #
 # A stage runs until the plan's running total at NAME: its own limit plus what the stages before it left
 # unused, never beyond, so a whole run ends within the plan whatever happens. Each appends its log to

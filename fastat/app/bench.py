@@ -377,9 +377,9 @@ def format_result(r: dict) -> str:
     if r.get("naive_mode") != s["mode"] or s["reg_frac"] != 1:
         lines.append(f"naive rows: the paper's {r.get('naive_mode')} on the whole batch")
     lines.append(
-        f"speedup fastat/naive: {f(r['speedup_vs_naive'], '.2f')}x   fastat/naive+compile: "
-        f"{f(r['speedup_vs_naive_compiled'], '.2f')}x   AT overhead fastat/ddpm: "
-        f"{f(r['at_overhead'], '.2f')}x (FLOP floor {r['flop_floor_overhead']:.2f}x)"
+        f"speedup fastat/naive: {f(r.get('speedup_vs_naive'), '.2f')}x   fastat/naive+compile: "
+        f"{f(r.get('speedup_vs_naive_compiled'), '.2f')}x   AT overhead fastat/ddpm: "
+        f"{f(r.get('at_overhead'), '.2f')}x (FLOP floor {r['flop_floor_overhead']:.2f}x)"  # no run: "-"
     )
     return "\n".join(lines)
 

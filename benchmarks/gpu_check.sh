@@ -87,8 +87,8 @@ stage kernels_bench "$PY" benchmarks/bench_kernels.py ${KERNELS[@]+"${KERNELS[@]
 # naive first, fastat next (the speed-up survives a timeout), naive+compile, DDPM last
 stage step_b128 "$PY" -m fastat.app.bench "${STEP[@]}" --batch-size 128 --runs naive fastat naive_compiled \
   fastat_ddpm --json "$OUT/bench_b128.json"
-stage step_b32 "$PY" -m fastat.app.bench "${STEP[@]}" --steps 10 --warmup 4 --batch-size 32 --runs naive fastat \
-  --json "$OUT/bench_b32.json"
+stage step_b32 "$PY" -m fastat.app.bench "${STEP[@]}" --steps 10 --warmup 4 --batch-size 32 \
+  --runs naive fastat --json "$OUT/bench_b32.json"
 stage loader bash -c "$PY -c \"import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); \
   from bench_storage import make_npy; make_npy(Path('$TMPD/loader-32'), ${LOADER_N:-20000}, 32)\" && \
   $PY -m fastat bench data $TMPD/loader-32 --seconds 1 --json $OUT/loader.json"

@@ -1,7 +1,7 @@
-# Shared by benchmarks/gpu_check.sh and benchmarks/gpu_check_compiled.sh (sourced, not run): stages under
-# a time plan, their logs and JSON lines, the install and the closing table. The caller sets PLAN (every
-# stage NAME:LIMIT_SECONDS in the order they run) and OPTIONAL (stages whose failure fails nothing),
-# sources this file, calls `setup`, then `stage NAME COMMAND...` for each stage, then `finish`.
+# Sourced by benchmarks/gpu_check.sh (not run): stages under a time plan, their logs and JSON lines, the
+# install and the closing table. The caller sets PLAN (every stage NAME:LIMIT_SECONDS in the order they
+# run) and OPTIONAL (stages whose failure fails nothing), sources this file, calls `setup`, then
+# `stage NAME COMMAND...` for each stage, then `finish`.
 #
 # A stage runs until the plan's running total at NAME: its own limit plus what the stages before it left
 # unused, never beyond, so a whole run ends within the plan whatever happens. Each appends its log to
@@ -15,9 +15,12 @@ mkdir -p "$OUT"
 : >"$OUT/logs.txt"
 TMPD=$(mktemp -d /tmp/fastat-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore
-# one compile cache for every stage and process (torch 2.11's defaults, made explicit), kept between calls
+# one compile cache for every stage and process, kept between calls. Not the AOTAutograd cache: torch
+# < 2.14 keys it on autocast on/off, not its dtype (an fp16 process loaded bf16 graphs and trained in
+# bf16; fastat.utils.compile_cache), and an environment setting beats fastat's own. The FX graph cache
+# keys on the dtypes and still spares the later processes Inductor's code generation.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/fastat-inductor TRITON_CACHE_DIR=/tmp/fastat-triton
-export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=0
 T0=$(date +%s)
 status=0
 
@@ -36,7 +39,7 @@ planned() { # planned NAME [limit]: the plan's running total up to and including
 
 record() { # record NAME RC START LIMIT EFFECTIVE LOG [NOTE]: one JSON line on stages.jsonl
   "$PY" - "$@" >>"$OUT/stages.jsonl" <<'EOF'
-import json, sys, time
+import json, re, sys, time
 name, rc, t0, limit, eff, log = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 try:
     lines = [x for x in open(log, errors="replace").read().splitlines() if x.strip()]
@@ -44,6 +47,13 @@ except OSError:
     lines = []
 row = {"stage": name, "rc": rc, "seconds": round(time.time() - t0, 1), "limit_s": limit,
        "effective_limit_s": eff, "timed_out": rc in (124, 137), "last": lines[-1][:300] if lines else ""}
+# pytest's closing line ("3 passed, 1 skipped in 2.1s"; "no tests ran in 0.1s"): the summary counts it
+tests = [x for x in lines if re.search(r"(\d+ \w+|no tests ran)( \w+)? in \d[\d.]*s\b", x)]
+if tests:
+    row["tests"] = tests[-1].strip(" =")[:300]
+cuda = [x[len("cuda: "):].strip() for x in lines if name == "info" and x.startswith("cuda: ")]
+if cuda:  # the info stage: the device's name, or "none" without CUDA
+    row["cuda"] = None if cuda[-1] == "none" else cuda[-1]
 if len(sys.argv) > 7:
     row["note"] = sys.argv[7]
 print(json.dumps(row))
@@ -71,7 +81,7 @@ stage() { # stage NAME COMMAND...: run it until the plan's running total at NAME
 }
 
 finish() {
-  "$PY" benchmarks/gpu_summary.py "$OUT" --merge
+  "$PY" benchmarks/gpu_summary.py "$OUT" --merge || status=1
   rm -rf "$TMPD"
   exit "$status"
 }
@@ -102,6 +112,7 @@ setup() { # the step settings; the install (not in SMOKE); stop with one line if
   fi
   stage info bash -c "date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null; echo cpus: \$(nproc); \
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; \
-    $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \
-    \"cuda\", torch.cuda.is_available() and torch.cuda.get_device_name())'; echo 'pytest-xdist: ${XDIST[*]:-no}'"
+    $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__); \
+    print(\"cuda:\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\")'; \
+    echo 'pytest-xdist: ${XDIST[*]:-no}'"
 }

@@ -5,7 +5,9 @@ Reads ``$OUT/stages.jsonl``, ``$OUT/kernels.json``, every ``$OUT/bench_*.json`` 
 from several files are put together: the ratios are computed here, from the medians) and
 ``$OUT/loader.json``; writes ``$OUT/summary.json`` (the stages, the targets and the table). With
 ``--merge`` every result file is folded into ``summary.json`` under ``results`` and removed, so that the
-folder holds three files (the device tool returns at most eight).
+folder holds three files (the device tool returns at most eight). A check stage passes only when
+pytest's closing line says that its tests ran and passed (all skipped is no pass), and counts as a CUDA
+check only where the info stage saw a CUDA device; on a GPU a check that ran no test exits 1.
 
     python benchmarks/gpu_summary.py benchmarks/out [--merge]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,12 +24,15 @@ from pathlib import Path
 TARGETS = [
     ("speedup_b128", "fastat / naive eager, B=128", 2.5, ">="),
     ("speedup_b32", "fastat / naive eager, B=32", 4.0, ">="),
-    ("speedup_compiled_b128", "fastat / naive+torch.compile, B=128 (2nd call)", 1.5, ">="),
+    ("speedup_compiled_b128", "fastat / naive+torch.compile, B=128", 1.5, ">="),
     ("at_overhead_b128", "AT step / fastat DDPM step, B=128", 2.7, "<="),
     ("mfu_b128", "fastat model FLOP utilisation, B=128", 0.40, ">="),
     ("kernel_frac_of_copy_lsun256", "worst fused kernel / copy bandwidth, LSUN-256", 0.85, ">="),
 ]
 CHECKS = ("kernel_cases", "engine_cuda", "nccl")  # the stages that prove the CUDA path
+# pytest's closing line: "1 failed, 67 passed, 2 warnings in 20.30s (0:00:20)", "no tests ran in 0.01s"
+_COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?|rerun)")
+_CLOSING = re.compile(rf"^=*\s*(no tests ran|{_COUNT.pattern}(, {_COUNT.pattern})*) in \d[\d.]*s\b")
 
 
 def _load(path: Path):
@@ -74,14 +80,38 @@ def measured(out: Path) -> dict:
     return m
 
 
+def pytest_counts(line: str) -> dict[str, int] | None:
+    """``{"passed": 67, "failed": 1, ...}`` from pytest's closing line (``{}``: no tests ran); None if
+    ``line`` is not one."""
+    if not _CLOSING.match(line or ""):
+        return None
+    return {word.rstrip("s") if word.startswith(("error", "warning")) else word: int(n)
+            for n, word in _COUNT.findall(line.split(" in ")[0])}  # fmt: skip
+
+
+def check_passed(stage: dict) -> bool:
+    """A check stage passed when it exited 0 and its tests ran and passed: at least one passed, none
+    failed or errored (all skipped or deselected, e.g. without CUDA, is not a pass)."""
+    counts = pytest_counts(stage.get("tests", ""))
+    bad = counts is None or counts.get("failed", 0) or counts.get("error", 0)
+    return stage["rc"] == 0 and not bad and counts.get("passed", 0) > 0
+
+
+def _status(s: dict) -> str:
+    if s.get("timed_out"):
+        return "TIMEOUT"
+    if s["rc"] != 0:
+        return f"rc={s['rc']}"
+    return "no tests" if s["stage"] in CHECKS and not check_passed(s) else "ok"
+
+
 def summary(out: Path) -> tuple[str, dict]:
     lines = [f"{'stage':<16}{'status':<10}{'seconds':>9}{'limit':>7}  last line"]
     log = out / "stages.jsonl"
     stages = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
     for s in stages:
-        status = "TIMEOUT" if s.get("timed_out") else ("ok" if s["rc"] == 0 else f"rc={s['rc']}")
-        last = (s.get("note", "") + ": " if s.get("note") else "") + s.get("last", "")
-        lines.append(f"{s['stage']:<16}{status:<10}{s['seconds']:>9.1f}{s['limit_s']:>7}  {last[:90]}")
+        last = (s.get("note", "") + ": " if s.get("note") else "") + s.get("tests", s.get("last", ""))
+        lines.append(f"{s['stage']:<16}{_status(s):<10}{s['seconds']:>9.1f}{s['limit_s']:>7}  {last[:90]}")
     stopped = [s["note"] for s in stages if s.get("note", "").startswith("STOPPED")]
     lines += stopped
     lines.append("")
@@ -114,12 +144,15 @@ def summary(out: Path) -> tuple[str, dict]:
         shown = "-" if v is None else f"{v:.2f}"
         verdict = "-" if ok is None else ("met" if ok else "MISSED")
         lines.append(f"{what:<48}{shown:>7}  target {op} {bound:<5} {verdict}")
-    failed = [s["stage"] for s in stages if s["rc"] != 0 and not s["stage"].startswith("warm_")]
-    proven = [c for c in CHECKS if any(s["stage"] == c and s["rc"] == 0 for s in stages)]
+    failed = [s["stage"] for s in stages if _status(s) != "ok" and not s["stage"].startswith("warm_")]
+    # a check proves the CUDA path only where the info stage saw a CUDA device
+    cuda = next((s.get("cuda") for s in stages if s["stage"] == "info"), None)
+    proven = [c for c in CHECKS if cuda and any(s["stage"] == c and check_passed(s) for s in stages)]
     lines.append("")
-    lines.append(f"CUDA checks passed: {', '.join(proven) or 'none'}; "
-                 f"stages not ok: {', '.join(failed) or 'none'}")
-    return "\n".join(lines), {"stages": stages, "targets": verdicts}
+    lines.append(f"CUDA checks passed: {', '.join(proven) or 'none'}{'' if cuda else ' (no CUDA device)'}; "
+                 f"stages not ok: {', '.join(failed) or 'none'}")  # fmt: skip
+    data = {"stages": stages, "targets": verdicts, "cuda": cuda, "cuda_checks_passed": proven}
+    return "\n".join(lines), data
 
 
 def main(argv=None) -> int:
@@ -138,7 +171,9 @@ def main(argv=None) -> int:
     for p in files:  # folded into summary.json, which is written
         p.unlink()
     print(text)
-    return 0
+    # on a GPU, a check that ran no test fails the run as a failed one does (its rc fails it already)
+    ran_none = [s for s in data["stages"] if s["stage"] in CHECKS and s["rc"] == 0 and not check_passed(s)]
+    return 1 if data["cuda"] and ran_none else 0
 
 
 if __name__ == "__main__":

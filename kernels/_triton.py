@@ -2,6 +2,9 @@
 
 Triton is optional at import time (e.g. on macOS, where only the reference path runs): without it the
 ``@triton.jit`` decorators below become no-ops and launching a kernel raises a clear error.
+
+A loop over a runtime bound is a ``while`` loop, not ``range(0, n, STEP)``: triton 3.6's interpreter turns
+``n`` into a 1-element array whose ``int()`` numpy >= 2.4 refuses (same iterations and sums natively).
 """
 
 from __future__ import annotations

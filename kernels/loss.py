@@ -69,11 +69,13 @@ def _sum_partials_kernel(part_ptr, out_ptr, M, inv_n, RBLOCK: tl.constexpr):
     """out[0] = (sum dm + sum reg) / N, out[1] = sum dm / N, summed in a fixed order."""
     acc_dm = tl.zeros([RBLOCK], dtype=tl.float32)
     acc_reg = tl.zeros([RBLOCK], dtype=tl.float32)
-    for start in range(0, M, RBLOCK):
+    start = 0  # a while loop, not range(): triton 3.6's interpreter (see _triton.py)
+    while start < M:
         k = start + tl.arange(0, RBLOCK)
         kmask = k < M
         acc_dm += tl.load(part_ptr + 2 * k, mask=kmask, other=0.0)
         acc_reg += tl.load(part_ptr + 2 * k + 1, mask=kmask, other=0.0)
+        start += RBLOCK
     dm = tl.sum(acc_dm, axis=0) * inv_n
     reg = tl.sum(acc_reg, axis=0) * inv_n
     tl.store(out_ptr, (dm + reg).to(out_ptr.dtype.element_ty))

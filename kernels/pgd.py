@@ -75,13 +75,15 @@ def _pgd_l2_apply_kernel(
     acc_gg = tl.zeros([RBLOCK], dtype=tl.float32)
     acc_ww = tl.zeros([RBLOCK], dtype=tl.float32)
     acc_wg = tl.zeros([RBLOCK], dtype=tl.float32)
-    for start in range(0, NBLK, RBLOCK):
+    start = 0  # a while loop, not range(): triton 3.6's interpreter (see _triton.py)
+    while start < NBLK:
         k = start + tl.arange(0, RBLOCK)
         kmask = k < NBLK
         base = (b.to(tl.int64) * NBLK + k) * 3
         acc_gg += tl.load(part_ptr + base, mask=kmask, other=0.0)
         acc_ww += tl.load(part_ptr + base + 1, mask=kmask, other=0.0)
         acc_wg += tl.load(part_ptr + base + 2, mask=kmask, other=0.0)
+        start += RBLOCK
     gg = tl.sum(acc_gg, axis=0)
     ww = tl.sum(acc_ww, axis=0)
     wg = tl.sum(acc_wg, axis=0)

@@ -126,3 +126,11 @@ def test_json_is_written_after_every_run(tmp_path, monkeypatch):
     code = bench.main([*args.split(), str(out)])
     assert code == 0 and seen[0] == [["naive"]] and seen[-1] == [["fastat", "fastat_ddpm", "naive"]]
     assert json.loads(out.read_text())[0]["runs"]["fastat_ddpm"]["engine"] == "eager"
+
+
+def test_a_bench_with_no_run_left_prints_its_table():
+    """--no-fast skips naive_compiled; a bench asked for it alone (gpu_check.sh's warm_c128 in SMOKE) has
+    no row and no ratio, and still prints its table (it raised KeyError)."""
+    setting = BenchSetting(model="tiny", image_size=8, batch_size=2, steps=1, warmup=1, device="cpu")
+    r = run_bench(setting, fast=False, log=lambda s: None, runs=("naive_compiled",))
+    assert r["runs"] == {} and "speedup fastat/naive: -x" in format_result(r)

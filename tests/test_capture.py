@@ -127,9 +127,18 @@ class _CaptureSensitive(torch.nn.Module):
         return self.net(x, t)
 
 
+def _capture_health_check(optimizer):
+    """torch's check at the start of ``optimizer.step()``, which sees no capture on the CPU."""
+    if StandInGraphs.capturing and not all(g["capturable"] for g in optimizer.param_groups):
+        raise RuntimeError("Attempting CUDA graph capture of step() but param_groups' capturable is False.")
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     monkeypatch.setattr(fastat.step.engine, "CudaGraphs", StandInGraphs)
+    for name in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):
+        if hasattr(torch.optim.Optimizer, name):
+            monkeypatch.setattr(torch.optim.Optimizer, name, _capture_health_check)
     StandInGraphs.made, StandInGraphs.fail, StandInGraphs.host_objects = [], False, []
     yield StandInGraphs
     StandInGraphs.fail, StandInGraphs.host_objects = False, []
@@ -227,6 +236,25 @@ def test_captured_free_step_replays_kept_batches(stand_in):
     assert tuple(eng.objective_state_dict()["replay"]["x0"].shape) == (16, 3)
 
 
+def test_a_resumed_engine_captures_its_step(stand_in):
+    """A checkpoint written by an uncaptured run (CPU, --no-fast) holds ``capturable=False``: loading it
+    keeps the engine's flags, so the step is still captured (it was not: capture raised and the engine
+    fell back to the uncaptured step)."""
+    xs = batches(5)
+    ref, _ = make(graph=False)
+    run(ref, xs[:2])
+    saved = ref.optimizer.state_dict()
+    assert not any(g["capturable"] for g in saved["param_groups"])
+    eng, logs = make(graph=True)
+    eng.load_optimizer_state(saved)
+    assert all(g["capturable"] and g["fused"] for g in eng.optimizer.param_groups)
+    run(eng, xs[2:])  # two warm-up steps, then captured
+    assert eng.captured and eng.mode == "eager+graph" and not logs, logs
+    assert stand_in.made[0].captures == 1
+    ref.load_optimizer_state(eng.optimizer.state_dict())  # and back: the uncaptured engine's flags
+    assert not any(g["capturable"] for g in ref.optimizer.param_groups)
+
+
 def test_failed_capture_restores_every_generator_and_runs_uncaptured(stand_in):
     stand_in.fail = True
     xs = batches(5, nan_at=(3,))
@@ -294,3 +322,30 @@ def test_compile_modes_with_inductor_cuda_graphs_are_mapped_under_capture(stand_
         assert modes == [mapped if graph else asked] * 2  # the model and the attack's detached copy
         assert len(logs) == (graph and asked != mapped), logs
         assert all("turns on Inductor's CUDA graphs" in line for line in logs)
+
+
+def test_host_read_blame_skips_a_venv_inside_the_checkout(monkeypatch):
+    """A read is blamed on the innermost frame of fastat/ or kernels/, never on a virtualenv's (or any
+    site-packages') file that happens to live inside the checkout or the package."""
+    import traceback
+
+    import fastat.kernels
+    import fastat.step.capture as capture
+
+    package = Path(capture.__file__).resolve().parent.parent  # fastat/ (in a checkout or site-packages)
+    root, kernels = package.parent, Path(fastat.kernels.__file__).resolve().parent
+    venv_torch = root / ".venv-gpu" / "lib" / "python3.12" / "site-packages" / "torch"
+    frame = lambda path, line, text: traceback.FrameSummary(str(path), line, "f", line=text)  # noqa: E731
+    stack = [
+        frame(root / "tests" / "test_x.py", 1, "engine.step(x)"),
+        frame(package / "step" / "engine.py", 2, "self._body(x0)"),
+        frame(kernels / "loss.py", 3, "_sum_partials_kernel[(1,)](part, out)"),
+        frame(venv_torch / "_dynamo" / "eval_frame.py", 4, "return fn(*args)"),
+        frame(package / ".venv" / "lib" / "site-packages" / "numpy" / "core.py", 5, "int(a)"),
+        frame(package / "step" / "capture.py", 6, "_caller()"),  # dropped: the check itself
+        frame(package / "step" / "capture.py", 7, "traceback.extract_stack()"),
+    ]
+    monkeypatch.setattr(capture.traceback, "extract_stack", lambda: list(stack))
+    assert capture._caller() == "loss.py:3 (_sum_partials_kernel[(1,)](part, out))"
+    del stack[2]
+    assert capture._caller() == "engine.py:2 (self._body(x0))"

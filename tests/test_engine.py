@@ -326,3 +326,16 @@ def test_cuda_failed_capture_restores_generators_and_runs_uncaptured(monkeypatch
     assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not left on the capture stream
     assert not torch.cuda.is_current_stream_capturing()
     assert_runs_agree(s_ref, s_eng, ref, eng, {"atol": 0, "rtol": 0})
+
+
+@needs_cuda
+def test_cuda_graph_engine_resumed_from_an_uncaptured_state_still_captures():
+    """An optimizer state saved by an uncaptured engine holds ``capturable=False``; a graph engine that
+    loads it keeps its own flag, so capture does not raise "param_groups' capturable is False"."""
+    xs = [x.cuda() for x in batches(5)]
+    ref, _ = make_cuda(False)
+    run(ref, xs[:1])
+    eng, logs = make_cuda(False, graph=True)
+    eng.load_optimizer_state(ref.optimizer.state_dict())
+    run(eng, xs[1:])  # warm-up, then capture
+    assert eng.mode == "eager+graph" and eng.captured and not logs, logs

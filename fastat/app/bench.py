@@ -33,6 +33,7 @@ from fastat.models import PRESETS, build_model
 from fastat.step.capture import CaptureError
 from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import atomic_write_text
+from fastat.utils.compile_cache import guard_autograd_cache
 from fastat.utils.timing import device_info, time_fn
 
 # Dense matrix peak by card (vendor datasheets, SXM parts), FLOP/s: the MFU denominator.
@@ -248,6 +249,8 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, 
     def naive_run(compiled: bool) -> tuple[dict, str]:
         """(a) naive AT, eager or with torch.compile on the model (its first step compiles)."""
         m = fresh_model()
+        if compiled and (why := guard_autograd_cache(setting.precision)) is not None:  # torch < 2.14
+            log(why)
         net = torch.compile(m) if compiled else m
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         ema = [p.detach().clone() for p in m.parameters()]
@@ -357,9 +360,9 @@ def format_result(r: dict) -> str:
     if r.get("naive_mode") != s["mode"] or s["reg_frac"] != 1:
         lines.append(f"naive rows: the paper's {r.get('naive_mode')} on the whole batch")
     lines.append(
-        f"speedup fastat/naive: {f(r['speedup_vs_naive'], '.2f')}x   fastat/naive+compile: "
-        f"{f(r['speedup_vs_naive_compiled'], '.2f')}x   AT overhead fastat/ddpm: "
-        f"{f(r['at_overhead'], '.2f')}x (FLOP floor {r['flop_floor_overhead']:.2f}x)"
+        f"speedup fastat/naive: {f(r.get('speedup_vs_naive'), '.2f')}x   fastat/naive+compile: "
+        f"{f(r.get('speedup_vs_naive_compiled'), '.2f')}x   AT overhead fastat/ddpm: "
+        f"{f(r.get('at_overhead'), '.2f')}x (FLOP floor {r['flop_floor_overhead']:.2f}x)"  # no run: "-"
     )
     return "\n".join(lines)
 

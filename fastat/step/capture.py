@@ -15,6 +15,7 @@ fastat line that issued them. :func:`capture_safely` puts every generator a fail
 from __future__ import annotations
 
 import contextlib
+import functools
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastat.kernels as _kernels
 from fastat.utils.errors import one_line
 
 __all__ = [
@@ -51,7 +53,10 @@ HOST_READ_OPS = {
 # Copies checked for a CPU source and a destination on another device (``t.to(dev)``, ``dst.copy_(t)``):
 # on CUDA a host-to-device copy, which synchronises (pageable memory) and cannot be replayed with new data.
 _COPY_OPS = {_aten._to_copy, _aten.copy_, _aten.copy}
-_FASTAT_DIR = str(Path(__file__).resolve().parent.parent)
+# What a host read is blamed on: fastat/ and its kernels/ (a top-level folder of the checkout, installed
+# as fastat.kernels), never a site-packages or virtualenv inside them.
+_PACKAGE_DIRS = (Path(__file__).resolve().parent.parent, Path(_kernels.__file__).resolve().parent)
+_NOT_OURS = ("site-packages", "dist-packages", "tests")
 
 
 class CaptureError(RuntimeError):
@@ -109,10 +114,21 @@ def _host_to_device(packet, args, out) -> bool:
 
 def _caller() -> str:
     frames = traceback.extract_stack()[:-2]
-    mine = [f for f in frames if f.filename.startswith(_FASTAT_DIR) and "/tests/" not in f.filename]
+    mine = [f for f in frames if _is_ours(f.filename)]
     outside_torch = [f for f in frames if "/torch/" not in f.filename and "/triton/" not in f.filename]
     f = (mine or outside_torch or frames)[-1]
     return f"{Path(f.filename).name}:{f.lineno} ({f.line})"
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ours(filename: str) -> bool:
+    """Whether a frame's file is fastat's own source (not a venv or site-packages inside the checkout)."""
+    path = Path(filename).resolve()
+    for root in _PACKAGE_DIRS:
+        if path.is_relative_to(root):
+            parts = path.relative_to(root).parts
+            return not any(p in _NOT_OURS or p.startswith((".venv", "venv")) for p in parts[:-1])
+    return False
 
 
 # -- generators -----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fastat.at.objective import ATObjective
 from fastat.step.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.step.ema import EMA
+from fastat.utils.compile_cache import guard_autograd_cache
 
 __all__ = ["PRECISIONS", "DetachedParams", "StepEngine"]
 
@@ -116,7 +117,7 @@ class StepEngine:
         # fused: one kernel, and the found_inf argument that skips a non-finite step on the device
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self._lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            fused=True, capturable=self.use_graph and cuda,
+            fused=True, capturable=self.use_graph,
         )  # fmt: skip
         self.ema = EMA(model, ema_decay, ema_warmup)
         if precision not in PRECISIONS:
@@ -127,6 +128,8 @@ class StepEngine:
         self._agree_compile = fast  # the ranks agree after the first step that every one compiled
         if fast:
             compile_mode = self._compile_mode(compile_mode)
+            if (why := guard_autograd_cache(precision)) is not None:  # torch < 2.14 under autocast
+                self.log(why)
             try:
                 self.forward = torch.compile(model, mode=compile_mode, dynamic=False)
                 self.attack_forward = torch.compile(DetachedParams(model), mode=compile_mode, dynamic=False)
@@ -218,8 +221,11 @@ class StepEngine:
 
     def load_optimizer_state(self, state: dict) -> None:
         """Load an optimizer state dict (from either kind of engine), keeping the learning rate in the
-        engine's device tensor (``load_state_dict`` replaces the param groups' values)."""
-        self.optimizer.load_state_dict(state)
+        engine's device tensor (``load_state_dict`` replaces the param groups' values) and the engine's
+        ``fused`` and ``capturable`` (a state saved on the CPU or uncaptured would turn capture off)."""
+        flags = {k: self.optimizer.defaults[k] for k in ("fused", "capturable")}
+        groups = [{**g, **flags} for g in state["param_groups"]]
+        self.optimizer.load_state_dict({**state, "param_groups": groups})
         self._lr.fill_(float(self.optimizer.param_groups[0]["lr"]))
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr

@@ -392,7 +392,7 @@ def test_loader_out_buffer_and_errors():
 
 
 def test_build_dataset_known_sets():
-    assert DATASETS == ("gmm2d", "plane3d", "subspace", "cifar10")
+    assert DATASETS == ("gmm2d", "plane3d", "subspace", "subspaces", "scales", "cifar10")
     td = build_dataset("subspace", seed=1, n=256, noise_p=0.9, noise_sigma=0.1)
     assert td.kind == "image" and td.sample_shape == (3, 8, 8) and td.data.shape == (256, 3, 8, 8)
     assert td.noisy_mask.sum() == round(0.9 * 256) and td.known is not None

@@ -422,7 +422,7 @@ def test_build_dataset_folder_and_unknown(image_dir, tmp_path):
     clean, noisy = td.clean_view()[0:5], td.train_view()[0:5]
     moved = (noisy - clean).flatten(1).abs().amax(1) > 0
     assert torch.equal(moved, td.noisy_mask)  # the corruption touches exactly the noisy samples
-    with pytest.raises(DatasetError, match="gmm2d, plane3d, subspace, cifar10"):
+    with pytest.raises(DatasetError, match="gmm2d, plane3d, subspace, subspaces, scales, cifar10"):
         build_dataset("imagenet")
     with pytest.raises(DatasetError, match="not a folder"):
         (tmp_path / "file.png").write_bytes(b"x")

@@ -59,7 +59,7 @@ __all__ = [
 class DataConfig:
     """What to train on (see :func:`fastat.data.build_dataset`)."""
 
-    dataset: str = "subspace"  # gmm2d | plane3d | subspace | cifar10 | a prepared folder | an image folder
+    dataset: str = "subspace"  # a built-in set (data.KNOWN) | cifar10 | a prepared folder | an image folder
     data_root: str = "data"  # torchvision root for cifar10
     image_size: int | None = None  # required for image folders (prepared ones: must match); subspace: H = W
     n: int = 4096  # known distributions: number of training samples

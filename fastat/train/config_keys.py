@@ -41,7 +41,7 @@ FLAGS = {
     "dataset": (
         "data.dataset",
         str,
-        "dataset: gmm2d | plane3d | subspace | cifar10 | prepared folder (fastat prepare) | image folder",
+        "dataset: gmm2d | plane3d | subspace | subspaces | scales | cifar10 | prepared folder | image folder",
     ),
     "data_placement": (
         "data.placement",

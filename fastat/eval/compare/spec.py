@@ -176,20 +176,11 @@ PRESETS: dict[str, CompareSpec] = {
         eval_n=256,
         attack_n=64,
     ),
-    # the multimodal image sets (clusters of images; clusters that differ in scale), the same recipe
-    "multimodal": CompareSpec(
-        settings=("subspaces-s0.1", "subspaces-s0.2", "scales-s0.1", "scales-s0.2"),
-        steps=1000,
-        batch_size=32,
-        lr=1e-3,
-        warmup=20,
-        lr_schedule="cosine",
-        ema_decay=0.9999,
-        image_size=8,
-        eval_n=256,
-        attack_n=64,
-    ),
 }
+# the multimodal image sets (clusters of images; clusters that differ in scale), the images recipe
+PRESETS["multimodal"] = replace(
+    PRESETS["images"], settings=("subspaces-s0.1", "subspaces-s0.2", "scales-s0.1", "scales-s0.2")
+)
 
 _VARIANT = re.compile(r"^([a-z]+)(?:\[(.*)\])?$")
 

@@ -148,6 +148,7 @@ class RunConfig:
     out: str | None = None  # run folder; None: runs/<date>-<time>-<dataset>-<mode>
     steps: int = 1000  # the quickstart: ~3 minutes on a 2-core CPU (see README)
     batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per step (gradient accumulation); the step's batch stays batch_size
     seed: int = 0  # model init, dropout, loss noise, batch order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast) | fp16 (+ GradScaler)
@@ -321,6 +322,8 @@ class TrainConfig:
                 f"run.batch_size (--batch-size) {r.batch_size} is larger than the dataset "
                 f"({d.n} samples, data.n)"
             )
+        _positive_int(r.grad_accum, "run.grad_accum (--grad-accum)")
+        check_grad_accum(r.batch_size, r.grad_accum)
         check_seed(r.seed, "run.seed (--seed)")
         if not (r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
             raise ConfigError(f"run.device (--device) must be auto, cpu, cuda or cuda:N, got {r.device!r}")
@@ -389,6 +392,15 @@ class TrainConfig:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def check_grad_accum(batch_size: int, grad_accum: int, world_size: int = 1) -> None:
+    """Each rank's share of the batch must split into ``grad_accum`` equal micro-batches (ConfigError)."""
+    share = batch_size // world_size
+    if share % grad_accum:
+        per = f" ({share} per rank of {world_size})" if world_size > 1 else ""
+        raise ConfigError(f"run.batch_size (--batch-size) {batch_size}{per} must be divisible by "
+                          f"run.grad_accum (--grad-accum) {grad_accum}")  # fmt: skip
 
 
 def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:

@@ -62,6 +62,7 @@ FLAGS = {
     "reg_frac": ("objective.reg_frac", float, "regularise only this share of each batch (default 1)"),
     "steps": ("run.steps", int, "total training steps"),
     "batch_size": ("run.batch_size", int, "batch size"),
+    "grad_accum": ("run.grad_accum", int, "micro-batches per step (gradient accumulation; default 1)"),
     "lr": ("optim.lr", float, "AdamW learning rate"),
     "out": ("run.out", str, "run folder (default runs/<date>-<time>-<dataset>-<mode>)"),
     "seed": ("run.seed", int, "seed of the run (init, dropout, loss noise, batch order)"),

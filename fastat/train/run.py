@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 
 from fastat.train.checkpoint import Checkpoint, load_checkpoint
-from fastat.train.config import ConfigError, TrainConfig
+from fastat.train.config import ConfigError, TrainConfig, check_grad_accum
 from fastat.train.distributed import DistContext
 from fastat.train.loop import (
     FinalEval,
@@ -106,6 +106,7 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
     with contextlib.ExitStack() as stack:
         with ctx.together("start-up"):
             ctx.check_batch(r.batch_size)
+            check_grad_accum(r.batch_size, r.grad_accum, ctx.world_size)
             device = resolve_device(r.device, ctx)
             check_step_memory(cfg, device, ctx.world_size)  # before the run folder is touched
             if ctx.enabled and ctx.is_main:

@@ -269,7 +269,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
         fast=device.type == "cuda" if r.fast is None else r.fast,
         log=say if ctx.is_main else _quiet,
         prepare_batch=getattr(batches, "transform", None),  # uint8 image batches -> float, in the step
-        reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
+        reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None, grad_accum=r.grad_accum,
     )  # fmt: skip
     return TrainState(model, engine, batches, device, extra)
 

@@ -33,6 +33,7 @@ from fastat.train.config_keys import (
     owned_by,
     plain,
 )
+from fastat.train.loggers import LOGGERS
 from fastat.utils.checks import is_number
 from fastat.utils.yaml_io import read_bounded
 from fastat.utils.yaml_io import safe_load as bounded_load
@@ -166,6 +167,8 @@ class RunConfig:
     max_skipped: int = 20  # stop (exit 1) after this many consecutive steps skipped as non-finite
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     attack_eff: bool = True  # log attack_eff (attack vs random w: fastat.at.diagnostics) every log_every
+    logger: str = "tensorboard"  # tensorboard | wandb | none: scalars, sample grids (besides metrics.jsonl)
+    wandb_project: str = "fastat"  # logger wandb: the W&B project (mode: WANDB_MODE, e.g. offline)
     dist_timeout: float = 900.0  # torchrun: seconds a collective waits for the other ranks, then fails
 
 
@@ -342,6 +345,8 @@ class TrainConfig:
         _nonneg_int(r.eval_n, "run.eval_n")
         _positive_int(r.max_skipped, "run.max_skipped")
         _positive(r.dist_timeout, "run.dist_timeout")
+        _one_of(r.logger, LOGGERS, "run.logger")
+        _nonempty(r.wandb_project, "run.wandb_project")
         return self
 
     # -- using ---------------------------------------------------------------------------------------

@@ -273,7 +273,9 @@ def write_grid(
     if not run.writer or x is None:
         return None
     with io_errors(run):
-        return _write_grid_file(run, x, td, step, r.sample_n)
+        path = _write_grid_file(run, x, td, step, r.sample_n)
+        run.log_image(step, "samples", path)  # TensorBoard / W&B: the grid (points: the scatter plot)
+        return path
 
 
 def _write_grid_file(run: RunFolder, x: torch.Tensor, td: TrainingData, step: int, n: int) -> Path | None:

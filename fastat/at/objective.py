@@ -26,7 +26,7 @@ from fastat.at import ops
 from fastat.at import prediction as P
 from fastat.at.attack import TARGETS, attack_objective, pgd_attack
 from fastat.at.budget import Budget
-from fastat.at.draws import Drawn, Noised
+from fastat.at.draws import Drawn, Noised, labelled
 from fastat.at.draws import rows as _rows
 from fastat.at.draws import scaled as _scaled
 from fastat.at.draws import share as _share
@@ -76,6 +76,8 @@ class ATObjective:
             every t). The attack still runs on every sample.
         replays: ``free``: optimizer steps per batch (m >= 1).
         reg_frac: the share of each batch that gets the regulariser, in (0, 1] (docs/DESIGN.md, "Loss").
+        p_uncond: class-conditional calls (``y`` given): the share of labels dropped to ``-1`` (the null
+            label: the unconditional model of classifier-free guidance), drawn per sample.
     """
 
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -92,6 +94,7 @@ class ATObjective:
     lam_s_min: float = 0.0
     replays: int = 2
     reg_frac: float = 1.0
+    p_uncond: float = 0.1
 
     def __post_init__(self) -> None:
         # The rules of every setting live here (SettingError names it; the config adds key and flag).
@@ -106,6 +109,8 @@ class ATObjective:
             raise must("lam_s_min", "a noise level in [0, 1)", self.lam_s_min)
         if not (is_number(self.reg_frac) and 0 < self.reg_frac <= 1):
             raise must("reg_frac", "a fraction in (0, 1]", self.reg_frac)
+        if not (is_number(self.p_uncond) and 0 <= self.p_uncond < 1):
+            raise must("p_uncond", "a share in [0, 1)", self.p_uncond)
         check_replays(self.replays)  # in every mode: the config is checked alike
         self._replay = Replay(self.replays) if self.mode == "free" else None
         if isinstance(self.pgd_steps, bool) or not (isinstance(self.pgd_steps, int) and self.pgd_steps >= 1):
@@ -243,6 +248,7 @@ class ATObjective:
         generator: torch.Generator | None = None,
         attack_model: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
         micro: tuple[int, int] | None = None,
+        y: torch.Tensor | None = None,
     ) -> ATOutput:
         """The AT loss of ``model`` on the clean batch ``x0`` (all randomness from ``generator``).
 
@@ -256,7 +262,12 @@ class ATObjective:
         the whole batch (the draws of one call without ``micro``) and keeps it for calls 1..K-1; each
         returns its rows' share of the loss, so the K losses (and gradients) add up to the batch's. The
         batch's statistics come with the last call (``{}`` before it).
+
+        ``y``: class labels ``(B,)`` (class-conditional training): a share ``p_uncond`` is dropped to the
+        null label ``-1``; every model call (clean, attack, perturbed) gets the label of its sample.
         """
+        if y is not None and self._replay is not None:
+            raise ValueError("class-conditional training (labels) does not support mode free")
         if x0 is None and self._replay is None:
             raise ValueError(
                 "x0 must be a floating tensor of shape (B, ...) (None replays, in mode free only)"
@@ -276,7 +287,7 @@ class ATObjective:
             raise ValueError(f"micro-batch {k} of {K} before micro-batch 0 of its batch")
         with ops.trusted_values():  # radii and weights are built here: no host sync to check them
             if k == 0:
-                self._drawn = self._draw(x0, generator)
+                self._drawn = self._draw(x0, generator, y)
             B = self._drawn.z.n
             if not (isinstance(K, int) and isinstance(k, int) and 0 <= k < K <= B):
                 self._drawn = None
@@ -285,20 +296,27 @@ class ATObjective:
             loss, part = self._loss(model, attack, self._drawn, slice(k * B // K, (k + 1) * B // K))
             return ATOutput(loss, self._gather(part, k == K - 1))
 
-    def _draw(self, x0, generator) -> Drawn:
-        """The whole batch's randomness and what it makes: the noised batch and its regularised head."""
+    def _draw(self, x0, generator, y=None) -> Drawn:
+        """The whole batch's randomness and what it makes: the noised batch, its regularised head and
+        the labels after label dropout (the unconditional branch of classifier-free guidance)."""
         keep = self._keeper(x0)
         z = self._noised(x0, generator, keep)
         head = None if self.mode == "ddpm" else self._head(z, generator)
         if head is not None and self._replay is not None:  # free: the kept w (the last replay's ascent)
             head = replace(head, w=keep("w", head.w))
-        return Drawn(z, head, keep)
+        if y is not None:
+            gdev = generator.device if generator is not None else torch.device("cpu")
+            u = torch.rand((z.n,), generator=generator, device=gdev).to(z.x0.device)
+            y = torch.where(u < self.p_uncond, -1, y)
+        return Drawn(z, head, keep, y)
 
     def _loss(self, model, attack_model, d: Drawn, rows: slice) -> tuple[torch.Tensor, dict]:
         """L_AT of the batch's ``rows`` (their share of the batch's), piece by piece (docs/DESIGN.md,
         "Loss"), with their additive statistics."""
         B, z = d.z.n, d.z.rows(rows)
         m = z.n
+        if d.y is not None:  # class-conditional: every call with its samples' labels
+            model, attack_model = labelled(model, d.y[rows]), labelled(attack_model, d.y[rows])
         out = P.model_output(model(z.x_t, z.t)).to(z.eps.dtype)  # the model's own parameterisation
         target = P.target(self.prediction, z.x0, z.eps, z.a, z.s)  # what it is trained to output
         dm_weight = self.dm_weight_at(z.t, z.a, z.s)

@@ -25,7 +25,7 @@ from .corrupt import OUTLIER_KINDS, CorruptedData, IndexedCorruption, corrupt
 from .decode import decode_image
 from .images import IMAGE_EXTENSIONS, ImageFolder, TensorImages, cifar10, load_tensor, to_unit
 from .known import GMM2D, IMAGE_SETS, KNOWN, KnownDistribution, Plane3D, Subspace, Subspaces, known_dataset
-from .loader import TensorLoader
+from .loader import Labelled, TensorLoader
 from .order import EpochOrder
 from .placement import (
     PLACEMENTS,
@@ -71,6 +71,7 @@ __all__ = [
     "Subspace",
     "Subspaces",
     "TensorImages",
+    "Labelled",
     "TensorLoader",
     "TrainingData",
     "build_dataset",

@@ -10,7 +10,8 @@ graph captures; a non-finite loss or gradient norm skips the update on the devic
 The engine asks the objective what it needs (``wants_batch``, ``step_done``, ``host_state``,
 ``state_dict``; all optional): it knows no mode. Precision, data parallel, capture and the skip are
 explained in docs/DESIGN.md ("Step engine"). ``grad_accum = K`` runs the objective on K micro-batches
-(``micro=(k, K)``), one backward each, then the all-reduce, unscale and AdamW once per step.
+(``micro=(k, K)``), one backward each, then the all-reduce, unscale and AdamW once per step. A
+:class:`fastat.data.Labelled` batch (class-conditional training) hands its labels ``y`` to the objective.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fastat.at.objective import ATObjective
+from fastat.data.loader import Labelled
 from fastat.step.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.step.ema import EMA
 
@@ -41,9 +43,9 @@ class DetachedParams(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
         params = {k: v.detach() for k, v in self.model.named_parameters()}
-        return torch.func.functional_call(self.model, params, (x, t))
+        return torch.func.functional_call(self.model, params, (x, t, *cond))
 
 
 def grad_norm_(params: list[nn.Parameter], clip: float) -> torch.Tensor:
@@ -263,9 +265,12 @@ class StepEngine:
         self.optimizer.zero_grad(set_to_none=True)
         if self.prepare_batch is not None and x0 is not None:
             x0 = self.prepare_batch(x0)
+        labels = {}
+        if isinstance(x0, Labelled):  # class-conditional: the labels go to every model call
+            x0, labels = x0.x, {"y": x0.y}
         scale, K, loss = {}, self.grad_accum, None
         for k in range(K):  # grad_accum: the batch's K micro-batches, their gradients summed in .grad
-            micro = {} if K == 1 else {"micro": (k, K)}  # the objective draws for the whole batch at k = 0
+            micro = labels if K == 1 else {"micro": (k, K), **labels}  # whole-batch draws at k = 0
             with self._autocast():
                 out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward,
                                      **micro)  # fmt: skip

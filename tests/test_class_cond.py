@@ -92,3 +92,107 @@ def test_two_class_toy_set_conditional_samples_land_in_their_component():
     x = generate(ema, obj.schedule, noise, steps=20, labels=torch.zeros(200, dtype=torch.long), guidance=0.0)
     share = (known.nearest_mode(x) == 0).float().mean()
     assert 0.2 < share < 0.8  # unconditional: both components
+
+
+def test_cli_class_cond_trains_and_samples_a_class(tmp_path, capsys, finished_run):
+    import numpy as np
+    from train_helpers import IMAGES, POINTS, assert_one_line_error, run_cli
+
+    from fastat.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *POINTS, "--class-cond", "--steps", "4", "--sample-every", "2",
+                           "--set", "run.guidance=2", "--out", run)  # fmt: skip
+    assert code == 0, err
+    ckpt = load_checkpoint(run)
+    assert ckpt.state["model"]["kwargs"]["num_classes"] == 8  # gmm2d's components, from the data
+    assert ckpt.state["config"]["objective"]["p_uncond"] == 0.1
+    for label in ("3", "all"):
+        out = tmp_path / f"class-{label}.npy"
+        code, _, err = run_cli(capsys, "sample", "--run", run, "--class", label, "--guidance", "2",
+                               "--n", "8", "--steps", "4", "--out", out)  # fmt: skip
+        assert code == 0 and np.load(out).shape == (8, 2), err
+    code, _, err = run_cli(capsys, "sample", "--run", run, "--class", "8", "--out", tmp_path / "x.npy")
+    assert_one_line_error(code, err, "--class must be 0..7 or all")
+    code, _, err = run_cli(
+        capsys, "sample", "--run", finished_run, "--class", "1", "--out", tmp_path / "y.npy"
+    )
+    assert_one_line_error(code, err, "is not class-conditional")
+    code, _, err = run_cli(capsys, "train", *IMAGES, "--class-cond", "--dry-run")
+    assert_one_line_error(code, err, "dataset 'subspace' has no class labels")
+    code, _, err = run_cli(capsys, "train", *POINTS, "--class-cond", "--mode", "free", "--dry-run")
+    assert_one_line_error(code, err, "does not support objective.mode free")
+
+
+def test_diffusers_unet_class_embedding_survives_save_and_load(tmp_path):
+    """A class-conditional UNet2DModel (num_class_embeds = classes + 1, the last the null label): fastat's
+    labels (-1: null) reach its class embedding, and ``UNet2DModel.from_pretrained`` of the saved model
+    gives the same predictions with ``class_labels``."""
+    diffusers = pytest.importorskip("diffusers", reason="the test extra installs diffusers")
+    from fastat.models.diffusers_unet import TINY_CONFIG
+
+    torch.manual_seed(0)
+    model = build_model("diffusers", **TINY_CONFIG, sample_size=8, num_class_embeds=4).eval()
+    assert model.num_classes == 3
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([3, 50, 700]), torch.tensor([0, 2, -1])
+    out = model(x, t, y)
+    assert torch.equal(model(x, t), model(x, t, torch.full((3,), -1)))
+    assert not torch.allclose(out, model(x, t))
+    model.unet.save_pretrained(tmp_path / "unet")
+    loaded = diffusers.UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+    torch.testing.assert_close(loaded(x, t, class_labels=torch.tensor([0, 2, 3])).sample, out)
+
+
+def test_multimodal_image_sets_label_their_components(tmp_path, capsys):
+    """subspaces / scales: the component of each sample is its label (as gmm2d's modes); a class-conditional
+    run on them, with gradient accumulation, trains a 3-class UNet and samples a class."""
+    import numpy as np
+    from train_helpers import IMAGES, run_cli
+
+    from fastat.data import build_dataset, known_dataset
+    from fastat.train.checkpoint import load_checkpoint
+
+    for name in ("subspaces", "scales"):
+        td = build_dataset(name, n=64, image_size=8, seed=0, progress=False)
+        assert td.num_classes == 3 == known_dataset(name).num_classes
+        assert torch.equal(td.labels, td.known.component(td.clean))
+        assert set(td.labels.tolist()) == {0, 1, 2}
+    run = tmp_path / "run"
+    args = [a if a != "subspace" else "subspaces" for a in IMAGES]
+    code, _, err = run_cli(capsys, "train", *args, "--class-cond", "--grad-accum", "2", "--steps", "2",
+                           "--out", run)  # fmt: skip
+    assert code == 0, err
+    assert load_checkpoint(run).state["model"]["kwargs"]["num_classes"] == 3
+    out = tmp_path / "class2.npy"
+    code, _, err = run_cli(capsys, "sample", "--run", run, "--class", "2", "--n", "4", "--steps", "2",
+                           "--out", out)  # fmt: skip
+    assert code == 0 and np.load(out).shape == (4, 3, 8, 8), err
+
+
+@pytest.mark.parametrize("mode,opts", [("adv", {}), ("pgd", {"pgd_steps": 2, "reg_frac": 0.5})])
+def test_micro_batches_with_labels_equal_the_whole_batch(mode, opts):
+    """Gradient accumulation keeps each sample's label (dropped once, at the batch's draw): the K losses
+    and gradients add up to the whole batch's."""
+    torch.manual_seed(0)
+    model = build_model("mlp", dim=2, hidden=16, depth=1, time_dim=8, num_classes=4)
+    x0, y = torch.randn(16, 2), torch.arange(16) % 4
+
+    def run(K):
+        obj = ATObjective(schedule=NoiseSchedule(T=50), mode=mode, p_uncond=0.3, **opts)
+        g = torch.Generator().manual_seed(1)
+        model.zero_grad()
+        total = 0.0
+        for k in range(K):
+            out = obj(model, x0, g, y=y, **({"micro": (k, K)} if K > 1 else {}))
+            out.loss.backward()
+            total = total + out.loss.detach()
+        return total, [p.grad.clone() for p in model.parameters()], out.stats
+
+    loss1, grads1, stats1 = run(1)
+    loss4, grads4, stats4 = run(4)
+    torch.testing.assert_close(loss4, loss1)
+    for a, b in zip(grads4, grads1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert stats4.keys() == stats1.keys()
+    for key in stats1:
+        torch.testing.assert_close(stats4[key], stats1[key], rtol=1e-5, atol=1e-6)

@@ -78,6 +78,7 @@ class DataConfig:
     placement: str = "auto"  # real images: auto | device (uint8 set on the device) | stream (read ahead)
     device_budget_gb: float | None = None  # auto: device if the set fits this (None: 25% of free memory)
     prefetch: int = 4  # stream placement: batches read ahead
+    class_cond: bool = False  # class-conditional training on the data's labels (a known set's components)
     cache_dir: str | None = None  # prepared copies of image folders (None: $FASTAT_CACHE or ~/.cache/fastat)
     prepare_wait: float = 86400.0  # seconds to wait for another process preparing the same folder (0: fail)
 
@@ -90,6 +91,7 @@ class ModelConfig:
     # UNetConfig fields (e.g. dropout), MLP arguments, or diffusers' UNet2DModel arguments (``config``: a
     # JSON/YAML file or model folder to read them from)
     kwargs: dict = field(default_factory=dict)
+    num_classes: int | None = None  # data.class_cond: classes of the class embedding (None: the data's)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class ObjectiveConfig:
     lam_scale: str = "const"  # const | radius
     lam_s_min: float = 0.0  # regularise only at noise levels s_t >= lam_s_min (0: every t)
     reg_frac: float = 1.0  # the regulariser on the first ceil(reg_frac * B) samples of a batch only
+    p_uncond: float = 0.1  # class_cond: share of labels dropped (the unconditional branch of guidance)
     replays: int = 2  # mode free: optimizer steps per batch (m)
     r_min: float = 0.2  # budget r(t) = r_min + r_scale * s_t ** rho, in `space` units
     r_scale: float = 0.3
@@ -161,6 +164,7 @@ class RunConfig:
     sample_n: int = 64  # samples in each grid (fixed noise batch)
     sampler: str = "ddim"  # ddim | ddpm
     sample_steps: int = 50  # DDIM steps
+    guidance: float = 1.0  # class_cond: classifier-free guidance of the sample grids (1: conditional only)
     sample_eta: float | None = None  # DDIM eta of grids and the final evaluation; None: 1 on the built-in
     # sets (stochastic sampling: samples of a subspace set ~40% nearer its support), 0 on real images
     eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
@@ -346,6 +350,12 @@ class TrainConfig:
         _positive_int(r.max_skipped, "run.max_skipped")
         _positive(r.dist_timeout, "run.dist_timeout")
         _one_of(r.logger, LOGGERS, "run.logger")
+        if m.num_classes is not None:
+            _positive_int(m.num_classes, "model.num_classes")
+        if d.class_cond and o.mode == "free":
+            raise ConfigError("data.class_cond (--class-cond) does not support objective.mode free yet")
+        if not (is_number(r.guidance) and r.guidance >= 0):
+            _fail("run.guidance", "a number >= 0", r.guidance)
         _nonempty(r.wandb_project, "run.wandb_project")
         return self
 
@@ -380,6 +390,7 @@ class TrainConfig:
             lam_s_min=o.lam_s_min,
             replays=o.replays,
             reg_frac=o.reg_frac,
+            p_uncond=o.p_uncond,
         )
 
     def to_dict(self) -> dict:

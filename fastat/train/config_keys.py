@@ -60,6 +60,7 @@ FLAGS = {
     "lam": ("objective.lam", float, "weight of the equivariance regulariser (default 0.3)"),
     "replays": ("objective.replays", int, "mode free: optimizer steps per batch (default 2)"),
     "reg_frac": ("objective.reg_frac", float, "regularise only this share of each batch (default 1)"),
+    "p_uncond": ("objective.p_uncond", float, "--class-cond: share of labels dropped (default 0.1)"),
     "steps": ("run.steps", int, "total training steps"),
     "batch_size": ("run.batch_size", int, "batch size"),
     "grad_accum": ("run.grad_accum", int, "micro-batches per step (gradient accumulation; default 1)"),

@@ -125,8 +125,9 @@ def scenario(out: Path) -> int:
     # Inductor's code generation (minutes on two busy cores; it changes no collective).
     compile_ = torch.compile
     torch.compile = lambda m, **kw: compile_(m, backend="aot_eager", dynamic=kw.get("dynamic"))
-    for mode, fast, precision in (("adv", False, "fp32"), ("pgd", False, "fp32"), ("adv", True, "fp32"),
-                                  ("adv", False, "fp16")):  # fmt: skip
+    for mode, fast, precision, accum in (("adv", False, "fp32", 1), ("pgd", False, "fp32", 1),
+                                         ("adv", True, "fp32", 1), ("adv", False, "fp16", 1),
+                                         ("adv", False, "fp32", 2)):  # fmt: skip
         torch.manual_seed(0)
         model = build_model("mlp", dim=2, hidden=16, depth=1, time_dim=8)
         loader = TensorLoader(data, 8, generator_seed=0, rank=r, world_size=ctx.world_size)
@@ -135,8 +136,9 @@ def scenario(out: Path) -> int:
         # AdamW's eps and no clipping make the update depend on the gradients' scale (the mean, not sum)
         engine = StepEngine(model, obj, generator=gen, lr=1e-2, eps=1.0, clip=0.0, ema_decay=0.9, fast=fast,
                             precision=precision, log=print, reduce_grads=ctx.grad_sync(model),
-                            ranks=ctx)  # fmt: skip
+                            ranks=ctx, grad_accum=accum)  # fmt: skip
         key = f"{mode}{'-fast' if fast else ''}{'-fp16' if precision == 'fp16' else ''}"
+        key += f"-accum{accum}" if accum > 1 else ""
         batches, states, ops = [], [], None
         for step in range(2):
             x0 = loader.next_batch()

@@ -64,6 +64,22 @@ def uint8_batches():
     "mode,opts,precision,clip", CASES, ids=[f"{c[0]}-{c[1].get('prediction', 'eps')}-{c[2]}" for c in CASES]
 )
 def test_step_makes_no_host_read(mode, opts, precision, clip):
+    check_step(mode, opts, precision, clip)
+
+
+ACCUM_CASES = [  # grad_accum = 2: the micro-batch loop, its draws kept across it, one optimizer step
+    ("adv", {}, "fp16", 1.0),
+    ("pgd", {"pgd_steps": 2, "budget": Budget(norm="l2")}, "bf16", 1.0),
+    ("free-uint8", {"replays": 2, "reg_frac": 0.5}, "fp32", 1.0),
+]
+
+
+@pytest.mark.parametrize("mode,opts,precision,clip", ACCUM_CASES, ids=[f"{c[0]}-{c[2]}" for c in ACCUM_CASES])
+def test_accumulated_step_makes_no_host_read(mode, opts, precision, clip):
+    check_step(mode, opts, precision, clip, grad_accum=2)
+
+
+def check_step(mode, opts, precision, clip, grad_accum=1):
     torch.manual_seed(0)
     model = build_model("tiny", image_size=8).train()
     obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode.split("-")[0], **opts)
@@ -76,7 +92,7 @@ def test_step_makes_no_host_read(mode, opts, precision, clip):
         bad = x.clone()
         bad[0, 0, 0, 0] = float("nan")
     engine = StepEngine(model, obj, generator=gen, lr=1e-3, clip=clip, precision=precision, log=print,
-                        prepare_batch=prepare)  # fmt: skip
+                        prepare_batch=prepare, grad_accum=grad_accum)  # fmt: skip
     engine.step(x, 1e-3)  # lazy optimizer state (a graph is captured after warm-up steps too)
     feed = [x, bad, x] if obj.mode != "free" else [None, bad, None, x]  # free: None replays the kept batch
     with HostReadCheck() as check:

@@ -44,6 +44,28 @@ def test_bench_of_free_counts_units_per_image_seen():
     assert "mode=free m=2 reg_frac=0.5" in text and "naive rows: the paper's adv" in text
 
 
+def test_bench_times_the_accumulated_step(monkeypatch):
+    """--grad-accum 2: fastat's timed step runs the objective on 2 micro-batches (the naive rows once on
+    the whole batch), and the report says so."""
+    calls: list = []
+    call = ATObjective.__call__
+
+    def counting(self, *args, **kw):
+        calls.append(kw.get("micro"))
+        return call(self, *args, **kw)
+
+    monkeypatch.setattr(ATObjective, "__call__", counting)
+    setting = BenchSetting(model="tiny", image_size=8, batch_size=4, steps=2, warmup=1, device="cpu",
+                           grad_accum=2)  # fmt: skip
+    r = run_bench(setting, fast=False, log=lambda s: None, runs=("fastat",))
+    assert calls == [(0, 2), (1, 2)] * 3  # 1 warm-up + 2 timed steps
+    assert r["setting"]["grad_accum"] == 2 and r["runs"]["fastat"]["median_ms"] > 0
+    text = format_result(r)
+    assert "B=4 fp32 mode=adv grad_accum=2" in text and "2 micro-batches of 2" in text
+    with pytest.raises(ValueError, match="--grad-accum 3 must be >= 1 and divide --batch-size 4"):
+        run_bench(BenchSetting(batch_size=4, grad_accum=3))
+
+
 def test_model_forward_flops_counts_matmuls():
     class Lin(nn.Module):
         def __init__(self):

@@ -184,10 +184,12 @@ def assert_same_state(a, b):
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
 
 
-def test_captured_step_replays_the_eager_step(stand_in):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_captured_step_replays_the_eager_step(stand_in, accum):
+    """grad_accum = 2: the two micro-steps and the optimizer step captured once (one graph)."""
     xs = batches(7, nan_at=(4,))
-    ref, _ = make(graph=False)
-    eng, logs = make(graph=True)
+    ref, _ = make(graph=False, grad_accum=accum)
+    eng, logs = make(graph=True, grad_accum=accum)
     assert eng.mode == "eager+graph" and ref.mode == "eager"
     s_ref, s_eng = run(ref, xs[:6]), []
     for i, x in enumerate(xs[:6]):
@@ -210,14 +212,16 @@ def test_captured_step_replays_the_eager_step(stand_in):
     assert_same_state(ref, eng)
 
 
-def test_captured_free_step_replays_kept_batches(stand_in):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_captured_free_step_replays_kept_batches(stand_in, accum):
     """free (3 replays, the regulariser on half the batch): the graph is captured at a step that brings a
     batch (step 3), its replays copy nothing (None), and a batch of another shape runs uncaptured with its
-    own replays, after which the captured batches go on: all as the eager reference."""
+    own replays, after which the captured batches go on: all as the eager reference (grad_accum = 2: in
+    micro-batches of 8, the odd batch of 9 as 4 and 5)."""
     xs = batches(13)
     xs[9] = xs[9][:9]
-    ref, _ = make(graph=False, mode="free")
-    eng, logs = make(graph=True, mode="free")
+    ref, _ = make(graph=False, mode="free", grad_accum=accum)
+    eng, logs = make(graph=True, mode="free", grad_accum=accum)
     (backend,) = stand_in.made
     stand_in.host_objects.append(eng.objective)  # replays run no Python (the objective's included)
     for i, x in enumerate(xs):

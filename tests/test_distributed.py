@@ -135,17 +135,29 @@ def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(scenario
     assert scenario[0]["stop_at"] == scenario[1]["stop_at"] == 4  # requested at call 3, agreed at call 4
 
 
-@pytest.mark.parametrize("key", ["adv", "pgd", "adv-fast", "adv-fp16"])
+@pytest.mark.parametrize("key", ["adv", "pgd", "adv-fast", "adv-fp16", "adv-accum2"])
 def test_one_gradient_all_reduce_per_step_and_none_in_the_attack(scenario, key):
     """The recorded ops of a whole step (noise, attack forwards and input-only backwards, the training
     backward, AdamW, EMA) hold exactly one collective: the gradient all-reduce; ``pgd`` runs 3 attack
     backwards, ``adv-fast`` the compiled model (dynamo + AOTAutograd) and its detached attack copy,
-    ``adv-fp16`` float16 autocast with its GradScaler (the all-reduce of the scaled gradients)."""
+    ``adv-fp16`` float16 autocast with its GradScaler (the all-reduce of the scaled gradients),
+    ``adv-accum2`` two micro-batches (grad_accum = 2): one all-reduce per step, not per micro-batch."""
     for res in scenario:
         assert res[key]["collectives"] == ["c10d.allreduce_.default"], res[key]["collectives"]
         assert res[key]["ops"] > 300  # the recorder saw the whole step
         assert "distributed.py" not in res[key]["host_reads"], res[key]["host_reads"]  # capturable
     assert scenario[0]["adv-fast"]["fast"] and scenario[1]["adv-fast"]["fast"]
+
+
+def test_accumulated_ranks_equal_the_unaccumulated_ranks(scenario):
+    """grad_accum = 2 on 2 ranks: the same weights as the unaccumulated 2-rank step (to rounding: each
+    rank's batch in two micro-batches), identical on both ranks."""
+    for res in scenario:
+        assert res["adv-accum2"]["x0"][0].shape == res["adv"]["x0"][0].shape == (4, 2)
+        for name, w in res["adv"]["weights"].items():
+            acc = res["adv-accum2"]["weights"][name]
+            assert torch.equal(acc, scenario[0]["adv-accum2"]["weights"][name]), name
+            torch.testing.assert_close(acc, w, rtol=0, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("key", ["adv", "pgd", "adv-fast", "adv-fp16"])

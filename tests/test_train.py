@@ -34,13 +34,14 @@ def one_thread():
 # -- exact resume ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["adv", "free"])
-def test_resume_is_bit_identical(tmp_path, capsys, mode):
+@pytest.mark.parametrize("mode,accum", [("adv", 1), ("free", 1), ("free", 2)])
+def test_resume_is_bit_identical(tmp_path, capsys, mode, accum):
     """N steps, then resume to 2N == 2N straight: every tensor of the model, the EMA and the optimizer.
 
     Exercises every random stream: dropout (global RNG), the objective's generator (t, eps, attack
     start), batch order across an epoch boundary (48 samples / batch 8 = 6 batches) and flips. free
-    (3 replays): the checkpoint at step 4 is taken between two replays of a batch."""
+    (3 replays): the checkpoint at step 4 is taken between two replays of a batch; with accum = 2, each
+    replay in 2 micro-batches of 4 (--grad-accum)."""
     common = [
         *IMAGES,
         "--mode",
@@ -57,6 +58,8 @@ def test_resume_is_bit_identical(tmp_path, capsys, mode):
         "0",
         "--set",
         "run.eval_n=0",
+        "--grad-accum",
+        str(accum),
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli(capsys, "train", *common, "--steps", "8", "--out", straight)[0] == 0
@@ -65,6 +68,7 @@ def test_resume_is_bit_identical(tmp_path, capsys, mode):
         capsys, "train", "--out", split, "--resume", "auto", "--steps", "8", "--no-progress"
     )
     assert code == 0 and "ckpt-000008" in out
+    assert f"grad_accum: {accum}" in (split / "config.yaml").read_text()
 
     a, b = load_checkpoint(straight), load_checkpoint(split)
     assert a.step == b.step == 8

@@ -51,6 +51,7 @@ class BenchSetting:
     pgd_steps: int = 3
     replays: int = 2  # mode free
     reg_frac: float = 1.0
+    grad_accum: int = 1  # fastat's step in this many micro-batches (the naive rows: the whole batch)
     steps: int = 20
     warmup: int = 5
     device: str = "auto"
@@ -159,6 +160,9 @@ def check_setting(setting: BenchSetting) -> None:
             "--batch-size, --steps, --warmup (the first step compiles), --pgd-steps and --replays "
             "must be >= 1"
         )
+    if setting.grad_accum < 1 or setting.batch_size % setting.grad_accum:
+        raise ValueError(f"--grad-accum {setting.grad_accum} must be >= 1 and divide --batch-size "
+                         f"{setting.batch_size}")  # fmt: skip
     if not 0 < setting.reg_frac <= 1:
         raise ValueError(f"--reg-frac must be in (0, 1], got {setting.reg_frac}")
     if setting.image_size is not None and setting.image_size < 1:
@@ -273,7 +277,8 @@ def run_bench(setting: BenchSetting, fast: bool = True, log=print, on_row=None, 
             log(msg)
 
         eng = StepEngine(fresh_model(), _objective(setting, mode), generator=gen, lr=1e-4,
-                         precision=setting.precision, fast=fast, log=note)  # fmt: skip
+                         precision=setting.precision, fast=fast, log=note,
+                         grad_accum=setting.grad_accum)  # fmt: skip
         row = _time_run(lambda: eng.step(x0, 1e-4)["skipped"], device, setting.warmup, setting.steps,
                         ready=lambda: not eng.use_graph or eng.captured)  # fmt: skip
         row.update(compile_s=eng.compile_seconds, capture_s=eng.capture_seconds, notes=notes,
@@ -330,6 +335,7 @@ def format_result(r: dict) -> str:
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     k = f" k={s['pgd_steps']}" if s["mode"] == "pgd" else f" m={s['replays']}" if s["mode"] == "free" else ""
     k += f" reg_frac={s['reg_frac']}" if s["reg_frac"] != 1 else ""
+    k += f" grad_accum={s['grad_accum']}" if s.get("grad_accum", 1) != 1 else ""
     card = r["info"].get("gpu", r["info"]["device"])
     lines = [
         f"{s['model']} B={s['batch_size']} {s['precision']} mode={s['mode']}{k} on {card}"
@@ -357,6 +363,10 @@ def format_result(r: dict) -> str:
     if graphs and s["reg_frac"] != 1:
         lines.append(f"fastat compiled {graphs} graphs (the model at B and at ceil(reg_frac * B): two static "
                      f"shapes); its compile s counts them all")  # fmt: skip
+    if s.get("grad_accum", 1) != 1:
+        micro = s["batch_size"] // s["grad_accum"]
+        lines.append(f"fastat rows: one step of B={s['batch_size']} in {s['grad_accum']} micro-batches of "
+                     f"{micro} (ms/step and img/s per optimizer step)")  # fmt: skip
     if r.get("naive_mode") != s["mode"] or s["reg_frac"] != 1:
         lines.append(f"naive rows: the paper's {r.get('naive_mode')} on the whole batch")
     lines.append(
@@ -381,6 +391,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--replays", type=int, default=d.replays, help="mode free: steps per batch")
     ap.add_argument("--reg-frac", type=float, default=d.reg_frac,
                     help="regularise this share of each batch (fastat's AT run)")  # fmt: skip
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                    help="fastat's step in this many micro-batches (gradient accumulation)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=d.steps, help="timed steps (median reported)")
     warm = "untimed steps first (compile; fastat's last until its graph is captured)"
     ap.add_argument("--warmup", type=int, default=d.warmup, help=warm)
@@ -403,6 +415,7 @@ def run_from_args(args: argparse.Namespace, log=print) -> int:
             pgd_steps=args.pgd_steps,
             replays=args.replays,
             reg_frac=args.reg_frac,
+            grad_accum=args.grad_accum,
             steps=args.steps,
             warmup=args.warmup,
             device=args.device,

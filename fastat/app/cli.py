@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="compiled step, and on CUDA a captured CUDA graph (default: on for CUDA, off on the CPU) "
         "[run.fast]",
     )
+    t.add_argument("--class-cond", action="store_true", default=None,
+                   help="class-conditional training on the data's labels, with label dropout for "
+                        "classifier-free guidance [data.class_cond]")  # fmt: skip
     t.add_argument(
         "--set",
         action="append",
@@ -129,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--batch-size", type=int, default=256, help="samples per model call")
     s.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    s.add_argument("--class", dest="label", metavar="K|all", default=None,
+                   help="class-conditional run: class K, or all: a grid of the classes")  # fmt: skip
+    s.add_argument("--guidance", type=float, default=None,
+                   help="with --class: classifier-free guidance (default 1: conditional only)")  # fmt: skip
     s.set_defaults(func=cmd_sample)
 
     pr = sub.add_parser(

@@ -48,6 +48,8 @@ def train_overrides(args: argparse.Namespace) -> dict:
     flag_over = {key: v for key, v in flag_over.items() if v is not None}
     if args.fast is not None:
         flag_over["run.fast"] = args.fast
+    if args.class_cond:
+        flag_over["data.class_cond"] = True
     for layer in (file_over, set_over, flag_over):
         TrainConfig().with_overrides(layer)  # keys and types (values are validated on the merged config)
     merged = {**file_over, **set_over, **flag_over}
@@ -133,6 +135,27 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 # -- sample --------------------------------------------------------------------------------------------
 
 
+def sample_labels(args: argparse.Namespace, model, where):
+    """``fastat sample``'s labels: ``--class K`` (all samples of class K) or ``all`` (sample i of class
+    i mod num_classes); None without ``--class``."""
+    import torch
+
+    if args.label is None:
+        if args.guidance is not None:
+            raise ConfigError("--guidance needs --class K (or --class all)")
+        return None
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ConfigError(f"--guidance must be >= 0, got {args.guidance}")
+    classes = getattr(getattr(model, "model", model), "num_classes", 0) or getattr(model, "num_classes", 0)
+    if not classes:
+        raise ConfigError(f"--class: the model of {where} is not class-conditional (train with --class-cond)")
+    if args.label == "all":
+        return torch.arange(args.n) % classes
+    if not (args.label.isdigit() and int(args.label) < classes):
+        raise ConfigError(f"--class must be 0..{classes - 1} or all, got {args.label!r}")
+    return torch.full((args.n,), int(args.label))
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -182,6 +205,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # the noise, the samples and their output copy (float32) on the host; a batch of them on the device
     require_memory(3 * 4 * args.n * math.prod(shape), f"--n {args.n} samples", torch.device("cpu"),
                    "lower --n (or sample in several calls with other --seed)")  # fmt: skip
+    labels = sample_labels(args, model, ckpt.path)
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
     x = generate(
         model,
@@ -194,6 +218,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch=args.batch_size,
         device=device,
         generator=torch.Generator(device).manual_seed(derive_seed(args.seed, "sample-cli")),
+        labels=labels,
+        guidance=1.0 if args.guidance is None else args.guidance,
     )
     check_samples(x, ckpt.path, out)  # never a file of NaN
     written = write_samples(x, out, kind)

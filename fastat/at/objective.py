@@ -26,9 +26,12 @@ from fastat.at import ops
 from fastat.at import prediction as P
 from fastat.at.attack import TARGETS, attack_objective, pgd_attack
 from fastat.at.budget import Budget
+from fastat.at.draws import Drawn, Noised, labelled
+from fastat.at.draws import rows as _rows
+from fastat.at.draws import scaled as _scaled
+from fastat.at.draws import share as _share
 from fastat.at.replay import Replay, check_replays
 from fastat.at.schedule import NoiseSchedule, as_schedule
-from fastat.kernels import per_sample
 from fastat.utils.checks import is_number, must, unknown
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv", "free")
@@ -42,31 +45,6 @@ class ATOutput:
 
     loss: torch.Tensor
     stats: dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class _Noised:
-    """One call's draw, per sample on the device: the batch, timesteps, coefficients and radius, the
-    noised batch ``x_t``, the noise and the random start ``w`` with ``x_adv = x_t + s w``."""
-
-    x0: torch.Tensor
-    t: torch.Tensor
-    a: torch.Tensor
-    s: torch.Tensor
-    radius: torch.Tensor
-    x_t: torch.Tensor
-    x_adv: torch.Tensor
-    eps: torch.Tensor
-    w: torch.Tensor
-
-    @property
-    def n(self) -> int:
-        return self.x0.shape[0]
-
-    def rows(self, n: int) -> _Noised:
-        """The first ``n`` samples (views)."""
-        return _Noised(*(v[:n] for v in (self.x0, self.t, self.a, self.s, self.radius, self.x_t,
-                                         self.x_adv, self.eps, self.w)))  # fmt: skip
 
 
 @dataclass
@@ -98,6 +76,8 @@ class ATObjective:
             every t). The attack still runs on every sample.
         replays: ``free``: optimizer steps per batch (m >= 1).
         reg_frac: the share of each batch that gets the regulariser, in (0, 1] (docs/DESIGN.md, "Loss").
+        p_uncond: class-conditional calls (``y`` given): the share of labels dropped to ``-1`` (the null
+            label: the unconditional model of classifier-free guidance), drawn per sample.
     """
 
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
@@ -114,6 +94,7 @@ class ATObjective:
     lam_s_min: float = 0.0
     replays: int = 2
     reg_frac: float = 1.0
+    p_uncond: float = 0.1
 
     def __post_init__(self) -> None:
         # The rules of every setting live here (SettingError names it; the config adds key and flag).
@@ -128,6 +109,8 @@ class ATObjective:
             raise must("lam_s_min", "a noise level in [0, 1)", self.lam_s_min)
         if not (is_number(self.reg_frac) and 0 < self.reg_frac <= 1):
             raise must("reg_frac", "a fraction in (0, 1]", self.reg_frac)
+        if not (is_number(self.p_uncond) and 0 <= self.p_uncond < 1):
+            raise must("p_uncond", "a share in [0, 1)", self.p_uncond)
         check_replays(self.replays)  # in every mode: the config is checked alike
         self._replay = Replay(self.replays) if self.mode == "free" else None
         if isinstance(self.pgd_steps, bool) or not (isinstance(self.pgd_steps, int) and self.pgd_steps >= 1):
@@ -139,6 +122,8 @@ class ATObjective:
         self.prediction = P.resolve_prediction(self.prediction, self.schedule.prediction)
         self._dm_table: torch.Tensor | None = None
         self._dm_cache: dict[torch.device, torch.Tensor] = {}
+        self._drawn: Drawn | None = None  # micro-batches: the batch's draws, kept for calls 1..K-1
+        self._acc: dict[str, torch.Tensor] = {}  # ... and its statistics so far
         self._check_dm_weight()
 
     def _check_dm_weight(self) -> None:
@@ -262,6 +247,8 @@ class ATObjective:
         x0: torch.Tensor | None,
         generator: torch.Generator | None = None,
         attack_model: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        micro: tuple[int, int] | None = None,
+        y: torch.Tensor | None = None,
     ) -> ATOutput:
         """The AT loss of ``model`` on the clean batch ``x0`` (all randomness from ``generator``).
 
@@ -269,7 +256,18 @@ class ATObjective:
         ``attack_model``: the same function as ``model`` for the attack's forwards (default: ``model``);
         the fast step passes a compiled copy whose parameters are detached, so that the attack's
         backward computes the input gradient only. ``free``: ``x0=None`` replays the kept batch.
+
+        ``micro=(k, K)`` (gradient accumulation): the k-th of K micro-batches (rows ``k*B//K`` to
+        ``(k+1)*B//K``) of the whole batch ``x0``, passed to every call. Call 0 draws the randomness of
+        the whole batch (the draws of one call without ``micro``) and keeps it for calls 1..K-1; each
+        returns its rows' share of the loss, so the K losses (and gradients) add up to the batch's. The
+        batch's statistics come with the last call (``{}`` before it).
+
+        ``y``: class labels ``(B,)`` (class-conditional training): a share ``p_uncond`` is dropped to the
+        null label ``-1``; every model call (clean, attack, perturbed) gets the label of its sample.
         """
+        if y is not None and self._replay is not None:
+            raise ValueError("class-conditional training (labels) does not support mode free")
         if x0 is None and self._replay is None:
             raise ValueError(
                 "x0 must be a floating tensor of shape (B, ...) (None replays, in mode free only)"
@@ -282,30 +280,78 @@ class ATObjective:
             raise TypeError(
                 f"x0 must be float32, bfloat16 or float16 (the fused ops compute in float32), got {x0.dtype}"
             )
+        k, K = (0, 1) if micro is None else micro
+        if k == 0:
+            self._drawn, self._acc = None, {}
+        elif self._drawn is None:
+            raise ValueError(f"micro-batch {k} of {K} before micro-batch 0 of its batch")
         with ops.trusted_values():  # radii and weights are built here: no host sync to check them
-            return self._loss(model, model if attack_model is None else attack_model, x0, generator)
+            if k == 0:
+                self._drawn = self._draw(x0, generator, y)
+            B = self._drawn.z.n
+            if not (isinstance(K, int) and isinstance(k, int) and 0 <= k < K <= B):
+                self._drawn = None
+                raise ValueError(f"micro must be (k, K) with 0 <= k < K <= the batch size {B}, got {micro}")
+            attack = model if attack_model is None else attack_model
+            loss, part = self._loss(model, attack, self._drawn, slice(k * B // K, (k + 1) * B // K))
+            return ATOutput(loss, self._gather(part, k == K - 1))
 
-    def _loss(self, model, attack_model, x0, generator: torch.Generator | None) -> ATOutput:
-        """L_AT of one call, piece by piece (docs/DESIGN.md, "Loss")."""
+    def _draw(self, x0, generator, y=None) -> Drawn:
+        """The whole batch's randomness and what it makes: the noised batch, its regularised head and
+        the labels after label dropout (the unconditional branch of classifier-free guidance)."""
         keep = self._keeper(x0)
         z = self._noised(x0, generator, keep)
+        head = None if self.mode == "ddpm" else self._head(z, generator)
+        if head is not None and self._replay is not None:  # free: the kept w (the last replay's ascent)
+            head = replace(head, w=keep("w", head.w))
+        if y is not None:
+            gdev = generator.device if generator is not None else torch.device("cpu")
+            u = torch.rand((z.n,), generator=generator, device=gdev).to(z.x0.device)
+            y = torch.where(u < self.p_uncond, -1, y)
+        return Drawn(z, head, keep, y)
+
+    def _loss(self, model, attack_model, d: Drawn, rows: slice) -> tuple[torch.Tensor, dict]:
+        """L_AT of the batch's ``rows`` (their share of the batch's), piece by piece (docs/DESIGN.md,
+        "Loss"), with their additive statistics."""
+        B, z = d.z.n, d.z.rows(rows)
+        m = z.n
+        if d.y is not None:  # class-conditional: every call with its samples' labels
+            model, attack_model = labelled(model, d.y[rows]), labelled(attack_model, d.y[rows])
         out = P.model_output(model(z.x_t, z.t)).to(z.eps.dtype)  # the model's own parameterisation
         target = P.target(self.prediction, z.x0, z.eps, z.a, z.s)  # what it is trained to output
         dm_weight = self.dm_weight_at(z.t, z.a, z.s)
-        if self.mode == "ddpm":
-            dm = ops.ddpm_loss(out, target, dm_weight)
-            return ATOutput(dm, {"loss_dm": dm.detach(), "reg": torch.zeros_like(dm.detach())})
-        h = self._head(z, generator)
-        eps_clean = self._eps(out[: h.n], h.x_t, h.a, h.s)
-        w, x_adv, j_start = self._perturbation(h, eps_clean, attack_model, keep)
+        nh = 0 if d.head is None else min(max(d.head.n - rows.start, 0), m)  # regularised rows here
+        if nh == 0:  # ddpm, or rows past the regularised head: the denoising term only
+            dm = _share(ops.ddpm_loss(out, target, dm_weight), m / B)
+            part = {"loss_dm": dm.detach(), "reg": torch.zeros_like(dm.detach())}
+            return dm, part if d.head is None else {**part, "radius": _share(z.radius.mean(), m / B)}
+        hrows = slice(rows.start, rows.start + nh)  # these rows of the batch's head
+        h = d.head.rows(hrows)
+        eps_clean = self._eps(out[:nh], h.x_t, h.a, h.s)
+        w, x_adv, j_start = self._perturbation(h, eps_clean, attack_model, hrows)
         out_adv = P.model_output(model(x_adv, h.t)).to(z.eps.dtype)
-        loss, dm = self._at_loss(out, out_adv, target, dm_weight, w, h)
+        loss, dm = self._at_loss(out, out_adv, target, dm_weight, w, h, B, d.head.n)
         with torch.no_grad():
             j_end = attack_objective(self._eps(out_adv, x_adv, h.a, h.s), eps_clean, w, self._j_target).mean()
-            stats = {"loss_dm": dm, "reg": loss.detach() - dm, "w_abs": w.abs().float().mean(),
-                     "radius": z.radius.mean(), "j": j_end}  # fmt: skip
-            stats.update(self._gain(j_end, j_start, keep))
-        return ATOutput(loss, stats)
+            f = nh / d.head.n  # of the head's means
+            part = {"loss_dm": dm, "reg": loss.detach() - dm, "w_abs": _share(w.abs().float().mean(), f),
+                    "radius": _share(z.radius.mean(), m / B), "j": _share(j_end, f)}  # fmt: skip
+            if j_start is not None:
+                part["_j_start"] = _share(j_start.mean(), f)
+        return loss, part
+
+    def _gather(self, part: dict, last: bool) -> dict[str, torch.Tensor]:
+        """Add a micro-batch's statistics to the batch's; after the last, the batch's (with ``gain``)."""
+        acc = self._acc
+        for key, v in part.items():
+            acc[key] = v if key not in acc else acc[key] + v
+        if not last:
+            return {}
+        d, self._drawn, self._acc = self._drawn, None, {}
+        if "j" in acc:
+            with torch.no_grad():
+                acc.update(self._gain(acc["j"], acc.pop("_j_start", None), d.keep))
+        return acc
 
     def _keeper(self, x0: torch.Tensor | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
         """``keep(name, value)``: ``free`` keeps what a batch's fresh step draws and hands the kept value
@@ -315,7 +361,7 @@ class ATObjective:
         fresh = self._replay.begin(x0)  # 0-dim bool on the device: no host read
         return lambda name, value: self._replay.keep(name, fresh, value)
 
-    def _noised(self, x0, generator, keep) -> _Noised:
+    def _noised(self, x0, generator, keep) -> Noised:
         """Draw ``t`` and the noise seed and noise the batch: ``x_t = a x0 + s eps`` and the box random
         start ``x_t + s w0`` (linf; 0 for l2, drawn in :meth:`_head`)."""
         x0 = keep("x0", x0)
@@ -329,24 +375,24 @@ class ATObjective:
         a, s = self.schedule.coeffs(t)
         radius = self.budget.radius(s, math.prod(x0.shape[1:]))
         x_t, x_adv, eps, w = ops.noise_inject(x0, a, s, radius if self.budget.norm == "linf" else 0.0, seed)
-        return _Noised(x0, t, a, s, radius, x_t, x_adv, eps, w)
+        return Noised(x0, t, a, s, radius, x_t, x_adv, eps, w)
 
-    def _head(self, z: _Noised, generator) -> _Noised:
+    def _head(self, z: Noised, generator) -> Noised:
         """The first ``n = ceil(reg_frac * B)`` rows, which get the regulariser (views, no copies); l2 draws
         their random start uniformly in the ball (the noise kernel draws box starts only)."""
-        h = z.rows(self.reg_count(z.x0.shape[0]))
+        h = z.rows(slice(0, self.reg_count(z.n)))
         if self.budget.norm != "l2":
             return h
         w = self.budget.random_start(h.radius, tuple(h.x0.shape), generator).to(z.x0.device, z.x0.dtype)
         return replace(h, w=w, x_adv=ops.q_sample(h.x_t, 1.0, h.s, w))
 
-    def _perturbation(self, h: _Noised, eps_clean, attack_model, keep):
-        """``(w, x~ = x_t + s w, J at the attack's start or None)`` on the regularised rows: ``free``'s kept
-        ``w``, the ascent of ``adv``/``inv``/``pgd``, or the random start (``rand``)."""
+    def _perturbation(self, h: Noised, eps_clean, attack_model, hrows: slice):
+        """``(w, x~ = x_t + s w, J at the attack's start or None)`` on the regularised rows ``hrows`` of the
+        head ``h``: ``free``'s kept ``w``, the ascent of ``adv``/``inv``/``pgd``, or the random start."""
         if self._replay is not None:
-            w = keep("w", h.w)
+            w = h.w
             x_adv = ops.q_sample(h.x_t, 1.0, h.s, w).detach().requires_grad_(True)
-            x_adv.register_hook(self._ascent_hook(w, h.radius, self._replay.buffer("w")))
+            x_adv.register_hook(self._ascent_hook(w, h.radius, self._replay.buffer("w")[hrows]))
             return w, x_adv, None
         if not self.attack_steps:
             return h.w, h.x_adv, None
@@ -358,24 +404,28 @@ class ATObjective:
             self.attack_steps, self.budget.norm, self.attack_target, x_start=h.x_adv, output=read,
         )  # fmt: skip
 
-    def _at_loss(self, out, out_adv, target, dm_weight, w, h: _Noised):
-        """``(L_AT, its denoising term)``. The eps-space equivariance residual is written on the outputs,
-        ``lam alpha^2 ||o~ - o - c_w w||^2`` (:func:`fastat.at.prediction.regulariser_coeffs`)."""
+    def _at_loss(self, out, out_adv, target, dm_weight, w, h: Noised, B: int, n: int):
+        """``(L_AT, its denoising term)`` of ``out``'s rows, whose first ``h.n`` are in the head (``n`` of
+        the batch's ``B`` rows), as their share of the batch's. The eps-space equivariance residual is
+        written on the outputs, ``lam alpha^2 ||o~ - o - c_w w||^2`` (:func:`P.regulariser_coeffs`)."""
         c_w, lam_factor = P.regulariser_coeffs(self.prediction, h.a, h.s, equivariant=self.mode != "inv")
         lam = self.lam_per_sample(h.radius, math.prod(h.x0.shape[1:]), h.s) * lam_factor
-        B, n, w_c = out.shape[0], h.n, _scaled(w, c_w)
-        if n == B:
+        m, nh, w_c = out.shape[0], h.n, _scaled(w, c_w)
+        if nh == B:
             return ops.at_loss_parts(
                 out, out_adv, target, w_c, lam, detach_clean=self.detach_clean, dm_weight=dm_weight
             )
-        # (n/B) * [dm over n + (B/n) * reg over n] + ((B-n)/B) * dm over the rest: dm is a mean over B
-        head, tail = slice(0, n), slice(n, None)
+        # (nh/B) * [dm over nh + (B/n) * reg over nh] + ((m-nh)/B) * dm over the rest: means over B
+        head, tail = slice(0, nh), slice(nh, None)
         loss_n, dm_n = ops.at_loss_parts(
             out[head], out_adv, target[head], w_c, lam * (B / n), detach_clean=self.detach_clean,
             dm_weight=_rows(dm_weight, head),
         )  # fmt: skip
+        if nh == m:
+            return loss_n * (nh / B), dm_n * (nh / B)
         dm_rest = ops.ddpm_loss(out[tail], target[tail], _rows(dm_weight, tail))
-        return loss_n * (n / B) + dm_rest * ((B - n) / B), dm_n * (n / B) + dm_rest.detach() * ((B - n) / B)
+        rest = (m - nh) / B
+        return loss_n * (nh / B) + dm_rest * rest, dm_n * (nh / B) + dm_rest.detach() * rest
 
     @property
     def _j_target(self) -> str:
@@ -411,18 +461,3 @@ class ATObjective:
             return out
         return P.to_eps(self.prediction, out.float(), x.float(), a, s).to(out.dtype)
 
-
-def _rows(v: torch.Tensor | float, rows: slice) -> torch.Tensor | float:
-    """``v[rows]`` of a per-sample tensor (a view); a scalar as it is."""
-    return v[rows] if isinstance(v, torch.Tensor) else v
-
-
-def _scaled(w: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
-    """``c * w`` with a per-sample ``c`` (float32 arithmetic, ``w``'s dtype); 1 and 0 without arithmetic."""
-    if isinstance(c, float):
-        if c == 1.0:
-            return w
-        if c == 0.0:
-            return torch.zeros_like(w)
-        return (w.float() * c).to(w.dtype)
-    return (w.float() * per_sample(c, w)).to(w.dtype)

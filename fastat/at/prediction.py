@@ -162,8 +162,8 @@ class EpsModel(nn.Module):
         if hasattr(model, "sample_shape"):
             self.sample_shape = model.sample_shape
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model_output(self.model(x, t))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
+        out = model_output(self.model(x, t, *cond))  # cond: class labels of a class-conditional model
         if self.prediction == "eps":
             return out
         a, s = self.schedule.coeffs(t)

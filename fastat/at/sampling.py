@@ -26,6 +26,7 @@ from fastat.at.prediction import model_output, resolve_prediction, to_eps, to_x0
 from fastat.at.schedule import NoiseSchedule, as_schedule
 
 __all__ = [
+    "Guided",
     "SAMPLERS",
     "SamplerSpec",
     "ddim_sample",
@@ -67,6 +68,29 @@ class SamplerSpec:
     def visited(self, T: int) -> int:
         """Model calls per sample: DDIM's ``steps``, DDPM's ``T``."""
         return self.steps if self.sampler == "ddim" else T
+
+
+class Guided(nn.Module):
+    """A class-conditional ``model(x, t, y)`` as the ``model(x, t)`` the samplers call, with classifier-free
+    guidance ``eps = eps(x, t, null) + guidance * (eps(x, t, y) - eps(x, t, null))`` (the null label is
+    ``-1``): ``guidance = 1`` is the conditional model alone (one call), ``0`` the unconditional one;
+    above 1 both halves run as one batch. ``y``: one class (an int) or a label per sample ``(B,)``."""
+
+    def __init__(self, model: nn.Module, y: int | torch.Tensor, guidance: float = 1.0) -> None:
+        super().__init__()
+        self.model, self.y, self.guidance = model, y, float(guidance)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+        B = x.shape[0]
+        y = torch.as_tensor(self.y, dtype=torch.long, device=x.device).expand(B)
+        t = torch.as_tensor(t, device=x.device).expand(B)
+        if self.guidance == 1.0:
+            return self.model(x, t, y)
+        if self.guidance == 0.0:
+            return self.model(x, t, torch.full_like(y, -1))
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)]))
+        cond, uncond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
 
 
 @contextmanager

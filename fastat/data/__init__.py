@@ -25,7 +25,7 @@ from .corrupt import OUTLIER_KINDS, CorruptedData, IndexedCorruption, corrupt
 from .decode import decode_image
 from .images import IMAGE_EXTENSIONS, ImageFolder, TensorImages, cifar10, load_tensor, to_unit
 from .known import GMM2D, IMAGE_SETS, KNOWN, KnownDistribution, Plane3D, Subspace, Subspaces, known_dataset
-from .loader import TensorLoader
+from .loader import Labelled, TensorLoader
 from .order import EpochOrder
 from .placement import (
     PLACEMENTS,
@@ -71,6 +71,7 @@ __all__ = [
     "Subspace",
     "Subspaces",
     "TensorImages",
+    "Labelled",
     "TensorLoader",
     "TrainingData",
     "build_dataset",
@@ -110,6 +111,8 @@ class TrainingData:
     source: str
     images: PreparedImages | MemoryImages | None = None
     corruption: IndexedCorruption | None = None
+    labels: torch.Tensor | None = None  # int64 (N,) class labels (a known set's components), if any
+    num_classes: int = 0
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else self.data.shape[0]
@@ -175,7 +178,8 @@ def build_dataset(
         c = corrupt(clean, noise_p, noise_sigma, outliers=outliers, outlier_kind=outlier_kind,
                     seed=derive_seed(seed, "corrupt"))  # fmt: skip
         return TrainingData(spec, known.kind, tuple(clean.shape[1:]), c.data, c.clean, c.noisy_mask,
-                            c.outlier_mask, known, f"known:{spec}")  # fmt: skip
+                            c.outlier_mask, known, f"known:{spec}", labels=known.component(clean),
+                            num_classes=known.num_classes)  # fmt: skip
     if spec != "cifar10" and not Path(spec).expanduser().exists():
         raise DatasetError(
             f"unknown dataset {spec!r}: not one of {', '.join(DATASETS)} and not an existing folder"

@@ -43,6 +43,12 @@ class KnownDistribution:
         device = generator.device if generator is not None else torch.device("cpu")
         return self._sample(n, generator, device).to(torch.float32)
 
+    num_classes = 0  # sets with components (a mixture's modes) label each sample with its component
+
+    def component(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The component label (int64 ``(n,)``) of clean samples ``x``; None for a set without components."""
+        return None
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The nearest point of the clean support to each sample of ``x`` (same shape and dtype)."""
         flat = self._flat64(x)
@@ -106,6 +112,14 @@ class GMM2D(KnownDistribution):
         mode = torch.randint(0, self.n_modes, (n,), generator=generator, device=device)
         noise = torch.randn(n, 2, generator=generator, device=device, dtype=torch.float64)
         return self.centers.to(device)[mode] + self.std * noise
+
+    @property
+    def num_classes(self) -> int:
+        return self.n_modes
+
+    def component(self, x: torch.Tensor) -> torch.Tensor:
+        """The mode each clean sample was drawn from: its nearest centre (std << the centres' spacing)."""
+        return self.nearest_mode(x)
 
     def nearest_mode(self, x: torch.Tensor) -> torch.Tensor:
         """Index (int64, ``(n,)``) of the nearest mode centre: for mode-coverage counts."""
@@ -286,6 +300,11 @@ class Subspaces(KnownDistribution):
     def __repr__(self) -> str:
         return (f"Subspaces(name={self.name!r}, sample_shape={self.sample_shape}, k={self.k}, "
                 f"weights={[round(w, 3) for w in self.weights.tolist()]}, pixel_std={self.pixel_std})")  # fmt: skip
+
+    @property
+    def num_classes(self) -> int:
+        """Its components: :meth:`component` labels each sample with one (class-conditional training)."""
+        return self.weights.shape[0]
 
     def sample_with_labels(self, n: int, generator: torch.Generator | None = None):
         """``(x, labels)``: ``n`` clean samples (float32) and the component each was drawn from (int64)."""

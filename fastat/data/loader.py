@@ -12,10 +12,18 @@ Which samples each batch holds, and which are flipped, comes from :class:`fastat
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
 from .order import EpochOrder
+
+
+class Labelled(NamedTuple):
+    """A batch with its class labels (class-conditional training): what the step engine unpacks."""
+
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 class TensorLoader:
@@ -45,6 +53,7 @@ class TensorLoader:
         drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        labels: torch.Tensor | None = None,  # (N,) int64 class labels: batches are Labelled(x, y)
     ) -> None:
         if not isinstance(data, torch.Tensor) or data.dim() < 1:
             raise TypeError("data must be a tensor of shape (N, ...)")
@@ -56,6 +65,9 @@ class TensorLoader:
         self.order = EpochOrder(data.shape[0], batch_size, seed=generator_seed, flip=flip, rank=rank,
                                 world_size=world_size, drop_last=drop_last, device=self.device)  # fmt: skip
         self.data = data.to(self.device).contiguous()
+        if labels is not None and tuple(labels.shape) != (data.shape[0],):
+            raise ValueError(f"labels must have shape ({data.shape[0]},), got {tuple(labels.shape)}")
+        self.labels = labels.to(self.device, torch.long) if labels is not None else None
         self.batch_size, self.flip, self.drop_last = batch_size, bool(flip), bool(drop_last)
         self.seed = int(generator_seed)
 
@@ -86,7 +98,7 @@ class TensorLoader:
         if flips is not None:
             flipped = torch.where(flips.view(-1, 1, 1, 1), batch.flip(-1), batch)
             batch = out.copy_(flipped) if out is not None else flipped
-        return batch
+        return batch if self.labels is None else Labelled(batch, self.labels[idx])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """The remaining batches of the current epoch."""

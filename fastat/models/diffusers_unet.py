@@ -93,6 +93,12 @@ class DiffusersUNet(nn.Module):
         if size is not None:
             h, w = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (c.in_channels, h, w)
+        # class-conditional (num_class_embeds = classes + 1): the last embedding is the null label
+        self.num_classes = (c.num_class_embeds or 1) - 1 if c.class_embed_type is None else 0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, return_dict=False)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.num_classes:
+            return self.unet(x, t, return_dict=False)[0]
+        null = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        labels = null if y is None else torch.where(y < 0, null, y)  # -1: the null label, as fastat's
+        return self.unet(x, t, class_labels=labels, return_dict=False)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -37,3 +38,24 @@ def batch_timesteps(t: torch.Tensor | int | float, batch: int, device: torch.dev
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"timesteps must have shape () or ({batch},), got {tuple(t.shape)}")
     return t.to(device)
+
+
+class ClassEmbedding(nn.Module):
+    """Class labels ``y`` (int64 ``(B,)``) to vectors added to the time embedding (as diffusers'
+    ``UNet2DModel(num_class_embeds=num_classes + 1)`` does). Label ``num_classes`` is the null label, the
+    unconditional model of classifier-free guidance: ``y=None`` and negative labels (the objective's
+    dropped ones) mean it."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        else:
+            y = torch.where(y < 0, self.num_classes, y)
+        return self.embedding(y)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastat.models.embedding import batch_timesteps, timestep_embedding
+from fastat.models.embedding import ClassEmbedding, batch_timesteps, timestep_embedding
 
 __all__ = ["MLP"]
 
@@ -34,8 +34,9 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, dim: int, hidden: int = 256, depth: int = 4, time_dim: int = 64, max_period: float = 10000.0
-    ) -> None:
+        self, dim: int, hidden: int = 256, depth: int = 4, time_dim: int = 64, max_period: float = 10000.0,
+        num_classes: int = 0,  # > 0: class-conditional, forward(x, t, y) (fastat.models.embedding)
+    ) -> None:  # fmt: skip
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             if not isinstance(v, int) or v < 1:
@@ -47,6 +48,8 @@ class MLP(nn.Module):
         self.dim, self.hidden, self.depth = dim, hidden, depth
         self.time_dim, self.max_period = time_dim, float(max_period)
         self.temb = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.num_classes = num_classes
+        self.class_emb = ClassEmbedding(num_classes, hidden) if num_classes else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(_Block(hidden) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden)
@@ -57,13 +60,17 @@ class MLP(nn.Module):
         """Shape ``(dim,)`` of one sample."""
         return (self.dim,)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        """Predicted noise ``eps`` of the same shape as ``x``."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | int | float, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predicted noise ``eps`` of the same shape as ``x`` (``y``: class labels, None: unconditional)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         t = batch_timesteps(t, x.shape[0], x.device)
         emb = timestep_embedding(t, self.time_dim, self.max_period).to(self.inp.weight.dtype)
         temb = self.temb(emb)
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(y, x.shape[0], x.device)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, temb)

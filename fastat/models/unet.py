@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastat.models.embedding import batch_timesteps, timestep_embedding
+from fastat.models.embedding import ClassEmbedding, batch_timesteps, timestep_embedding
 
 __all__ = ["PRESETS", "UNet", "UNetConfig"]
 
@@ -46,6 +46,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...]
     dropout: float
     groups: int = 32
+    num_classes: int = 0  # > 0: class-conditional (a class embedding added to the time embedding)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -196,6 +197,8 @@ class UNet(nn.Module):
         temb_ch = 4 * ch
 
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.num_classes = cfg.num_classes
+        self.class_emb = ClassEmbedding(cfg.num_classes, temb_ch) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -263,11 +266,15 @@ class UNet(nn.Module):
                 f"UNet spatial size must be divisible by 2**(len(ch_mult)-1) = {f}, got {tuple(x.shape[2:])}"
             )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        """Predicted noise ``eps`` of the same shape as ``x``."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | int | float, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predicted noise ``eps`` of the same shape as ``x`` (``y``: class labels, None: unconditional)."""
         self._check_input(x)
         t = batch_timesteps(t, x.shape[0], x.device)
         temb = self.temb(timestep_embedding(t, self.config.ch).to(self.conv_in.weight.dtype))
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(y, x.shape[0], x.device)
 
         hs = [self.conv_in(x)]
         for block in self.down:

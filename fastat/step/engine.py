@@ -9,7 +9,9 @@ graph captures; a non-finite loss or gradient norm skips the update on the devic
 ``fast=True`` compiles the model and, on CUDA, captures the step; on failure it falls back and says why.
 The engine asks the objective what it needs (``wants_batch``, ``step_done``, ``host_state``,
 ``state_dict``; all optional): it knows no mode. Precision, data parallel, capture and the skip are
-explained in docs/DESIGN.md ("Step engine").
+explained in docs/DESIGN.md ("Step engine"). ``grad_accum = K`` runs the objective on K micro-batches
+(``micro=(k, K)``), one backward each, then the all-reduce, unscale and AdamW once per step. A
+:class:`fastat.data.Labelled` batch (class-conditional training) hands its labels ``y`` to the objective.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fastat.at.objective import ATObjective
+from fastat.data.loader import Labelled
 from fastat.step.capture import CaptureFailed, CudaGraphs, capture_safely
 from fastat.step.ema import EMA
 from fastat.utils.compile_cache import guard_autograd_cache
@@ -41,9 +44,9 @@ class DetachedParams(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond) -> torch.Tensor:
         params = {k: v.detach() for k, v in self.model.named_parameters()}
-        return torch.func.functional_call(self.model, params, (x, t))
+        return torch.func.functional_call(self.model, params, (x, t, *cond))
 
 
 def grad_norm_(params: list[nn.Parameter], clip: float) -> torch.Tensor:
@@ -91,7 +94,11 @@ class StepEngine:
         prepare_batch: Callable | None = None,  # loader batch -> float x0, at the start of the step
         reduce_grads: Callable[[torch.Tensor], torch.Tensor] | None = None,  # data parallel: see below
         ranks=None,  # data parallel: the DistContext (all_true, broadcast_) the ranks agree through
+        grad_accum: int = 1,  # micro-batches per step (gradient accumulation): see _body
     ) -> None:
+        if not (isinstance(grad_accum, int) and not isinstance(grad_accum, bool) and grad_accum >= 1):
+            raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
+        self.grad_accum = grad_accum
         self.model, self.objective, self.generator = model, objective, generator
         self.prepare_batch, self.reduce_grads, self.ranks = prepare_batch, reduce_grads, ranks
         self.device = next(model.parameters()).device
@@ -264,14 +271,23 @@ class StepEngine:
         self.optimizer.zero_grad(set_to_none=True)
         if self.prepare_batch is not None and x0 is not None:
             x0 = self.prepare_batch(x0)
-        with self._autocast():
-            out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward)
-        loss, scale = out.loss.detach(), {}
-        if self.scaler is None:
-            out.loss.backward()
-        else:  # fp16: scaled backward, then the true gradients back (non-finite ones show in the norm)
-            self.scaler.scale(out.loss).backward()
+        labels = {}
+        if isinstance(x0, Labelled):  # class-conditional: the labels go to every model call
+            x0, labels = x0.x, {"y": x0.y}
+        scale, K, loss = {}, self.grad_accum, None
+        for k in range(K):  # grad_accum: the batch's K micro-batches, their gradients summed in .grad
+            micro = labels if K == 1 else {"micro": (k, K), **labels}  # whole-batch draws at k = 0
+            with self._autocast():
+                out = self.objective(self.forward, x0, self.generator, attack_model=self.attack_forward,
+                                     **micro)  # fmt: skip
+            loss = out.loss.detach() if loss is None else loss + out.loss.detach()
+            if self.scaler is None:
+                out.loss.backward()
+            else:  # fp16: scaled backward, then the true gradients back (non-finite ones show in the norm)
+                self.scaler.scale(out.loss).backward()
+        if self.scaler is not None:
             scale["loss_scale"] = self.scaler._get_scale_async().clone()  # the device tensor: no host read
+        # once per step, after the last micro-batch: the all-reduce, the unscale, the optimizer step
         if self.reduce_grads is not None:  # data parallel: gradients (and loss) averaged over the ranks;
             loss = self.reduce_grads(loss)  # still scaled, so every rank's scaler sees the same overflow
         if self.scaler is not None:

@@ -33,6 +33,7 @@ from fastat.train.config_keys import (
     owned_by,
     plain,
 )
+from fastat.train.loggers import LOGGERS
 from fastat.utils.checks import is_number
 from fastat.utils.yaml_io import read_bounded
 from fastat.utils.yaml_io import safe_load as bounded_load
@@ -77,6 +78,7 @@ class DataConfig:
     placement: str = "auto"  # real images: auto | device (uint8 set on the device) | stream (read ahead)
     device_budget_gb: float | None = None  # auto: device if the set fits this (None: 25% of free memory)
     prefetch: int = 4  # stream placement: batches read ahead
+    class_cond: bool = False  # class-conditional training on the data's labels (a known set's components)
     cache_dir: str | None = None  # prepared copies of image folders (None: $FASTAT_CACHE or ~/.cache/fastat)
     prepare_wait: float = 86400.0  # seconds to wait for another process preparing the same folder (0: fail)
 
@@ -89,6 +91,7 @@ class ModelConfig:
     # UNetConfig fields (e.g. dropout), MLP arguments, or diffusers' UNet2DModel arguments (``config``: a
     # JSON/YAML file or model folder to read them from)
     kwargs: dict = field(default_factory=dict)
+    num_classes: int | None = None  # data.class_cond: classes of the class embedding (None: the data's)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class ObjectiveConfig:
     lam_scale: str = "const"  # const | radius
     lam_s_min: float = 0.0  # regularise only at noise levels s_t >= lam_s_min (0: every t)
     reg_frac: float = 1.0  # the regulariser on the first ceil(reg_frac * B) samples of a batch only
+    p_uncond: float = 0.1  # class_cond: share of labels dropped (the unconditional branch of guidance)
     replays: int = 2  # mode free: optimizer steps per batch (m)
     r_min: float = 0.2  # budget r(t) = r_min + r_scale * s_t ** rho, in `space` units
     r_scale: float = 0.3
@@ -148,6 +152,7 @@ class RunConfig:
     out: str | None = None  # run folder; None: runs/<date>-<time>-<dataset>-<mode>
     steps: int = 1000  # the quickstart: ~3 minutes on a 2-core CPU (see README)
     batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per step (gradient accumulation); the step's batch stays batch_size
     seed: int = 0  # model init, dropout, loss noise, batch order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast) | fp16 (+ GradScaler)
@@ -159,12 +164,15 @@ class RunConfig:
     sample_n: int = 64  # samples in each grid (fixed noise batch)
     sampler: str = "ddim"  # ddim | ddpm
     sample_steps: int = 50  # DDIM steps
+    guidance: float = 1.0  # class_cond: classifier-free guidance of the sample grids (1: conditional only)
     sample_eta: float | None = None  # DDIM eta of grids and the final evaluation; None: 1 on the built-in
     # sets (stochastic sampling: samples of a subspace set ~40% nearer its support), 0 on real images
     eval_n: int = 128  # known distributions: samples for the final distance-to-support (0: skip)
     max_skipped: int = 20  # stop (exit 1) after this many consecutive steps skipped as non-finite
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     attack_eff: bool = True  # log attack_eff (attack vs random w: fastat.at.diagnostics) every log_every
+    logger: str = "tensorboard"  # tensorboard | wandb | none: scalars, sample grids (besides metrics.jsonl)
+    wandb_project: str = "fastat"  # logger wandb: the W&B project (mode: WANDB_MODE, e.g. offline)
     dist_timeout: float = 900.0  # torchrun: seconds a collective waits for the other ranks, then fails
 
 
@@ -321,6 +329,8 @@ class TrainConfig:
                 f"run.batch_size (--batch-size) {r.batch_size} is larger than the dataset "
                 f"({d.n} samples, data.n)"
             )
+        _positive_int(r.grad_accum, "run.grad_accum (--grad-accum)")
+        check_grad_accum(r.batch_size, r.grad_accum)
         check_seed(r.seed, "run.seed (--seed)")
         if not (r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
             raise ConfigError(f"run.device (--device) must be auto, cpu, cuda or cuda:N, got {r.device!r}")
@@ -339,6 +349,14 @@ class TrainConfig:
         _nonneg_int(r.eval_n, "run.eval_n")
         _positive_int(r.max_skipped, "run.max_skipped")
         _positive(r.dist_timeout, "run.dist_timeout")
+        _one_of(r.logger, LOGGERS, "run.logger")
+        if m.num_classes is not None:
+            _positive_int(m.num_classes, "model.num_classes")
+        if d.class_cond and o.mode == "free":
+            raise ConfigError("data.class_cond (--class-cond) does not support objective.mode free yet")
+        if not (is_number(r.guidance) and r.guidance >= 0):
+            _fail("run.guidance", "a number >= 0", r.guidance)
+        _nonempty(r.wandb_project, "run.wandb_project")
         return self
 
     # -- using ---------------------------------------------------------------------------------------
@@ -372,6 +390,7 @@ class TrainConfig:
             lam_s_min=o.lam_s_min,
             replays=o.replays,
             reg_frac=o.reg_frac,
+            p_uncond=o.p_uncond,
         )
 
     def to_dict(self) -> dict:
@@ -389,6 +408,15 @@ class TrainConfig:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def check_grad_accum(batch_size: int, grad_accum: int, world_size: int = 1) -> None:
+    """Each rank's share of the batch must split into ``grad_accum`` equal micro-batches (ConfigError)."""
+    share = batch_size // world_size
+    if share % grad_accum:
+        per = f" ({share} per rank of {world_size})" if world_size > 1 else ""
+        raise ConfigError(f"run.batch_size (--batch-size) {batch_size}{per} must be divisible by "
+                          f"run.grad_accum (--grad-accum) {grad_accum}")  # fmt: skip
 
 
 def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:

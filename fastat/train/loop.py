@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from fastat import __version__
 from fastat.at.diagnostics import BUCKETS, attack_efficiency
+from fastat.at.draws import labelled
 from fastat.at.seeding import derive_seed
-from fastat.data import TrainingData
+from fastat.data import Labelled, TrainingData
 from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import NonFiniteWeights
 from fastat.train.config import TrainConfig
@@ -263,17 +264,23 @@ def write_grid(
     noise_gen = torch.Generator().manual_seed(derive_seed(r.seed, "sample-noise"))
     noise = torch.randn((r.sample_n, *td.sample_shape), generator=noise_gen)
     model, schedule = state.ema_eps_model(), state.engine.objective.schedule
+    classes = getattr(state.model, "num_classes", 0) if cfg.data.class_cond else 0
 
     def sample(part: torch.Tensor, start: int) -> torch.Tensor:  # this rank's rows, its own DDPM noise
         g = torch.Generator(state.device)
         g.manual_seed(derive_seed(r.seed, "sample-ddpm" + (f"@{start}" if start else "")))
-        return generate(model, schedule, part, run_sampler(cfg, td.kind), device=state.device, generator=g)
+        # class_cond: a grid over the classes (sample i of class i mod num_classes), guided
+        labels = torch.arange(start, start + len(part)) % classes if classes else None
+        return generate(model, schedule, part, run_sampler(cfg, td.kind), device=state.device, generator=g,
+                        labels=labels, guidance=r.guidance)  # fmt: skip
 
     x = ctx.spread(sample, noise)
     if not run.writer or x is None:
         return None
     with io_errors(run):
-        return _write_grid_file(run, x, td, step, r.sample_n)
+        path = _write_grid_file(run, x, td, step, r.sample_n)
+        run.log_image(step, "samples", path)  # TensorBoard / W&B: the grid (points: the scatter plot)
+        return path
 
 
 def _write_grid_file(run: RunFolder, x: torch.Tensor, td: TrainingData, step: int, n: int) -> Path | None:
@@ -372,13 +379,15 @@ def attack_diagnostic(state: TrainState, cfg: TrainConfig, x0: torch.Tensor, ste
     mode, from a generator of its own (the run's randomness and resume are untouched)."""
     engine, model = state.engine, state.model
     x = engine.prepare_batch(x0) if engine.prepare_batch is not None else x0
+    x, y = (x.x, x.y) if isinstance(x, Labelled) else (x, None)  # class_cond: each sample with its label
     n = min(x.shape[0], 32)
     gen = torch.Generator(device=state.device).manual_seed(derive_seed(cfg.run.seed, f"attack-eff-{step}"))
     was = model.training
     model.eval()
     try:
         with torch.autocast(state.device.type, enabled=False):
-            stats = attack_efficiency(model, engine.objective, x[:n].float(), gen, buckets=min(BUCKETS, n))
+            net = labelled(model, y[:n] if y is not None else None)
+            stats = attack_efficiency(net, engine.objective, x[:n].float(), gen, buckets=min(BUCKETS, n))
     finally:
         model.train(was)
     return {k: float(v) for k, v in stats.items()}

@@ -6,9 +6,9 @@
 The estimate is a lower bound: weights with their gradients, AdamW moments and EMA copy (5 float32
 copies), the activations that backward keeps (every leaf module's output for one sample, from a forward
 of the model on the ``meta`` device: no memory, no compute; twice for the AT modes, whose clean and
-perturbed forwards are both differentiated), the step's batch tensors (about 8 per sample) and a
-built-in dataset held in memory (float32, with its clean copy). A compiled step keeps less (fused
-elementwise ops), so only a request far over the free memory (``OVER`` times the RAM on the CPU, the
+perturbed forwards are both differentiated; one micro-batch's with ``run.grad_accum``), the step's
+batch tensors (about 8 per sample) and a built-in dataset held in memory (float32, with its clean
+copy). A compiled step keeps less (fused elementwise ops), so only a request far over the free memory (``OVER`` times the RAM on the CPU, the
 device's free memory on CUDA) is refused: before the first write, instead of dying in the allocator
 after the run folder was written.
 """
@@ -101,7 +101,7 @@ def estimate_step(cfg: TrainConfig, device: torch.device, world_size: int = 1) -
     parts = {"weights": 5 * 4 * sum(p.numel() for p in model.parameters())} if model is not None else {}
     acts = activation_elements(model, shape) if model is not None else None
     if acts is not None:
-        parts["activations"] = kept * width * acts * batch
+        parts["activations"] = kept * width * acts * max(1, batch // cfg.run.grad_accum)  # one micro-batch
     parts["batch"] = BATCH_TENSORS * 4 * dim * batch
     if cfg.data.dataset in KNOWN:
         parts["data"] = 2 * 4 * dim * cfg.data.n
@@ -127,7 +127,7 @@ def check_step_memory(cfg: TrainConfig, device: torch.device, world_size: int = 
         sum(parts.values()),
         f"the training step (batch {cfg.run.batch_size}; {said})",
         device,
-        "lower --batch-size, --image-size or data.n",
+        "lower --batch-size, --image-size or data.n, or raise --grad-accum",
     )
 
 

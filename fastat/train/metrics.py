@@ -4,7 +4,7 @@
     acc.add(out.stats)               # every step: device tensors added on the device, no host sync
     acc.add(out.stats, weight=ok)    # ... or counted only where the 0-dim device tensor ok is 1
     means = acc.pop_means()          # every log interval: one transfer for all statistics
-    log = MetricsLog(run_dir)        # RUN/metrics.jsonl (+ TensorBoard when installed)
+    log = MetricsLog(run_dir)        # RUN/metrics.jsonl (+ TensorBoard when installed, or W&B: logger=)
     log.write(step, means)
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"step": ..., "time": <unix seconds>, ...}``.
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastat.train.loggers import open_logger, png_array
 
 __all__ = ["METRICS_FILE", "MetricsLog", "StatsAccumulator", "peak_rss_mb", "read_metrics"]
 
@@ -93,19 +95,21 @@ class MetricsLog:
         tensorboard: bool = True,
         resume_step: int | None = None,  # drop the records after this step (a resumed run)
         final: bool = False,  # ... and its evaluation records (the run resumes at its end: evaluated again)
+        logger: str = "tensorboard",  # tensorboard | wandb | none (fastat.train.loggers)
+        project: str = "fastat",  # wandb: the project
+        config: dict | None = None,  # wandb: the run's config
     ):
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None:
             self._truncate_after(resume_step, evals=not final)
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: jsonl only
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+        kind = "none" if logger == "tensorboard" and not tensorboard else logger
+        try:
+            self._logger = open_logger(kind, run_dir, resume_step=resume_step, project=project,
+                                       config=config)  # fmt: skip
+        except BaseException:
+            self._file.close()
+            raise
 
     def _truncate_after(self, step: int, evals: bool = True) -> None:
         """Drop records written after ``step`` by a run that died before its next checkpoint (and the
@@ -132,17 +136,20 @@ class MetricsLog:
         )
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
-            self._tb.flush()
+        if self._logger is not None:
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+            self._logger.scalars(step, {f"{kind}/{k}": v for k, v in values.items() if number(v)})
         return record
+
+    def image(self, step: int, tag: str, png: str | os.PathLike) -> None:
+        """A PNG file as image ``tag`` at ``step`` (TensorBoard / W&B; nothing without a logger)."""
+        if self._logger is not None:
+            self._logger.image(step, tag, png_array(png))
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self._logger is not None:
+            self._logger.close()
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -17,8 +17,9 @@ import contextlib
 from pathlib import Path
 
 from fastat.train.checkpoint import Checkpoint, load_checkpoint
-from fastat.train.config import ConfigError, TrainConfig
+from fastat.train.config import ConfigError, TrainConfig, check_grad_accum
 from fastat.train.distributed import DistContext
+from fastat.train.loggers import check_logger
 from fastat.train.loop import (
     FinalEval,
     TrainingError,
@@ -106,6 +107,8 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
     with contextlib.ExitStack() as stack:
         with ctx.together("start-up"):
             ctx.check_batch(r.batch_size)
+            check_grad_accum(r.batch_size, r.grad_accum, ctx.world_size)
+            check_logger(r.logger if ctx.is_main else "none")  # only rank 0 logs
             device = resolve_device(r.device, ctx)
             check_step_memory(cfg, device, ctx.world_size)  # before the run folder is touched
             if ctx.enabled and ctx.is_main:
@@ -113,7 +116,8 @@ def train(cfg: TrainConfig, *, resume: Path | Checkpoint | None = None, progress
             ckpt = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
             run = stack.enter_context(RunFolder.open(r.out, resume=ckpt.path if ckpt else None, steps=r.steps,
                                                      keep=r.keep, tensorboard=r.tensorboard,
-                                                     writer=ctx.is_main))  # fmt: skip
+                                                     writer=ctx.is_main, logger=r.logger,
+                                                     wandb_project=r.wandb_project))  # fmt: skip
         check_same_checkpoint(ckpt, ctx)
         td = ctx.in_turn(lambda: build_training_data(cfg, progress=progress), "reading the data")
         with ctx.together("building the model"):

@@ -105,6 +105,8 @@ def model_spec(cfg: TrainConfig) -> dict:
     kind, shape = data_shape(cfg)
     name, kwargs = cfg.model.name, dict(cfg.model.kwargs)
     if name == "diffusers":
+        if cfg.data.class_cond:  # UNet2DModel's class embedding, the last one the null label
+            kwargs["num_class_embeds"] = (cfg.model.num_classes or data_classes(cfg)) + 1
         return plain({"name": name, "kwargs": diffusers_kwargs(cfg, kind, shape, kwargs)})
     if name == "auto":
         if kind == "points":
@@ -127,7 +129,23 @@ def model_spec(cfg: TrainConfig) -> dict:
                 f"{shape} (use --model mlp or auto)"
             )
         kwargs.update(in_channels=shape[0], image_size=shape[-1])
+    if cfg.data.class_cond:
+        kwargs["num_classes"] = cfg.model.num_classes or data_classes(cfg)
     return plain({"name": name, "kwargs": kwargs})
+
+
+def data_classes(cfg: TrainConfig) -> int:
+    """The number of classes of the configured dataset's labels (a known set's components)."""
+    d = cfg.data
+    classes = 0
+    if d.dataset in KNOWN:
+        from fastat.data import known_dataset
+
+        classes = known_dataset(d.dataset).num_classes
+    if not classes:
+        raise ConfigError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels "
+                          f"(the built-in gmm2d, subspaces and scales have: their components)")  # fmt: skip
+    return classes
 
 
 def diffusers_kwargs(cfg: TrainConfig, kind: str, shape: tuple[int, ...], kwargs: dict) -> dict:

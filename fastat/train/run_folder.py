@@ -62,10 +62,12 @@ class RunFolder:
     """The run folder ``path`` while a trainer uses it. Build it with :meth:`open`."""
 
     def __init__(
-        self, path: str | os.PathLike, *, keep: int = 3, writer: bool = True, tensorboard: bool = True
-    ) -> None:
+        self, path: str | os.PathLike, *, keep: int = 3, writer: bool = True, tensorboard: bool = True,
+        logger: str = "tensorboard", wandb_project: str = "fastat",
+    ) -> None:  # fmt: skip
         self.path = Path(path).expanduser()
         self.keep, self.writer, self.tensorboard = keep, writer, tensorboard
+        self.logger, self.wandb_project = logger, wandb_project  # run.logger (see fastat.train.loggers)
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (written or resumed)
         self.config_yaml = ""
         self.steps: int | None = None  # the run's total steps (from open)
@@ -98,10 +100,13 @@ class RunFolder:
         keep: int = 3,  # checkpoints kept
         writer: bool = True,
         tensorboard: bool = True,
+        logger: str = "tensorboard",  # tensorboard | wandb | none (besides metrics.jsonl)
+        wandb_project: str = "fastat",
     ) -> RunFolder:
         """Check the folder, create it if needed and take its lock; nothing else is written yet.
         Raises ConfigError (or :class:`RunFolderBusy`) with one line on any failed check."""
-        run = cls(path, keep=keep, writer=writer, tensorboard=tensorboard)
+        run = cls(path, keep=keep, writer=writer, tensorboard=tensorboard, logger=logger,
+                  wandb_project=wandb_project)  # fmt: skip
         run.steps = steps
         if not writer:
             return run
@@ -136,7 +141,9 @@ class RunFolder:
         own = self.last_checkpoint is not None and _same(self.last_checkpoint, self.path)
         at_end = self.steps is not None and step >= self.steps
         self._log = MetricsLog(self.path, tensorboard=self.tensorboard, resume_step=step if own else 0,
-                               final=at_end)  # fmt: skip
+                               final=at_end, logger=self.logger, project=self.wandb_project,
+                               config=yaml.safe_load(self.config_yaml) if self.logger == "wandb" else None,
+                               )  # fmt: skip
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -148,6 +155,11 @@ class RunFolder:
         self._commit()
         if self._log is not None:
             self._log.write(step, values, kind=kind)
+
+    def log_image(self, step: int, tag: str, png: Path | None) -> None:
+        """The PNG file ``png`` (a sample grid or scatter plot) as image ``tag`` of the logger, if any."""
+        if self._log is not None and png is not None and png.suffix == ".png":
+            self._log.image(step, tag, png)
 
     def save(self, step: int, *, model: nn.Module, ema: nn.Module, state: dict, metadata: dict) -> Path:
         """Write checkpoint ``step`` atomically (with the config beside it), point ``latest`` at it and

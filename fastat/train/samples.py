@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastat.at.sampling import SamplerSpec, ddim_sample, ddpm_sample
+from fastat.at.sampling import Guided, SamplerSpec, ddim_sample, ddpm_sample, model_device
 from fastat.at.schedule import NoiseSchedule
 from fastat.train.checkpoint import atomic_write
 
@@ -50,6 +50,8 @@ def generate(
     batch: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    labels: torch.Tensor | None = None,  # class-conditional: a class per sample (N,)
+    guidance: float = 1.0,  # ... and the classifier-free guidance scale (fastat.at.sampling.Guided)
     **changes,
 ) -> torch.Tensor:
     """Samples (float32, on the CPU) from the starting noise ``noise`` ``(N, ...)``, ``batch`` at a time.
@@ -68,13 +70,15 @@ def generate(
 
         bar = tqdm(total=len(chunks) * spec.visited(schedule.T), desc="sampling", unit="step", leave=False)
     out = []
+    parts = labels.split(batch) if labels is not None else [None] * len(chunks)
     try:
-        for chunk in chunks:
+        for chunk, y in zip(chunks, parts, strict=True):
+            net = model if y is None else Guided(model, y.to(model_device(model, device)), guidance)
             if spec.sampler == "ddim":
-                x = ddim_sample(model, schedule, chunk, steps=spec.steps, eta=spec.eta, generator=generator,
+                x = ddim_sample(net, schedule, chunk, steps=spec.steps, eta=spec.eta, generator=generator,
                                 device=device, clip_x0=spec.clip_x0, progress=bar)  # fmt: skip
             else:
-                x = ddpm_sample(model, schedule, chunk, generator=generator, device=device,
+                x = ddpm_sample(net, schedule, chunk, generator=generator, device=device,
                                 clip_x0=spec.clip_x0, progress=bar)  # fmt: skip
             out.append(x.float().cpu())
     finally:

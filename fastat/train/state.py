@@ -202,7 +202,7 @@ def build_batches(
     flip = bool(d.flip)  # None (a config not finalized): off
     if td.images is None:
         return TensorLoader(td.data, r.batch_size, generator_seed=r.seed, device=device, flip=flip, rank=rank,
-                            world_size=world_size)  # fmt: skip
+                            world_size=world_size, labels=td.labels if d.class_cond else None)  # fmt: skip
     budget = None if d.device_budget_gb is None else int(d.device_budget_gb * 1e9)
     loader = image_loader(td.images, r.batch_size, seed=r.seed, device=device, placement=d.placement,
                           flip=flip, corruption=td.corruption, rank=rank, world_size=world_size,
@@ -269,7 +269,7 @@ def build_state(cfg: TrainConfig, td: TrainingData, device: torch.device, extra:
         fast=device.type == "cuda" if r.fast is None else r.fast,
         log=say if ctx.is_main else _quiet,
         prepare_batch=getattr(batches, "transform", None),  # uint8 image batches -> float, in the step
-        reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None,
+        reduce_grads=ctx.grad_sync(model), ranks=ctx if ctx.enabled else None, grad_accum=r.grad_accum,
     )  # fmt: skip
     return TrainState(model, engine, batches, device, extra)
 

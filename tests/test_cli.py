@@ -215,6 +215,18 @@ def test_sample_with_raw_weights_differs_from_ema(image_run, tmp_path, capsys):
     assert not np.array_equal(np.load(a), np.load(b))
 
 
+def test_sample_never_replaces_a_file_unless_told(image_run, tmp_path, capsys):
+    out = tmp_path / "mine.npy"
+    out.write_bytes(b"the user's bytes")
+    code, _, err = run_cli(capsys, "sample", "--run", image_run, "--n", "2", "--steps", "2", "--out", out)
+    assert_one_line_error(code, err, "exists", "--overwrite")
+    assert out.read_bytes() == b"the user's bytes"
+    code, _, err = run_cli(capsys, "sample", "--run", image_run, "--n", "2", "--steps", "2", "--out", out,
+                           "--overwrite")  # fmt: skip
+    assert code == 0, err
+    assert np.load(out).shape == (2, 3, 8, 8)
+
+
 # -- bad input: one line, exit 2 --------------------------------------------------------------------------
 
 

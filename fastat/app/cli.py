@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--out", metavar="FILE", help="output .png or .npy (default RUN/samples/sample-<step>.png)"
     )
+    s.add_argument("--overwrite", action="store_true", help="replace --out FILE if it exists")
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--batch-size", type=int, default=256, help="samples per model call")

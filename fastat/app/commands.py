@@ -186,6 +186,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.sampler == "ddim" and args.steps > T:
         raise ConfigError(f"--steps must be <= T = {T}, got {args.steps}")
     out = Path(args.out) if args.out else ckpt.run_dir / "samples" / f"sample-{ckpt.step:06d}.png"
+    if args.out and out.exists() and not args.overwrite:  # a file this command did not write is the user's
+        raise ConfigError(f"--out {out} exists; choose another file, or pass --overwrite to replace it")
     if out.suffix.lower() == ".png" and kind == "points":
         if len(shape) != 1 or shape[0] not in (2, 3):
             raise ConfigError(f"a .png of {shape[0]}-D points is not possible; use --out FILE.npy")

@@ -80,13 +80,12 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
     from fastat.train.memory import check_step_memory
     from fastat.train.run import TrainingInterrupted, resolve_device, resolve_precision, train
     from fastat.train.run_folder import RunFolder
-    from fastat.train.state import build_checked_model, model_spec_of
 
     if args.dry_run:
         with ctx.together("the dry run"):
             device = resolve_device(cfg.run.device, ctx)
-            build_checked_model(model_spec_of(cfg), "meta")  # the real build's checks, no weights
-            check_step_memory(cfg, device, ctx.world_size)  # the step's memory against what is free
+            check_step_memory(cfg, device, ctx.world_size)  # builds the model on meta (the real build's
+            # checks and messages, no weights) and weighs the step's memory against what is free
             RunFolder.check(cfg.run.out, resume=ckpt, steps=cfg.run.steps)  # writable, free, may take it
         if not ctx.is_main:
             return 0

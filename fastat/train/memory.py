@@ -53,13 +53,12 @@ def available_bytes(device: torch.device) -> int | None:
 def meta_model(spec: dict) -> nn.Module | None:
     """The model of ``spec`` (``{"name", "kwargs"}``) on the ``meta`` device: its shapes, no memory.
     ConfigError with the message the run gives for arguments that do not build it."""
-    from fastat.models import build_model
+    from fastat.train.state import build_checked_model  # the real build's checks and message
 
     try:
-        with torch.device("meta"):
-            return build_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError, ImportError) as e:
-        raise ConfigError(f"cannot build model {spec['name']} with {spec['kwargs']}: {e}") from None
+        return build_checked_model(spec, "meta")
+    except ConfigError:
+        raise
     except Exception:  # noqa: BLE001 - a network that cannot be built on meta: no estimate
         return None
 

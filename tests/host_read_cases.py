@@ -18,7 +18,7 @@ from fastat.at import ops
 from fastat.at.budget import Budget
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
-from fastat.data import Batch, ImageTransform, IndexedCorruption
+from fastat.data import Batch, ImageTransform, IndexedCorruption, Labelled
 from fastat.models import build_model
 from fastat.step.capture import HostReadCheck
 from fastat.step.engine import StepEngine
@@ -38,6 +38,9 @@ CASES = [  # (mode, objective options, precision, clip): every branch of the obj
     ("free", {"replays": 2}, "fp32", 1.0),
     ("free-uint8", {"replays": 2, "reg_frac": 0.5, "budget": Budget(norm="l2"), "prediction": "v"}, "fp16", 1.0),  # noqa: E501
     ("adv", {"reg_frac": 0.5, "lam_s_min": 0.3, "prediction": "x0"}, "bf16", 0.0),
+    # class-conditional: labels gathered on the device from the uint8 batch's index, dropped, kept by free
+    ("free-uint8-labels", {"replays": 2, "p_uncond": 0.3}, "fp32", 1.0),
+    ("adv-labels", {"p_uncond": 0.3}, "bf16", 1.0),
 ]
 
 
@@ -46,16 +49,19 @@ def test_kernels_run_through_triton():
     assert os.environ.get("TRITON_INTERPRET") == "1" and ops.uses_triton(x)
 
 
-def uint8_batches():
-    """(prepare_batch, good batch, batch that makes the step non-finite) as the image loaders hand them."""
+def uint8_batches(labelled: bool = False):
+    """(prepare_batch, good batch, batch that makes the step non-finite) as the image loaders hand them
+    (``labelled``: with the set's class labels, as ``--class-cond`` on an image folder)."""
     g = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (2, 3, 8, 8), generator=g, dtype=torch.uint8)
     x = Batch(images, torch.tensor([3, 17]), torch.tensor([True, False]))
     corruption = IndexedCorruption.build(40, 0.5, 0.1, outliers=0.1, seed=1)
-    transform = ImageTransform(corruption)
+    transform = ImageTransform(corruption, labels=torch.arange(40) % 3 if labelled else None)
 
     def prepare(batch):  # the float batch, poisoned where the index says so (to test the skip)
-        return transform(batch) / (batch.index.view(-1, 1, 1, 1) != 39)
+        out = transform(batch)
+        poison = batch.index.view(-1, 1, 1, 1) != 39
+        return Labelled(out.x / poison, out.y) if labelled else out / poison
 
     return prepare, x, Batch(images, torch.tensor([3, 39]), x.flip)
 
@@ -81,16 +87,19 @@ def test_accumulated_step_makes_no_host_read(mode, opts, precision, clip):
 
 def check_step(mode, opts, precision, clip, grad_accum=1):
     torch.manual_seed(0)
-    model = build_model("tiny", image_size=8).train()
+    labelled = mode.endswith("labels")
+    model = build_model("tiny", image_size=8, num_classes=3 if labelled else 0).train()
     obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode.split("-")[0], **opts)
     gen = torch.Generator().manual_seed(1)
     prepare = None
-    if mode.endswith("uint8"):
-        prepare, x, bad = uint8_batches()
+    if "uint8" in mode:
+        prepare, x, bad = uint8_batches(labelled)
     else:
         x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
         bad = x.clone()
         bad[0, 0, 0, 0] = float("nan")
+        if labelled:
+            x, bad = Labelled(x, torch.tensor([2, 0])), Labelled(bad, torch.tensor([1, 1]))
     engine = StepEngine(model, obj, generator=gen, lr=1e-3, clip=clip, precision=precision, log=print,
                         prepare_batch=prepare, grad_accum=grad_accum)  # fmt: skip
     engine.step(x, 1e-3)  # lazy optimizer state (a graph is captured after warm-up steps too)

@@ -15,6 +15,7 @@ import fastat.step.engine
 from fastat.at.budget import Budget
 from fastat.at.objective import ATObjective
 from fastat.at.schedule import NoiseSchedule
+from fastat.data import Labelled
 from fastat.models import MLP
 from fastat.step.capture import CaptureError, GeneratorSnapshot
 from fastat.step.engine import StepEngine
@@ -121,10 +122,10 @@ class _CaptureSensitive(torch.nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         if StandInGraphs.capturing and StandInGraphs.fail:
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-        return self.net(x, t)
+        return self.net(x, t) if y is None else self.net(x, t, y)
 
 
 def _capture_health_check(optimizer):
@@ -144,11 +145,13 @@ def stand_in(monkeypatch):
     StandInGraphs.fail, StandInGraphs.host_objects = False, []
 
 
-def make(graph, seed=0, mode="adv", **kw):
+def make(graph, seed=0, mode="adv", classes=0, **kw):
     torch.manual_seed(seed)
-    model = _CaptureSensitive(MLP(3, hidden=32, depth=2, time_dim=16))
+    model = _CaptureSensitive(MLP(3, hidden=32, depth=2, time_dim=16, num_classes=classes))
     budget = Budget(r_min=0.1, r_scale=0.2)
     extra = {"replays": 3, "reg_frac": 0.5} if mode == "free" else {}
+    if classes:
+        extra["p_uncond"] = 0.3
     obj = ATObjective(schedule=NoiseSchedule(T=100), mode=mode, budget=budget, **extra)
     gen = torch.Generator().manual_seed(seed + 1)
     logs = []
@@ -212,16 +215,20 @@ def test_captured_step_replays_the_eager_step(stand_in, accum):
     assert_same_state(ref, eng)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_captured_free_step_replays_kept_batches(stand_in, accum):
+@pytest.mark.parametrize("accum,classes", [(1, 0), (2, 0), (2, 4)])
+def test_captured_free_step_replays_kept_batches(stand_in, accum, classes):
     """free (3 replays, the regulariser on half the batch): the graph is captured at a step that brings a
     batch (step 3), its replays copy nothing (None), and a batch of another shape runs uncaptured with its
     own replays, after which the captured batches go on: all as the eager reference (grad_accum = 2: in
-    micro-batches of 8, the odd batch of 9 as 4 and 5)."""
+    micro-batches of 8, the odd batch of 9 as 4 and 5; ``classes``: labelled batches, whose replays keep
+    the fresh step's labels after dropout)."""
     xs = batches(13)
     xs[9] = xs[9][:9]
-    ref, _ = make(graph=False, mode="free", grad_accum=accum)
-    eng, logs = make(graph=True, mode="free", grad_accum=accum)
+    if classes:
+        g = torch.Generator().manual_seed(7)
+        xs = [Labelled(x, torch.randint(0, classes, (len(x),), generator=g)) for x in xs]
+    ref, _ = make(graph=False, mode="free", grad_accum=accum, classes=classes)
+    eng, logs = make(graph=True, mode="free", grad_accum=accum, classes=classes)
     (backend,) = stand_in.made
     stand_in.host_objects.append(eng.objective)  # replays run no Python (the objective's included)
     for i, x in enumerate(xs):
@@ -238,6 +245,7 @@ def test_captured_free_step_replays_kept_batches(stand_in, accum):
     assert backend.captures == 1 and backend.replays == 7 and len(logs) == 1, logs
     assert_same_state(ref, eng)
     assert tuple(eng.objective_state_dict()["replay"]["x0"].shape) == (16, 3)
+    assert ("y" in eng.objective_state_dict()["replay"]) == bool(classes)
 
 
 def test_a_resumed_engine_captures_its_step(stand_in):
@@ -334,6 +342,7 @@ def test_host_read_blame_skips_a_venv_inside_the_checkout(monkeypatch):
     import traceback
 
     import fastat.kernels
+
     import fastat.step.capture as capture
 
     package = Path(capture.__file__).resolve().parent.parent  # fastat/ (in a checkout or site-packages)

@@ -65,8 +65,26 @@ def test_every_model_call_gets_its_samples_labels_with_dropout(mode, opts):
     assert torch.equal(y_clean[~dropped], y[~dropped]) and 0.15 < dropped.float().mean() < 0.45
     for n, y_call in rest:  # the attack and the perturbed pass: the labels of the same samples
         assert torch.equal(y_call, y_clean[:n])
-    with pytest.raises(ValueError, match="does not support mode free"):
-        ATObjective(mode="free")(model, torch.randn(4, 2), y=y[:4])
+
+
+def test_free_replays_keep_the_labels_of_their_batch():
+    """free: every call of a batch's replays gets the labels its fresh step drew (after dropout); the
+    next batch draws its own."""
+    model = Recorder()
+    obj = ATObjective(schedule=NoiseSchedule(T=50), mode="free", replays=3, p_uncond=0.3)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 5
+    seen = []
+    for x0, labels in ((torch.randn(64, 2), y), (None, None), (None, None), (torch.randn(64, 2), y.flip(0))):
+        model.calls.clear()
+        obj(model, x0, g, y=labels)
+        obj.step_done()
+        (B, y_clean), *rest = model.calls
+        assert B == 64 and all(torch.equal(y_call, y_clean[:n]) for n, y_call in rest)
+        seen.append(y_clean)
+    assert torch.equal(seen[1], seen[0]) and torch.equal(seen[2], seen[0])
+    assert torch.equal(seen[0][seen[0] >= 0], y[seen[0] >= 0]) and (seen[0] == -1).any()
+    assert torch.equal(seen[3][seen[3] >= 0], y.flip(0)[seen[3] >= 0])
 
 
 def test_two_class_toy_set_conditional_samples_land_in_their_component():
@@ -120,8 +138,9 @@ def test_cli_class_cond_trains_and_samples_a_class(tmp_path, capsys, finished_ru
     assert_one_line_error(code, err, "is not class-conditional")
     code, _, err = run_cli(capsys, "train", *IMAGES, "--class-cond", "--dry-run")
     assert_one_line_error(code, err, "dataset 'subspace' has no class labels")
-    code, _, err = run_cli(capsys, "train", *POINTS, "--class-cond", "--mode", "free", "--dry-run")
-    assert_one_line_error(code, err, "does not support objective.mode free")
+    code, _, err = run_cli(capsys, "train", *POINTS, "--class-cond", "--mode", "free", "--steps", "4",
+                           "--set", "run.eval_n=0", "--out", tmp_path / "free")  # fmt: skip
+    assert code == 0, err
 
 
 def test_diffusers_unet_class_embedding_survives_save_and_load(tmp_path):

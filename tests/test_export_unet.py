@@ -76,3 +76,40 @@ def test_export_refuses_a_points_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", "--run", run, tmp_path / "out")
     assert_one_line_error(code, err, "mlp", "points")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_conditional_unet_exports_its_class_embedding_and_the_readme_loop_samples(tmp_path, capsys):
+    """Every label and the null one give fastat's outputs; the README's guided loop runs on the export."""
+    import re
+    from pathlib import Path
+
+    from fastat.eval.evaluate import load_run
+
+    run, out = tmp_path / "run", tmp_path / "cc"
+    args = [a if a != "subspace" else "subspaces" for a in IMAGES]  # its 3 components are the classes
+    code, _, err = run_cli(capsys, "train", *args, "--class-cond", "--steps", "2", "--set", "run.eval_n=0",
+                           "--out", run)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "export", "--run", run, out)
+    assert code == 0, err
+    model, _, _ = load_run(run, eps_model=False)
+    scrambled(model)
+    with torch.no_grad():  # a class embedding of unit scale: every label moves the output visibly
+        model.class_emb.embedding.weight.normal_(generator=torch.Generator().manual_seed(4))
+    unet = diffusers.UNet2DModel(**diffusers_config(model.config)).eval()
+    unet.load_state_dict(diffusers_state_dict(model), strict=True)
+    assert diffusers.UNet2DModel.from_pretrained(out, subfolder="unet").config.num_class_embeds == 4
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    t, y = torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        ours = model(x, t, y)
+        torch.testing.assert_close(unet(x, t, class_labels=y).sample, ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(unet(x, t, class_labels=torch.full((4,), 3)).sample, model(x, t), atol=1e-5,
+                                   rtol=0)  # fmt: skip
+        assert (model(x, t, y.flip(0)) - ours).abs().max() > 1e-3  # the label matters (100x the tolerance)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(# guided sampling of an exported class-conditional run.*?)```", readme, re.S)
+    assert block is not None, "the README lost its guided sampling loop"
+    scope: dict = {}
+    exec(block.group(1).replace('"out/cc"', repr(str(out))), scope)  # noqa: S102 - the README's own code
+    assert scope["images"].shape == (8, 3, 8, 8) and torch.isfinite(scope["images"]).all()

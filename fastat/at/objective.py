@@ -265,9 +265,8 @@ class ATObjective:
 
         ``y``: class labels ``(B,)`` (class-conditional training): a share ``p_uncond`` is dropped to the
         null label ``-1``; every model call (clean, attack, perturbed) gets the label of its sample.
+        ``free``'s replays (``x0=None``) keep the labels of their batch's fresh step, after its dropout.
         """
-        if y is not None and self._replay is not None:
-            raise ValueError("class-conditional training (labels) does not support mode free")
         if x0 is None and self._replay is None:
             raise ValueError(
                 "x0 must be a floating tensor of shape (B, ...) (None replays, in mode free only)"
@@ -304,10 +303,10 @@ class ATObjective:
         head = None if self.mode == "ddpm" else self._head(z, generator)
         if head is not None and self._replay is not None:  # free: the kept w (the last replay's ascent)
             head = replace(head, w=keep("w", head.w))
-        if y is not None:
+        if y is not None or (self._replay is not None and self._replay.kept("y")):
             gdev = generator.device if generator is not None else torch.device("cpu")
-            u = torch.rand((z.n,), generator=generator, device=gdev).to(z.x0.device)
-            y = torch.where(u < self.p_uncond, -1, y)
+            u = torch.rand((z.n,), generator=generator, device=gdev).to(z.x0.device)  # drawn on replays too
+            y = keep("y", torch.where(u < self.p_uncond, -1, y) if y is not None else None)
         return Drawn(z, head, keep, y)
 
     def _loss(self, model, attack_model, d: Drawn, rows: slice) -> tuple[torch.Tensor, dict]:

@@ -73,6 +73,10 @@ class Replay:
         buf.copy_(value)
         return value
 
+    def kept(self, name: str) -> bool:
+        """Whether the current batch keeps a value under ``name`` (a host-side dict lookup)."""
+        return self._key is not None and name in self._sets[self._key]
+
     def buffer(self, name: str) -> torch.Tensor:
         """The kept buffer ``name`` of the current batch (to write the next replay's value into)."""
         return self._sets[self._key][name]

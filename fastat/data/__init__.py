@@ -113,6 +113,8 @@ class TrainingData:
     corruption: IndexedCorruption | None = None
     labels: torch.Tensor | None = None  # int64 (N,) class labels (a known set's components), if any
     num_classes: int = 0
+    # the class names of an image set (sub-folders, CIFAR-10's); None: a set prepared without labels
+    classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else self.data.shape[0]
@@ -193,4 +195,5 @@ def build_dataset(
     ic = IndexedCorruption.build(len(images), noise_p, noise_sigma, outliers=outliers,
                                  outlier_kind=outlier_kind, seed=derive_seed(seed, "corrupt"))  # fmt: skip
     return TrainingData(name, "image", tuple(images.shape), None, None, ic.noisy_mask, ic.outlier_mask, None,
-                        source, images=images, corruption=ic)  # fmt: skip
+                        source, images=images, corruption=ic, labels=images.labels,
+                        num_classes=len(images.classes or ()), classes=images.classes)  # fmt: skip

@@ -58,10 +58,12 @@ class TensorImages(Dataset):
     ``tensor()`` converts them all at once (the fast path of :func:`load_tensor`).
     """
 
-    def __init__(self, images: torch.Tensor, image_size: int | None = None, source: str = "") -> None:
+    def __init__(self, images: torch.Tensor, image_size: int | None = None, source: str = "",
+                 labels: torch.Tensor | None = None, classes: tuple[str, ...] | None = None) -> None:  # fmt: skip
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(f"expected uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.image_size, self.source = images, image_size, source
+        self.labels, self.classes = labels, classes  # int64 (N,) class labels and their names, if any
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -120,7 +122,8 @@ def cifar10(
     finally:
         socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-    return TensorImages(images, image_size, source=f"cifar10:{where}")
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    return TensorImages(images, image_size, source=f"cifar10:{where}", labels=labels, classes=tuple(ds.classes))
 
 
 # -- image folders -----------------------------------------------------------------------------------

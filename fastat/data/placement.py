@@ -23,6 +23,7 @@ import torch
 from ._errors import DatasetError
 from .corrupt import IndexedCorruption
 from .order import EpochOrder
+from .loader import Labelled
 
 __all__ = [
     "PLACEMENTS",
@@ -52,12 +53,14 @@ class Batch(NamedTuple):
 class MemoryImages:
     """A uint8 ``(N, C, H, W)`` tensor with the reading interface of :class:`fastat.data.PreparedImages`."""
 
-    def __init__(self, images: torch.Tensor, source: str = "") -> None:
+    def __init__(self, images: torch.Tensor, source: str = "", labels: torch.Tensor | None = None,
+                 classes: tuple[str, ...] | None = None) -> None:  # fmt: skip
         if images.dtype != torch.uint8 or images.dim() != 4 or images.device.type != "cpu":
             raise TypeError(
                 f"expected a CPU uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
             )
         self.images, self.source = images.contiguous(), source
+        self.labels, self.classes = labels, classes  # as PreparedImages': int64 (N,) and the names
         self.shape = tuple(images.shape[1:])
         self.count = images.shape[0]
         self.nbytes = self.images.numel()
@@ -67,7 +70,9 @@ class MemoryImages:
 
     def head(self, k: int) -> MemoryImages:
         """The first ``k`` images (a view, no copy)."""
-        return MemoryImages(self.images[: max(0, int(k))], self.source)
+        k = max(0, int(k))
+        return MemoryImages(self.images[:k], self.source, self.labels[:k] if self.labels is not None else None,
+                            self.classes)  # fmt: skip
 
     def read_into(self, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.index_select(self.images, 0, index, out=out)
@@ -80,20 +85,23 @@ class MemoryImages:
 class ImageTransform:
     """uint8 batch -> the float32 training batch: ``x / 127.5 - 1``, mirrored where ``flip``, then the
     dataset's corruption (if any) by sample index. Pure tensor ops on the batch's device: no host
-    reads, fixed shapes, so it can run inside a captured CUDA graph."""
+    reads, fixed shapes, so it can run inside a captured CUDA graph. ``labels`` (int64 ``(N,)``, kept on
+    the device; class-conditional training): the batch comes as ``Labelled(x, labels[index])``."""
 
     def __init__(
-        self, corruption: IndexedCorruption | None = None, device: torch.device | str = "cpu"
-    ) -> None:
+        self, corruption: IndexedCorruption | None = None, device: torch.device | str = "cpu",
+        labels: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         self.corruption = corruption.to(device) if corruption is not None and corruption.active else None
+        self.labels = labels.to(device, torch.int64) if labels is not None else None
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def __call__(self, batch: Batch) -> torch.Tensor | Labelled:
         # flip while still uint8 (4x less to move than float32)
         images = torch.where(batch.flip.view(-1, 1, 1, 1), batch.images.flip(-1), batch.images)
         x = images.to(torch.float32).div_(127.5).sub_(1.0)
         if self.corruption is not None:
             x = self.corruption.apply(x, batch.index)
-        return x
+        return x if self.labels is None else Labelled(x, self.labels.index_select(0, batch.index))
 
 
 # -- placements ------------------------------------------------------------------------------------------
@@ -335,13 +343,15 @@ def image_loader(
     workers: int = 2,
     prefetch: int = 4,
     budget_bytes: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> DeviceImages | StreamImages:
     """The loader for ``images`` (see the module docstring). ``batch_size`` is global (all ranks);
     each rank gets ``batch_size // world_size`` rows of one shared order. The chosen placement and why
-    are in ``loader.placement`` and ``loader.reason``."""
+    are in ``loader.placement`` and ``loader.reason``. ``labels``: each batch's transform returns
+    ``Labelled(x, y)`` (:class:`ImageTransform`)."""
     device = torch.device(device)
     where, reason = choose_placement(placement, int(images.nbytes), device, budget_bytes)
-    transform = ImageTransform(corruption, device)
+    transform = ImageTransform(corruption, device, labels)
     if where == "device":
         order = EpochOrder(len(images), batch_size, seed=seed, flip=flip, rank=rank, world_size=world_size,
                            device=device)  # fmt: skip

@@ -6,7 +6,8 @@
 Images are decoded by :func:`fastat.data.decode.decode_image` (every mode and bit depth converted by
 meaning, short side resized, centre crop) in worker processes over all cores, in file order (sorted
 relative paths), and written to ``.npy`` shards of about ``shard_bytes`` (format:
-:mod:`fastat.data.prepared`). Unreadable files are skipped, counted and named in the manifest.
+:mod:`fastat.data.prepared`). Unreadable files are skipped, counted and named in the manifest. Each
+image keeps its class label (:func:`folder_labels`: its first-level sub-folder; CIFAR-10's label).
 
 Safety: everything is written to a sibling folder ``.NAME.partial`` (locked while a prepare runs) and
 renamed to ``NAME`` only after the manifest is written, so an interrupted prepare leaves nothing that
@@ -38,9 +39,18 @@ from fastat.utils.errors import one_line
 from . import prep_lock
 from ._errors import DatasetError
 from .decode import IMAGE_EXTENSIONS, READ_ERRORS, decode_image
-from .prepared import FORMAT, MANIFEST, VERSION, PreparedImages, npy_header, read_manifest, set_checksum
+from .prepared import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    PreparedImages,
+    npy_header,
+    read_manifest,
+    set_checksum,
+    write_labels,
+)
 
-__all__ = ["DEFAULT_SHARD_BYTES", "list_images", "prepare", "source_digest"]
+__all__ = ["DEFAULT_SHARD_BYTES", "folder_labels", "list_images", "prepare", "source_digest"]
 
 DEFAULT_SHARD_BYTES = 1 << 30
 CHUNK_FILES = 256  # files per decode task (fewer for large images: about 16 MiB of pixels per task)
@@ -54,6 +64,16 @@ def list_images(root: Path) -> list[Path]:
     """Image files under ``root`` (recursive; extensions :data:`IMAGE_EXTENSIONS`, any case), sorted."""
     exts = set(IMAGE_EXTENSIONS)
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+
+
+def folder_labels(root: Path, paths: list[Path]) -> tuple[list[str], np.ndarray]:
+    """``(classes, labels)`` of the images ``paths`` under ``root``: the classes are the first-level
+    sub-folders holding images (sorted names, as torchvision's ``ImageFolder``), an image's label the
+    index of the one it lies in (at any depth), -1 for an image directly in ``root``."""
+    first = [p.relative_to(root).parts for p in paths]
+    classes = sorted({parts[0] for parts in first if len(parts) > 1})
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, np.array([index[parts[0]] if len(parts) > 1 else -1 for parts in first], np.int32)
 
 
 def source_digest(root: Path, paths: list[Path]) -> str:
@@ -102,6 +122,9 @@ class _Source:
             self.n, self.describe = len(self.images), ds.source
             self.digest = f"cifar10-train-{self.n}"
             self.paths, self.root = None, None
+            known = ds.labels is not None
+            self.classes = list(ds.classes or ()) if known else []
+            self.labels = ds.labels.numpy().astype(np.int32) if known else np.full(self.n, -1, np.int32)
             return
         root = Path(src).expanduser()
         if not root.exists():
@@ -118,6 +141,15 @@ class _Source:
         self.paths = [str(p) for p in paths]
         self.n, self.describe = len(paths), f"folder:{self.root}"
         self.digest = source_digest(root, paths)
+        self.classes, self.labels = folder_labels(root, paths)
+
+    def kept_labels(self, skipped: list) -> np.ndarray:
+        """The labels of the images that were read (``skipped``: ``(relative path, why)`` of the rest)."""
+        if not skipped:
+            return self.labels
+        bad = {rel for rel, _ in skipped}  # relative the way the decode workers write them
+        keep = [os.path.relpath(p, str(self.root)) not in bad for p in self.paths]
+        return self.labels[np.array(keep, dtype=bool)]
 
     def task(self, start: int, stop: int) -> tuple[Callable, tuple]:
         if self.paths is None:
@@ -286,6 +318,9 @@ def prepare(
         }
         if manifest["count"] == 0:
             raise DatasetError(f"none of the {source.n} image files in {src} could be read")
+        manifest["classes"] = source.classes
+        if source.classes:
+            manifest["labels"] = write_labels(partial, source.kept_labels(state["skipped"]))
         _write_json(partial / MANIFEST, manifest)
         for name in ("progress.json", "lock"):
             (partial / name).unlink(missing_ok=True)

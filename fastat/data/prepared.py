@@ -11,6 +11,11 @@ resident memory does not grow, a truncated file is a clean error, and reads rele
 docs/DESIGN.md ("Data"). Opening checks the
 manifest's counts, the set checksum, each shard's size, and hashes the pixels (all of a set up to
 ``CHECK_BYTES``, else shards drawn at random): a damaged set names the command that repairs it.
+
+Class labels (class-conditional training): the manifest's ``classes`` lists the class names (an image
+folder's first-level sub-folders, sorted; CIFAR-10's ten classes) and ``labels`` names ``labels.npy``, an
+int32 label per image (-1: an image directly in the folder, in no class) with its blake2b. A manifest
+without ``classes`` was written by a fastat that kept no labels.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import torch
 
 from ._errors import DatasetError
 
-__all__ = ["FORMAT", "MANIFEST", "PreparedImages", "is_prepared", "npy_header", "read_manifest"]
+__all__ = ["FORMAT", "LABELS", "MANIFEST", "PreparedImages", "is_prepared", "npy_header", "read_manifest",
+           "write_labels"]
 
 FORMAT, VERSION = "fastat-prepared", 1
 MANIFEST = "manifest.json"
+LABELS = "labels.npy"
 HEADER_BYTES = 128  # our shards' .npy header length (any valid .npy header is read)
 # Pixels hashed when a set is opened: blake2b ran at 0.2 GiB/s on a loaded 2-core machine (3000 images
 # of 64x64, 35 MiB: 0.2 s; 20000: 1.1 s), about 1 GiB/s on an idle core.
@@ -122,6 +129,9 @@ class PreparedImages:
         self.source = str(manifest.get("source", ""))
         self.row_bytes = int(np.prod(self.shape))
         self._fds: list[int | None] = [None] * len(shards)
+        classes = manifest.get("classes")  # None: prepared by a fastat that kept no labels
+        self.classes: tuple[str, ...] | None = tuple(classes) if classes is not None else None
+        self.labels: torch.Tensor | None = None  # int64 (count,), -1: in no class (set by open)
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -179,6 +189,7 @@ class PreparedImages:
                 f"the manifest of {root}: its checksum does not match its shards' digests; {fix}"
             )
         ds = cls(root, m, shards)
+        ds.labels = _read_labels(root, m, count, fix)
         if check:
             ds.check()
         return ds
@@ -190,6 +201,7 @@ class PreparedImages:
         """The first ``k`` images, as a set of their own (same files, own descriptors)."""
         part = PreparedImages(self.root, self.manifest, self._shards)
         part.count = max(0, min(int(k), self.count))
+        part.labels = self.labels[: part.count] if self.labels is not None else None
         return part
 
     @property
@@ -343,3 +355,36 @@ def set_checksum(shape: tuple[int, ...], shard_digests: list[str]) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([list(shape), list(shard_digests)]).encode())
     return h.hexdigest()
+
+
+def write_labels(folder: Path, labels: np.ndarray) -> dict:
+    """Write ``labels`` (one int per image) to ``folder/labels.npy``, synced; its manifest entry."""
+    path = folder / LABELS
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(labels, dtype=np.int32), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": LABELS, "blake2b": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
+
+
+def _read_labels(root: Path, manifest: dict, count: int, fix: str) -> torch.Tensor | None:
+    """The labels the manifest names (int64 ``(count,)``), checked against its digest; None without."""
+    entry = manifest.get("labels")
+    if not entry:
+        return None
+    try:
+        path = root / str(entry["file"])
+        data = path.read_bytes()
+        if hashlib.blake2b(data, digest_size=16).hexdigest() != entry["blake2b"]:
+            raise ValueError("it does not match its checksum")
+        import io
+
+        labels = np.load(io.BytesIO(data), allow_pickle=False)
+        classes = len(manifest.get("classes") or ())
+        if labels.shape != (count,) or labels.dtype.kind != "i":
+            raise ValueError(f"it holds {labels.dtype} {labels.shape}, not one integer per image ({count})")
+        if count and (labels.min() < -1 or labels.max() >= classes):
+            raise ValueError(f"a label lies outside [-1, {classes})")
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"the labels of {root} are damaged ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    return torch.from_numpy(labels.astype(np.int64))

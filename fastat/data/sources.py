@@ -74,7 +74,7 @@ def open_images(
             from .images import cifar10
 
             ds = cifar10(data_root, download=download)
-            images: PreparedImages | MemoryImages = MemoryImages(ds.images, source=ds.source)
+            images: PreparedImages | MemoryImages = MemoryImages(ds.images, ds.source, ds.labels, ds.classes)
         else:
             out = prepared_cache_path("cifar10", image_size, cache_dir)
             images = prepare("cifar10", out, image_size, data_root=data_root, download=download,

@@ -8,7 +8,9 @@ embedding with sines first and frequencies ``10000 ** (-i / (half - 1))`` (``fli
 ``freq_shift=1``), single-head attention (``attention_head_dim=None``: one head of the block's width),
 GroupNorm eps 1e-6, TF "SAME" stride-2 convs (``downsample_padding=0``: pad right/bottom by one) and
 attention blocks at the levels whose resolution is in ``attn_resolutions``. The attention's fused
-``qkv`` 1x1 conv becomes diffusers' ``to_q``/``to_k``/``to_v`` linear layers. No diffusers import here.
+``qkv`` 1x1 conv becomes diffusers' ``to_q``/``to_k``/``to_v`` linear layers. A class-conditional UNet's
+class embedding becomes ``num_class_embeds = num_classes + 1`` (label ``num_classes``: the null label, the
+unconditional branch of guidance). No diffusers import here.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def diffusers_config(cfg: UNetConfig) -> dict:
         "norm_eps": _GN_EPS,
         "resnet_time_scale_shift": "default",
         "add_attention": True,
+        # class-conditional: one embedding per class and the null label last (added to the time embedding)
+        "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes else None,
     }
 
 
@@ -78,6 +82,8 @@ def diffusers_state_dict(model: UNet) -> dict[str, torch.Tensor]:
     for mine, theirs in same.items():
         for param in ("weight", "bias"):
             out[f"{theirs}.{param}"] = sd[f"{mine}.{param}"]
+    if "class_emb.embedding.weight" in sd:
+        out["class_embedding.weight"] = sd["class_emb.embedding.weight"]
 
     def path(side: str, modules, level_of) -> None:
         level, j = 0, 0  # level index in diffusers' block list, layer index within it

@@ -352,8 +352,6 @@ class TrainConfig:
         _one_of(r.logger, LOGGERS, "run.logger")
         if m.num_classes is not None:
             _positive_int(m.num_classes, "model.num_classes")
-        if d.class_cond and o.mode == "free":
-            raise ConfigError("data.class_cond (--class-cond) does not support objective.mode free yet")
         if not (is_number(r.guidance) and r.guidance >= 0):
             _fail("run.guidance", "a number >= 0", r.guidance)
         _nonempty(r.wandb_project, "run.wandb_project")

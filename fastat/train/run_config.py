@@ -135,16 +135,30 @@ def model_spec(cfg: TrainConfig) -> dict:
 
 
 def data_classes(cfg: TrainConfig) -> int:
-    """The number of classes of the configured dataset's labels (a known set's components)."""
+    """The number of classes of the configured dataset's labels: a known set's components, CIFAR-10's
+    ten, an image folder's first-level sub-folders (a prepared folder's from its manifest)."""
     d = cfg.data
-    classes = 0
+    classes, hint = 0, ("the built-in gmm2d, subspaces and scales have (their components), cifar10 and image "
+                        "folders whose images lie in class sub-folders (DIR/cat/*.png, DIR/dog/*.png)")  # fmt: skip
     if d.dataset in KNOWN:
         from fastat.data import known_dataset
 
         classes = known_dataset(d.dataset).num_classes
+    elif d.dataset == "cifar10":
+        classes = 10
+    elif is_prepared(d.dataset):
+        names = read_manifest(d.dataset).get("classes")
+        if names is None:
+            raise ConfigError(f"data.class_cond (--class-cond): {d.dataset} was prepared by a fastat that kept "
+                              f"no class labels; prepare its source again into a new folder")  # fmt: skip
+        classes = len(names)
+    elif Path(d.dataset).expanduser().is_dir():
+        from fastat.data.preparation import folder_labels, list_images
+
+        root = Path(d.dataset).expanduser()
+        classes = len(folder_labels(root, list_images(root))[0])
     if not classes:
-        raise ConfigError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels "
-                          f"(the built-in gmm2d, subspaces and scales have: their components)")  # fmt: skip
+        raise ConfigError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels ({hint})")
     return classes
 
 

@@ -187,7 +187,27 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
         raise DatasetError(f"dataset {d.dataset!r} is empty")
     if cfg.run.batch_size > len(td):
         raise ConfigError(f"--batch-size {cfg.run.batch_size} is larger than the dataset ({len(td)} samples)")
+    if d.class_cond:
+        check_labels(cfg, td)
     return td
+
+
+def check_labels(cfg: TrainConfig, td: TrainingData) -> None:
+    """Class-conditional training needs a label for every sample, each below the model's class count."""
+    d, kw = cfg.data, cfg.model.kwargs
+    if td.labels is None:
+        where = getattr(td.images, "root", d.dataset)
+        raise DatasetError(f"data.class_cond (--class-cond): {where} holds no class labels (prepared by a fastat "
+                           f"that kept none); delete it or prepare the source again into a new folder")  # fmt: skip
+    loose = int((td.labels < 0).sum())
+    if loose:
+        raise DatasetError(f"data.class_cond (--class-cond): {loose} image(s) of {d.dataset} lie directly in the "
+                           f"folder, in no class sub-folder; move them into one (the classes are "
+                           f"{', '.join(td.classes or ())})")  # fmt: skip
+    classes = kw.get("num_classes") or kw.get("num_class_embeds", 1) - 1
+    if classes and int(td.labels.max()) >= classes:
+        raise ConfigError(f"model.num_classes {classes} is smaller than the data's {int(td.labels.max()) + 1} "
+                          f"classes; raise it or leave it unset (the data's)")  # fmt: skip
 
 
 def build_batches(
@@ -206,7 +226,8 @@ def build_batches(
     budget = None if d.device_budget_gb is None else int(d.device_budget_gb * 1e9)
     loader = image_loader(td.images, r.batch_size, seed=r.seed, device=device, placement=d.placement,
                           flip=flip, corruption=td.corruption, rank=rank, world_size=world_size,
-                          workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget)  # fmt: skip
+                          workers=d.num_workers or 2, prefetch=d.prefetch, budget_bytes=budget,
+                          labels=td.labels if d.class_cond else None)  # fmt: skip
     return loader
 
 
@@ -214,6 +235,10 @@ def data_line(cfg: TrainConfig, td: TrainingData, batches, device: torch.device)
     """The run's data line: what the data is, what the trainer applies to it (:func:`applied`) and, for
     real images, where it is placed and why."""
     what = applied(td, cfg.data.corrupt_sigma, bool(cfg.data.flip))
+    if cfg.data.class_cond and td.num_classes:  # label K is the K-th name (fastat sample --class K)
+        names = ", ".join(f"{k} {n}" for k, n in enumerate((td.classes or ())[:10]))
+        more = " ..." if len(td.classes or ()) > 10 else ""
+        what += f"; class labels: {td.num_classes} classes" + (f" ({names}{more})" if names else "")
     shape = "x".join(map(str, td.sample_shape))
     if td.images is None:
         return f"fastat: data: {td.name}, {len(td)} samples {shape} on {device}; {what}"

@@ -22,8 +22,8 @@ import torch
 
 from ._errors import DatasetError
 from .corrupt import IndexedCorruption
-from .order import EpochOrder
 from .loader import Labelled
+from .order import EpochOrder
 
 __all__ = [
     "PLACEMENTS",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import os
 import random
@@ -377,8 +378,6 @@ def _read_labels(root: Path, manifest: dict, count: int, fix: str) -> torch.Tens
         data = path.read_bytes()
         if hashlib.blake2b(data, digest_size=16).hexdigest() != entry["blake2b"]:
             raise ValueError("it does not match its checksum")
-        import io
-
         labels = np.load(io.BytesIO(data), allow_pickle=False)
         classes = len(manifest.get("classes") or ())
         if labels.shape != (count,) or labels.dtype.kind != "i":
@@ -386,5 +385,6 @@ def _read_labels(root: Path, manifest: dict, count: int, fix: str) -> torch.Tens
         if count and (labels.min() < -1 or labels.max() >= classes):
             raise ValueError(f"a label lies outside [-1, {classes})")
     except (OSError, KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"the labels of {root} are damaged ({getattr(e, 'strerror', None) or e}); {fix}") from None
+        why = getattr(e, "strerror", None) or e
+        raise DatasetError(f"the labels of {root} are damaged ({why}); {fix}") from None
     return torch.from_numpy(labels.astype(np.int64))

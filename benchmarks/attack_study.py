@@ -39,7 +39,7 @@ def table(rows: list[dict]) -> list[str]:
             def mean(key, rs=rs):
                 return statistics.fmean(r[key] for r in rs)
 
-            def paired(key, rs=rs):
+            def paired(key, rs=rs, base=base, variant=variant):
                 d = [r[key] / base[r["seed"]][key] - 1 for r in rs if r["seed"] in base]
                 if not d or variant == "ddpm":
                     return "-"

@@ -181,7 +181,11 @@ def test_class_cond_trains_on_an_image_folder_and_samples_a_class(tmp_path, caps
                      "--no-progress", "--out", str(run))  # fmt: skip
     assert code == 0, err
     assert "class labels: 2 classes (0 cat, 1 dog)" in err
-    out = tmp_path / "dogs.npy"
-    code, err = _cli(capsys, "sample", "--run", str(run), "--class", "1", "--guidance", "2", "--n", "4",
-                     "--steps", "2", "--out", str(out))  # fmt: skip
-    assert code == 0 and np.load(out).shape == (4, 3, 8, 8), err
+    for label in ("1", "dog"):  # by index or by the sub-folder's name the run recorded
+        out = tmp_path / f"dogs-{label}.npy"
+        code, err = _cli(capsys, "sample", "--run", str(run), "--class", label, "--guidance", "2", "--n", "4",
+                         "--steps", "2", "--out", str(out))  # fmt: skip
+        assert code == 0 and np.load(out).shape == (4, 3, 8, 8), err
+    assert np.array_equal(np.load(tmp_path / "dogs-1.npy"), np.load(tmp_path / "dogs-dog.npy"))
+    code, err = _cli(capsys, "sample", "--run", str(run), "--class", "bird", "--out", str(tmp_path / "b.npy"))
+    assert code == 2 and "--class must be 0..1, one of cat, dog or all, got 'bird'" in err

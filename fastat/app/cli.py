@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--batch-size", type=int, default=256, help="samples per model call")
     s.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    s.add_argument("--class", dest="label", metavar="K|all", default=None,
-                   help="class-conditional run: class K, or all: a grid of the classes")  # fmt: skip
+    s.add_argument("--class", dest="label", metavar="K|NAME|all", default=None,
+                   help="class-conditional run: class K (or its name: an image folder's sub-folder), or all: "
+                        "a grid of the classes")  # fmt: skip
     s.add_argument("--guidance", type=float, default=None,
                    help="with --class: classifier-free guidance (default 1: conditional only)")  # fmt: skip
     s.set_defaults(func=cmd_sample)

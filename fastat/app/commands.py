@@ -134,9 +134,10 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 # -- sample --------------------------------------------------------------------------------------------
 
 
-def sample_labels(args: argparse.Namespace, model, where):
-    """``fastat sample``'s labels: ``--class K`` (all samples of class K) or ``all`` (sample i of class
-    i mod num_classes); None without ``--class``."""
+def sample_labels(args: argparse.Namespace, model, where, names=None):
+    """``fastat sample``'s labels: ``--class K`` (all samples of class K, an index or one of the class
+    ``names`` the run recorded: an image folder's sub-folders) or ``all`` (sample i of class i mod
+    num_classes); None without ``--class``."""
     import torch
 
     if args.label is None:
@@ -150,8 +151,12 @@ def sample_labels(args: argparse.Namespace, model, where):
         raise ConfigError(f"--class: the model of {where} is not class-conditional (train with --class-cond)")
     if args.label == "all":
         return torch.arange(args.n) % classes
+    names = list(names or ())
+    if args.label in names and not args.label.isdigit():
+        return torch.full((args.n,), names.index(args.label))
     if not (args.label.isdigit() and int(args.label) < classes):
-        raise ConfigError(f"--class must be 0..{classes - 1} or all, got {args.label!r}")
+        named = f", one of {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else ""
+        raise ConfigError(f"--class must be 0..{classes - 1}{named} or all, got {args.label!r}")
     return torch.full((args.n,), int(args.label))
 
 
@@ -206,7 +211,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # the noise, the samples and their output copy (float32) on the host; a batch of them on the device
     require_memory(3 * 4 * args.n * math.prod(shape), f"--n {args.n} samples", torch.device("cpu"),
                    "lower --n (or sample in several calls with other --seed)")  # fmt: skip
-    labels = sample_labels(args, model, ckpt.path)
+    labels = sample_labels(args, model, ckpt.path, ckpt.state.get("data", {}).get("classes"))
     noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(args.seed))
     x = generate(
         model,

@@ -324,6 +324,7 @@ def data_info(td: TrainingData) -> dict:
         "num_samples": len(td),
         "clip_x0": clip_for(td.kind),
         "source": td.source,
+        "classes": list(td.classes) if td.classes else None,  # the names of the labels (fastat sample --class)
     }
 
 

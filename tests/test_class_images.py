@@ -189,3 +189,19 @@ def test_class_cond_trains_on_an_image_folder_and_samples_a_class(tmp_path, caps
     assert np.array_equal(np.load(tmp_path / "dogs-1.npy"), np.load(tmp_path / "dogs-dog.npy"))
     code, err = _cli(capsys, "sample", "--run", str(run), "--class", "bird", "--out", str(tmp_path / "b.npy"))
     assert code == 2 and "--class must be 0..1, one of cat, dog or all, got 'bird'" in err
+
+
+def test_a_cache_prepared_without_labels_is_prepared_again_with_them(tmp_path):
+    root = color_folder(tmp_path / "src", n=3)
+    kw = {"image_size": 8, "cache_dir": tmp_path / "cache", "progress": False}
+    first = build_dataset(root, log=lambda m: None, **kw)
+    manifest = first.images.root / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["classes"], m["labels"]  # as an older fastat wrote the trainer's cache
+    manifest.write_text(json.dumps(m))
+    notes: list[str] = []
+    again = build_dataset(root, log=notes.append, **kw)
+    assert any("preparing 7 images" in n for n in notes) and again.classes == ("cat", "dog")
+    assert torch.equal(again.labels, first.labels)
+    notes.clear()
+    assert torch.equal(build_dataset(root, log=notes.append, **kw).labels, first.labels) and not notes

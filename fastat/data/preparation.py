@@ -265,11 +265,13 @@ def prepare(
 
     def finished() -> bool:
         try:
-            return _check_existing(out, params)
+            done = _check_existing(out, params)
         except DatasetError:
             if not (replace and (out / MANIFEST).is_file()):
                 raise
             return False
+        # the trainer's cache, written by a fastat that kept no labels: prepared again, with them
+        return done and not (replace and "classes" not in read_manifest(out))
 
     def reopen() -> PreparedImages | None:  # a finished set, checked (sizes, counts, checksums)
         try:

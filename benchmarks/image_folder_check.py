@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastat.app.cli import main as fastat_main
+from fastat.app.entry import main as fastat_main
 from fastat.data import build_dataset, known_dataset
 from fastat.eval.evaluate import MeasureSpec, known_metrics, load_run
 from fastat.train.run import build_training_data

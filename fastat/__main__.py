@@ -2,6 +2,6 @@
 
 import sys
 
-from fastat.app.cli import main
+from fastat.app.entry import main
 
 sys.exit(main())

@@ -24,9 +24,6 @@ from pathlib import Path
 
 from fastat import __version__
 from fastat.app.commands import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
     cmd_export,
     cmd_prepare,
     cmd_sample,
@@ -34,7 +31,7 @@ from fastat.app.commands import (
 )
 from fastat.app.guards import thread_count
 from fastat.train.config_keys import FLAGS, ConfigError
-from fastat.utils.errors import one_line
+from fastat.utils.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, one_line
 
 # This module imports torch lazily (in the commands), so that main() can set OpenMP's wait policy
 # before the OpenMP runtime starts; see _passive_openmp.

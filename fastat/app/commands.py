@@ -17,11 +17,10 @@ import yaml
 
 from fastat.app.guards import check_samples, unused_at_flags
 from fastat.train.config_keys import FLAGS, ConfigError
+from fastat.utils.errors import EXIT_INTERRUPTED
 from fastat.utils.yaml_io import safe_load as bounded_load
 
 __all__ = ["cmd_export", "cmd_prepare", "cmd_sample", "cmd_train", "train_overrides"]
-
-EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
 # -- train ---------------------------------------------------------------------------------------------

@@ -4,12 +4,15 @@
     one_line(ValueError("no such  file"))    # the text, whitespace collapsed (also across lines)
     one_line(yaml_error, first_only=True)    # its first line only (what follows is context)
 
-Used wherever an exception becomes a ``fastat: error: ...`` line or part of another message.
+Used wherever an exception becomes a ``fastat: error: ...`` line or part of another message. The exit
+codes of the command line live here too (the console script's guard needs them before anything loads).
 """
 
 from __future__ import annotations
 
-__all__ = ["one_line"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "one_line"]
+
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130  # the command line's exit codes
 
 
 def one_line(e: BaseException | str, *, first_only: bool = False) -> str:

@@ -31,7 +31,7 @@ def color_folder(root, n=9, loose=0):
             folder = root / cls / ("deep" if cls == "dog" and i % 3 == 0 else "")
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(a).save(folder / f"{i:02d}.png")
-    (root / "cat" / "04b.png").write_bytes(b"not an image")  # sorts among the cats: skipped
+    (root / "cat" / "00b.png").write_bytes(b"not an image")  # sorts among the first cats: skipped
     for i in range(loose):
         Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / f"loose{i}.png")
     return root
@@ -65,8 +65,12 @@ def test_prepared_labels_follow_the_images_past_skipped_files_and_an_interrupt(t
 
     row = 3 * 8 * 8
     monkeypatch.setattr(prepare_mod._ShardWriter, "finish", finish_then_die)
+    link = tmp_path / "link"
+    link.symlink_to(root)  # the interrupted prepare named the folder by a symlink, the resume by its path
     with pytest.raises(KeyboardInterrupt):
-        prepare(root, tmp_path / "out", 8, workers=2, shard_bytes=5 * row, progress=False, log=lambda m: None)
+        prepare(link, tmp_path / "out", 8, workers=2, shard_bytes=5 * row, progress=False, log=lambda m: None)
+    state = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())
+    assert [rel for rel, _ in state["skipped"]] == ["cat/00b.png"]  # the resume starts with it skipped
     monkeypatch.setattr(prepare_mod._ShardWriter, "finish", real_finish)
     notes: list[str] = []
     ds = prepare(root, tmp_path / "out", 8, workers=2, shard_bytes=5 * row, progress=False, log=notes.append)
@@ -168,6 +172,7 @@ def test_class_cond_on_images_without_usable_labels_is_one_line(tmp_path, capsys
     mixed = color_folder(tmp_path / "mixed", n=2, loose=1)
     code, err = _cli(capsys, *base, "--dataset", str(mixed), "--out", str(tmp_path / "r2"))
     assert code == 2 and "1 image(s)" in err and "in no class sub-folder" in err and "cat, dog" in err
+    assert not (tmp_path / "cache").exists()  # both said before anything was prepared
     code, err = _cli(capsys, *base, "--dataset", "subspace", "--out", str(tmp_path / "r3"))
     assert code == 2 and "'subspace' has no class labels" in err
 
@@ -191,17 +196,45 @@ def test_class_cond_trains_on_an_image_folder_and_samples_a_class(tmp_path, caps
     assert code == 2 and "--class must be 0..1, one of cat, dog or all, got 'bird'" in err
 
 
-def test_a_cache_prepared_without_labels_is_prepared_again_with_them(tmp_path):
+def test_a_cache_prepared_without_labels_gets_them_in_place_or_is_prepared_again(tmp_path):
+    """The trainer's cache of a folder, written by a fastat that kept no labels, is labelled from the
+    file list without decoding again; when its manifest does not name every skipped file, it cannot
+    know which files it holds, and is prepared again (said in one line)."""
     root = color_folder(tmp_path / "src", n=3)
     kw = {"image_size": 8, "cache_dir": tmp_path / "cache", "progress": False}
     first = build_dataset(root, log=lambda m: None, **kw)
     manifest = first.images.root / "manifest.json"
-    m = json.loads(manifest.read_text())
-    del m["classes"], m["labels"]  # as an older fastat wrote the trainer's cache
-    manifest.write_text(json.dumps(m))
+    shards = sorted(first.images.root.glob("shard-*.npy"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+
+    def make_old(**change):
+        m = json.loads(manifest.read_text())
+        m.pop("classes", None), m.pop("labels", None)
+        (first.images.root / "labels.npy").unlink(missing_ok=True)
+        manifest.write_text(json.dumps({**m, **change}))
+
+    make_old()
     notes: list[str] = []
     again = build_dataset(root, log=notes.append, **kw)
-    assert any("preparing 7 images" in n for n in notes) and again.classes == ("cat", "dog")
-    assert torch.equal(again.labels, first.labels)
-    notes.clear()
-    assert torch.equal(build_dataset(root, log=notes.append, **kw).labels, first.labels) and not notes
+    assert notes == [] and again.classes == ("cat", "dog") and torch.equal(again.labels, first.labels)
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # not decoded again
+    make_old(skipped=[])  # 1 skipped file, none named
+    again = build_dataset(root, log=notes.append, **kw)
+    assert any("does not name all its skipped files; preparing it again" in n for n in notes)
+    assert any("preparing 7 images" in n for n in notes) and torch.equal(again.labels, first.labels)
+
+
+def test_sample_class_by_name_wins_over_an_index():
+    import argparse
+
+    from fastat.app.commands import sample_labels
+
+    class Model:
+        num_classes = 3
+
+    names = ["1", "10", "2"]  # sub-folders 1, 2, 10 sort as text
+
+    def label(k):
+        return int(sample_labels(argparse.Namespace(label=k, n=2, guidance=None), Model(), "run", names)[0])
+
+    assert label("2") == 2 and label("10") == 1 and label("0") == 0  # "0" is no name: the index

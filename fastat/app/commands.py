@@ -134,8 +134,8 @@ def _train(args: argparse.Namespace, cfg, ckpt, ctx) -> int:
 
 
 def sample_labels(args: argparse.Namespace, model, where, names=None):
-    """``fastat sample``'s labels: ``--class K`` (all samples of class K, an index or one of the class
-    ``names`` the run recorded: an image folder's sub-folders) or ``all`` (sample i of class i mod
+    """``fastat sample``'s labels: ``--class K`` (all samples of class K: one of the class ``names`` the
+    run recorded, an image folder's sub-folders, else an index) or ``all`` (sample i of class i mod
     num_classes); None without ``--class``."""
     import torch
 
@@ -151,7 +151,7 @@ def sample_labels(args: argparse.Namespace, model, where, names=None):
     if args.label == "all":
         return torch.arange(args.n) % classes
     names = list(names or ())
-    if args.label in names and not args.label.isdigit():
+    if args.label in names:  # a name wins over an index: sub-folders 1..20 sort as text ("10" before "2")
         return torch.full((args.n,), names.index(args.label))
     if not (args.label.isdigit() and int(args.label) < classes):
         named = f", one of {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else ""

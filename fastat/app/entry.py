@@ -4,6 +4,7 @@ Ctrl-C anywhere else (``cli.main`` catches it from then on). Imports nothing hea
 
 from __future__ import annotations
 
+import os
 import sys
 
 from fastat.utils.errors import EXIT_INTERRUPTED
@@ -13,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from fastat.app.cli import main as cli_main
     except KeyboardInterrupt:
-        sys.stderr.write("fastat: interrupted\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it (as cli.main does)
+            sys.stderr.write("fastat: interrupted\n")
         return EXIT_INTERRUPTED
     return cli_main(argv)

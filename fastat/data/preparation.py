@@ -138,6 +138,7 @@ class _Source:
                 f"{', '.join(IMAGE_EXTENSIONS)})"
             )
         self.images, self.root = None, root.resolve()
+        self.listed = str(root)  # skipped files are named relative to the folder as listed (any spelling)
         self.paths = [str(p) for p in paths]
         self.n, self.describe = len(paths), f"folder:{self.root}"
         self.digest = source_digest(root, paths)
@@ -148,13 +149,13 @@ class _Source:
         if not skipped:
             return self.labels
         bad = {rel for rel, _ in skipped}  # relative the way the decode workers write them
-        keep = [os.path.relpath(p, str(self.root)) not in bad for p in self.paths]
+        keep = [os.path.relpath(p, self.listed) not in bad for p in self.paths]
         return self.labels[np.array(keep, dtype=bool)]
 
     def task(self, start: int, stop: int) -> tuple[Callable, tuple]:
         if self.paths is None:
             return _resize_arrays, (self.images[start:stop], self.size)
-        return _decode_files, (self.paths[start:stop], str(self.root), self.size)
+        return _decode_files, (self.paths[start:stop], self.listed, self.size)
 
 
 # -- the shard writer ------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class _ShardWriter:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: renamed whole
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
@@ -270,8 +271,9 @@ def prepare(
             if not (replace and (out / MANIFEST).is_file()):
                 raise
             return False
-        # the trainer's cache, written by a fastat that kept no labels: prepared again, with them
-        return done and not (replace and "classes" not in read_manifest(out))
+        # the trainer's cache, written by a fastat that kept no labels: labelled in place (from the file
+        # list, which the digest says is unchanged), else prepared again
+        return done and (not replace or _add_labels(out, source, say))
 
     def reopen() -> PreparedImages | None:  # a finished set, checked (sizes, counts, checksums)
         try:
@@ -344,6 +346,26 @@ def prepare(
         else:
             warnings.warn(msg, stacklevel=2)
     return PreparedImages.open(out, check=False)  # just written and synced
+
+
+def _add_labels(out: Path, source: _Source, say) -> bool:
+    """Give a finished set ``out`` of ``source`` that predates labels its ``classes`` and labels, in place
+    (atomic writes; two processes doing it write the same files). False when its skipped files are not all
+    named (more than :data:`SKIPPED_LISTED`): it must be prepared again to know which files it holds."""
+    m = read_manifest(out)
+    if "classes" in m:
+        return True
+    if len(m.get("skipped", [])) != m.get("num_skipped"):
+        say(f"fastat: {out} predates class labels and does not name all its skipped files; preparing it again")
+        return False
+    labels = source.kept_labels(m.get("skipped", []))
+    if len(labels) != m["count"]:
+        return False
+    m["classes"] = source.classes
+    if source.classes:
+        m["labels"] = write_labels(out, labels)
+    _write_json(out / MANIFEST, m)
+    return True
 
 
 def _resume_state(partial: Path, params: dict, shard_size: int, say) -> dict:

@@ -360,11 +360,12 @@ def set_checksum(shape: tuple[int, ...], shard_digests: list[str]) -> str:
 
 def write_labels(folder: Path, labels: np.ndarray) -> dict:
     """Write ``labels`` (one int per image) to ``folder/labels.npy``, synced; its manifest entry."""
-    path = folder / LABELS
-    with open(path, "wb") as f:
+    path, tmp = folder / LABELS, folder / f".{LABELS}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(labels, dtype=np.int32), allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)  # a reader sees the old file or the whole new one
     return {"file": LABELS, "blake2b": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
 
 

@@ -10,6 +10,7 @@ Nothing here loads data or builds a model: :func:`data_shape` reads a prepared s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -134,12 +135,16 @@ def model_spec(cfg: TrainConfig) -> dict:
     return plain({"name": name, "kwargs": kwargs})
 
 
+CLASS_HINT = ("the built-in gmm2d, subspaces and scales have (their components), cifar10 and image folders "
+              "whose images lie in class sub-folders (DIR/cat/*.png, DIR/dog/*.png)")
+
+
 def data_classes(cfg: TrainConfig) -> int:
     """The number of classes of the configured dataset's labels: a known set's components, CIFAR-10's
-    ten, an image folder's first-level sub-folders (a prepared folder's from its manifest)."""
+    ten, an image folder's first-level sub-folders (a prepared folder's from its manifest). An image
+    folder with images outside any class sub-folder is an error here, before it is prepared."""
     d = cfg.data
-    classes, hint = 0, ("the built-in gmm2d, subspaces and scales have (their components), cifar10 and image "
-                        "folders whose images lie in class sub-folders (DIR/cat/*.png, DIR/dog/*.png)")  # fmt: skip
+    classes = 0
     if d.dataset in KNOWN:
         from fastat.data import known_dataset
 
@@ -153,13 +158,25 @@ def data_classes(cfg: TrainConfig) -> int:
                               f"no class labels; prepare its source again into a new folder")  # fmt: skip
         classes = len(names)
     elif Path(d.dataset).expanduser().is_dir():
-        from fastat.data.preparation import folder_labels, list_images
-
-        root = Path(d.dataset).expanduser()
-        classes = len(folder_labels(root, list_images(root))[0])
+        names, loose = _folder_classes(str(Path(d.dataset).expanduser().resolve()))
+        if names and loose:
+            raise ConfigError(f"data.class_cond (--class-cond): {loose} image(s) of {d.dataset} lie directly in "
+                              f"the folder, in no class sub-folder; move them into one (the classes are "
+                              f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''})")  # fmt: skip
+        classes = len(names)
     if not classes:
-        raise ConfigError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels ({hint})")
+        raise ConfigError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels ({CLASS_HINT})")
     return classes
+
+
+@functools.lru_cache(maxsize=4)
+def _folder_classes(root: str) -> tuple[list[str], int]:
+    """``(class names, images outside them)`` of an image folder: listed once per process (the model's
+    spec is resolved more than once at start-up)."""
+    from fastat.data.preparation import folder_labels, list_images
+
+    names, labels = folder_labels(Path(root), list_images(Path(root)))
+    return names, int((labels < 0).sum())
 
 
 def diffusers_kwargs(cfg: TrainConfig, kind: str, shape: tuple[int, ...], kwargs: dict) -> dict:

@@ -28,7 +28,7 @@ from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
 from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
-from fastat.train.run_config import default_corrupt_frac, resolve_precision, run_eta
+from fastat.train.run_config import CLASS_HINT, default_corrupt_frac, resolve_precision, run_eta
 
 __all__ = [
     "TrainState",
@@ -195,10 +195,13 @@ def build_training_data(cfg: TrainConfig, *, progress: bool = True) -> TrainingD
 def check_labels(cfg: TrainConfig, td: TrainingData) -> None:
     """Class-conditional training needs a label for every sample, each below the model's class count."""
     d, kw = cfg.data, cfg.model.kwargs
-    if td.labels is None:
+    if td.labels is None and td.classes is None and td.images is not None:  # a set from an older fastat
         where = getattr(td.images, "root", d.dataset)
         raise DatasetError(f"data.class_cond (--class-cond): {where} holds no class labels (prepared by a fastat "
-                           f"that kept none); delete it or prepare the source again into a new folder")  # fmt: skip
+                           f"that kept none); prepare its source again into a new folder")  # fmt: skip
+    if td.labels is None:
+        raise DatasetError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels "
+                           f"({CLASS_HINT})")  # fmt: skip
     loose = int((td.labels < 0).sum())
     if loose:
         raise DatasetError(f"data.class_cond (--class-cond): {loose} image(s) of {d.dataset} lie directly in the "

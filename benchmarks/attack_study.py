@@ -33,7 +33,7 @@ def table(rows: list[dict]) -> list[str]:
     for setting in sorted({r["setting"] for r in rows}):
         mine = [r for r in rows if r["setting"] == setting]
         base = {r["seed"]: r for r in mine if r["variant"] == "ddpm"}
-        for variant in dict.fromkeys(r["variant"] for r in mine):
+        for variant in sorted(dict.fromkeys(r["variant"] for r in mine), key=lambda v: v != "ddpm"):  # ddpm first
             rs = [r for r in mine if r["variant"] == variant]
 
             def mean(key, rs=rs):

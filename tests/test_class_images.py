@@ -238,3 +238,10 @@ def test_sample_class_by_name_wins_over_an_index():
         return int(sample_labels(argparse.Namespace(label=k, n=2, guidance=None), Model(), "run", names)[0])
 
     assert label("2") == 2 and label("10") == 1 and label("0") == 0  # "0" is no name: the index
+
+
+def test_fastat_prepare_names_the_classes_it_kept(tmp_path, capsys):
+    root = color_folder(tmp_path / "src", n=2)
+    assert main(["prepare", str(root), "--out", str(tmp_path / "ds"), "--image-size", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images 3x8x8" in out and "2 classes (cat, dog); skipped 1 of 5 files" in out

@@ -245,10 +245,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.verify:
         ds.verify()
     m = ds.manifest
+    names = ds.classes or ()
+    classes = f"; {len(names)} classes ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})" if names else ""
     print(
         f"{ds.root}: {len(ds)} images {'x'.join(map(str, ds.shape))} uint8 ({ds.nbytes / 1e9:.2f} GB) in "
-        f"{len(m['shards'])} shard(s); skipped {m.get('num_skipped', 0)} of {m.get('num_files', len(ds))} "
-        f"files; "
+        f"{len(m['shards'])} shard(s){classes}; skipped {m.get('num_skipped', 0)} of "
+        f"{m.get('num_files', len(ds))} files; "
         f"{time.perf_counter() - t0:.1f} s{'; checksums verified' if args.verify else ''}"
     )
     return 0

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "[run.fast]",
     )
     t.add_argument("--class-cond", action="store_true", default=None,
-                   help="class-conditional training on the data's labels, with label dropout for "
+                   help="class-conditional training on the data's labels (an image folder's first-level "
+                        "sub-folders, CIFAR-10's classes, a built-in set's components), with label dropout for "
                         "classifier-free guidance [data.class_cond]")  # fmt: skip
     t.add_argument(
         "--set",

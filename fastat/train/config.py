@@ -78,7 +78,7 @@ class DataConfig:
     placement: str = "auto"  # real images: auto | device (uint8 set on the device) | stream (read ahead)
     device_budget_gb: float | None = None  # auto: device if the set fits this (None: 25% of free memory)
     prefetch: int = 4  # stream placement: batches read ahead
-    class_cond: bool = False  # class-conditional training on the data's labels (a known set's components)
+    class_cond: bool = False  # class-conditional training on the data's labels (sub-folders, CIFAR-10's, components)
     cache_dir: str | None = None  # prepared copies of image folders (None: $FASTAT_CACHE or ~/.cache/fastat)
     prepare_wait: float = 86400.0  # seconds to wait for another process preparing the same folder (0: fail)
 

@@ -905,7 +905,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     used to print 31 lines). The process says when the entry is loaded, so the signal cannot arrive
     before it is guarded, however slowly the loaded machine imports the rest."""
     argv = ["train", *POINTS, "--steps", "2000", "--out", str(tmp_path / "r")]
-    code = f"import sys; from fastat.app.entry import main; print('up', flush=True); sys.exit(main({argv!r}))"
+    code = (  # a terminal's Ctrl-C: SIGINT not ignored, even if this suite was started in the background
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"from fastat.app.entry import main; print('up', flush=True); sys.exit(main({argv!r}))"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -17,7 +17,7 @@ import yaml
 
 from fastat.app.guards import check_samples, unused_at_flags
 from fastat.train.config_keys import FLAGS, ConfigError
-from fastat.utils.errors import EXIT_INTERRUPTED
+from fastat.utils.errors import EXIT_INTERRUPTED, listing
 from fastat.utils.yaml_io import safe_load as bounded_load
 
 __all__ = ["cmd_export", "cmd_prepare", "cmd_sample", "cmd_train", "train_overrides"]
@@ -154,7 +154,7 @@ def sample_labels(args: argparse.Namespace, model, where, names=None):
     if args.label in names:  # a name wins over an index: sub-folders 1..20 sort as text ("10" before "2")
         return torch.full((args.n,), names.index(args.label))
     if not (args.label.isdigit() and int(args.label) < classes):
-        named = f", one of {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else ""
+        named = f", one of {listing(names, 20)}" if names else ""
         raise ConfigError(f"--class must be 0..{classes - 1}{named} or all, got {args.label!r}")
     return torch.full((args.n,), int(args.label))
 
@@ -246,7 +246,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         ds.verify()
     m = ds.manifest
     names = ds.classes or ()
-    classes = f"; {len(names)} classes ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})" if names else ""
+    classes = f"; {len(names)} classes ({listing(names)})" if names else ""
     print(
         f"{ds.root}: {len(ds)} images {'x'.join(map(str, ds.shape))} uint8 ({ds.nbytes / 1e9:.2f} GB) in "
         f"{len(m['shards'])} shard(s){classes}; skipped {m.get('num_skipped', 0)} of "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastat.at.seeding import generator_device
 from fastat.kernels.pgd import NORMS
 from fastat.utils.checks import SettingError, is_number, must, unknown
 
@@ -70,7 +71,7 @@ class Budget:
 
         Drawn from ``generator`` on its own device (float32); the caller moves it to the data.
         """
-        gdev = generator.device if generator is not None else torch.device("cpu")
+        gdev = generator_device(generator)
         rb = r.to(gdev).reshape(-1, *([1] * (len(shape) - 1)))
         if self.norm == "linf":
             u = torch.rand(shape, generator=generator, device=gdev)

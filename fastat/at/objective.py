@@ -32,6 +32,7 @@ from fastat.at.draws import scaled as _scaled
 from fastat.at.draws import share as _share
 from fastat.at.replay import Replay, check_replays
 from fastat.at.schedule import NoiseSchedule, as_schedule
+from fastat.at.seeding import generator_device
 from fastat.utils.checks import is_number, must, unknown
 
 MODES = ("ddpm", "rand", "adv", "pgd", "inv", "free")
@@ -304,8 +305,7 @@ class ATObjective:
         if head is not None and self._replay is not None:  # free: the kept w (the last replay's ascent)
             head = replace(head, w=keep("w", head.w))
         if y is not None or (self._replay is not None and self._replay.kept("y")):
-            gdev = generator.device if generator is not None else torch.device("cpu")
-            u = torch.rand((z.n,), generator=generator, device=gdev).to(z.x0.device)  # drawn on replays too
+            u = torch.rand((z.n,), generator=generator, device=generator_device(generator)).to(z.x0.device)  # drawn on replays too
             y = keep("y", torch.where(u < self.p_uncond, -1, y) if y is not None else None)
         return Drawn(z, head, keep, y)
 
@@ -365,7 +365,7 @@ class ATObjective:
         start ``x_t + s w0`` (linf; 0 for l2, drawn in :meth:`_head`)."""
         x0 = keep("x0", x0)
         dev, B = x0.device, x0.shape[0]
-        gdev = generator.device if generator is not None else torch.device("cpu")
+        gdev = generator_device(generator)
         t = self.schedule.sample_t(B, generator, device=dev)
         # One 63-bit seed per call from the generator (a device tensor: no host sync on CUDA); the
         # noise kernel draws eps and the random start w0 from it and writes x_t and x_t + s*w0.

@@ -24,6 +24,7 @@ from torch import nn
 
 from fastat.at.prediction import model_output, resolve_prediction, to_eps, to_x0
 from fastat.at.schedule import NoiseSchedule, as_schedule
+from fastat.at.seeding import generator_device
 
 __all__ = [
     "Guided",
@@ -113,7 +114,7 @@ def model_device(model: nn.Module, device: torch.device | str | None) -> torch.d
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gdev = generator.device if generator is not None else device
+    gdev = generator_device(generator, device)
     return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(device)
 
 

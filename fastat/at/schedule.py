@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fastat.at.seeding import generator_device
 from fastat.utils.checks import SettingError, must, unknown
 
 __all__ = ["SCHEDULES", "NoiseSchedule", "as_schedule"]
@@ -196,7 +197,7 @@ class NoiseSchedule:
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Uniform timesteps in ``[0, T)`` drawn from ``generator`` (on its device), moved to ``device``."""
-        gdev = generator.device if generator is not None else torch.device("cpu")
+        gdev = generator_device(generator)
         t = torch.randint(0, self.T, (batch,), generator=generator, device=gdev)
         return t.to(device) if device is not None else t
 

@@ -19,7 +19,13 @@ import os
 
 import torch
 
-__all__ = ["NoiseStream", "current_rank", "derive_seed", "rank_generator", "rank_seed"]
+__all__ = ["NoiseStream", "current_rank", "derive_seed", "generator_device", "rank_generator", "rank_seed"]
+
+
+def generator_device(generator: torch.Generator | None, default: torch.device | str = "cpu") -> torch.device:
+    """Where draws from ``generator`` are made (its device; ``default`` for torch's global generator), so
+    that a draw never moves the generator and only its result is moved to the data."""
+    return generator.device if generator is not None else torch.device(default)
 
 
 def derive_seed(seed: int, tag: str) -> int:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from fastat.at.seeding import generator_device
+
 from ._errors import DatasetError, derive_seed
 
 KNOWN = ("gmm2d", "plane3d", "subspace", "subspaces", "scales")
@@ -40,7 +42,7 @@ class KnownDistribution:
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
-        device = generator.device if generator is not None else torch.device("cpu")
+        device = generator_device(generator)
         return self._sample(n, generator, device).to(torch.float32)
 
     num_classes = 0  # sets with components (a mixture's modes) label each sample with its component
@@ -310,7 +312,7 @@ class Subspaces(KnownDistribution):
         """``(x, labels)``: ``n`` clean samples (float32) and the component each was drawn from (int64)."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
-        device = generator.device if generator is not None else torch.device("cpu")
+        device = generator_device(generator)
         labels = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator) if n else (
             torch.zeros(0, dtype=torch.int64, device=device))  # fmt: skip
         z = torch.randn(n, self.k, generator=generator, device=device, dtype=torch.float64)

@@ -30,7 +30,7 @@ from fastat.train.checkpoint import (
 from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
 from fastat.train.run_folder import CONFIG_FILE
-from fastat.utils.errors import one_line
+from fastat.utils.errors import listing, one_line
 
 __all__ = [
     "check_data_memory",
@@ -139,6 +139,18 @@ CLASS_HINT = ("the built-in gmm2d, subspaces and scales have (their components),
               "whose images lie in class sub-folders (DIR/cat/*.png, DIR/dog/*.png)")
 
 
+def unlabelled_message(where) -> str:
+    """``--class-cond`` on a prepared set written by a fastat that kept no labels."""
+    return (f"data.class_cond (--class-cond): {where} was prepared by a fastat that kept no class labels; "
+            f"prepare its source again into a new folder")  # fmt: skip
+
+
+def loose_message(count: int, dataset: str, names) -> str:
+    """``--class-cond`` on an image folder with ``count`` images outside its class sub-folders ``names``."""
+    return (f"data.class_cond (--class-cond): {count} image(s) of {dataset} lie directly in the folder, in no "
+            f"class sub-folder; move them into one (the classes are {listing(names, 20)})")  # fmt: skip
+
+
 def data_classes(cfg: TrainConfig) -> int:
     """The number of classes of the configured dataset's labels: a known set's components, CIFAR-10's
     ten, an image folder's first-level sub-folders (a prepared folder's from its manifest). An image
@@ -154,15 +166,12 @@ def data_classes(cfg: TrainConfig) -> int:
     elif is_prepared(d.dataset):
         names = read_manifest(d.dataset).get("classes")
         if names is None:
-            raise ConfigError(f"data.class_cond (--class-cond): {d.dataset} was prepared by a fastat that kept "
-                              f"no class labels; prepare its source again into a new folder")  # fmt: skip
+            raise ConfigError(unlabelled_message(d.dataset))
         classes = len(names)
     elif Path(d.dataset).expanduser().is_dir():
         names, loose = _folder_classes(str(Path(d.dataset).expanduser().resolve()))
         if names and loose:
-            raise ConfigError(f"data.class_cond (--class-cond): {loose} image(s) of {d.dataset} lie directly in "
-                              f"the folder, in no class sub-folder; move them into one (the classes are "
-                              f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''})")  # fmt: skip
+            raise ConfigError(loose_message(loose, d.dataset, names))
         classes = len(names)
     if not classes:
         raise ConfigError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels ({CLASS_HINT})")

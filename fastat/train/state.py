@@ -28,7 +28,15 @@ from fastat.step.engine import StepEngine
 from fastat.train.checkpoint import Checkpoint, CheckpointError, load_weights, require_finite
 from fastat.train.config import ConfigError, TrainConfig, plain
 from fastat.train.distributed import DistContext
-from fastat.train.run_config import CLASS_HINT, default_corrupt_frac, resolve_precision, run_eta
+from fastat.train.run_config import (
+    CLASS_HINT,
+    default_corrupt_frac,
+    loose_message,
+    resolve_precision,
+    run_eta,
+    unlabelled_message,
+)
+from fastat.utils.errors import listing
 
 __all__ = [
     "TrainState",
@@ -196,17 +204,13 @@ def check_labels(cfg: TrainConfig, td: TrainingData) -> None:
     """Class-conditional training needs a label for every sample, each below the model's class count."""
     d, kw = cfg.data, cfg.model.kwargs
     if td.labels is None and td.classes is None and td.images is not None:  # a set from an older fastat
-        where = getattr(td.images, "root", d.dataset)
-        raise DatasetError(f"data.class_cond (--class-cond): {where} holds no class labels (prepared by a fastat "
-                           f"that kept none); prepare its source again into a new folder")  # fmt: skip
+        raise DatasetError(unlabelled_message(getattr(td.images, "root", d.dataset)))
     if td.labels is None:
         raise DatasetError(f"data.class_cond (--class-cond): dataset {d.dataset!r} has no class labels "
                            f"({CLASS_HINT})")  # fmt: skip
     loose = int((td.labels < 0).sum())
     if loose:
-        raise DatasetError(f"data.class_cond (--class-cond): {loose} image(s) of {d.dataset} lie directly in the "
-                           f"folder, in no class sub-folder; move them into one (the classes are "
-                           f"{', '.join(td.classes or ())})")  # fmt: skip
+        raise DatasetError(loose_message(loose, d.dataset, td.classes or ()))
     classes = kw.get("num_classes") or kw.get("num_class_embeds", 1) - 1
     if classes and int(td.labels.max()) >= classes:
         raise ConfigError(f"model.num_classes {classes} is smaller than the data's {int(td.labels.max()) + 1} "
@@ -239,9 +243,8 @@ def data_line(cfg: TrainConfig, td: TrainingData, batches, device: torch.device)
     real images, where it is placed and why."""
     what = applied(td, cfg.data.corrupt_sigma, bool(cfg.data.flip))
     if cfg.data.class_cond and td.num_classes:  # label K is the K-th name (fastat sample --class K)
-        names = ", ".join(f"{k} {n}" for k, n in enumerate((td.classes or ())[:10]))
-        more = " ..." if len(td.classes or ()) > 10 else ""
-        what += f"; class labels: {td.num_classes} classes" + (f" ({names}{more})" if names else "")
+        names = listing(f"{k} {n}" for k, n in enumerate(td.classes or ()))
+        what += f"; class labels: {td.num_classes} classes" + (f" ({names})" if names else "")
     shape = "x".join(map(str, td.sample_shape))
     if td.images is None:
         return f"fastat: data: {td.name}, {len(td)} samples {shape} on {device}; {what}"

@@ -10,7 +10,7 @@ codes of the command line live here too (the console script's guard needs them b
 
 from __future__ import annotations
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "one_line"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "listing", "one_line"]
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130  # the command line's exit codes
 
@@ -24,3 +24,9 @@ def one_line(e: BaseException | str, *, first_only: bool = False) -> str:
         text = next((ln for ln in text.splitlines() if ln.strip()), "")
     text = " ".join(text.split())
     return text or (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+def listing(items, most: int = 10) -> str:
+    """``items`` joined by commas for a message, the first ``most`` of them (`` ...`` when there are more)."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:most]) + (" ..." if len(items) > most else "")
